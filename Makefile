@@ -1,0 +1,34 @@
+# Two commands set everything up on a fresh clone: `make test` and `make bench`.
+# Each creates .venv on first use and installs the project (editable) with the extras it needs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: test bench aot clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade "pip>=23" "setuptools>=64" wheel
+
+$(VENV)/.installed-test: pyproject.toml | $(PY)
+	$(PY) -m pip install -e ".[test]"
+	touch $@
+
+$(VENV)/.installed-bench: pyproject.toml | $(PY)
+	$(PY) -m pip install -e ".[bench]"
+	touch $@
+
+# The whole suite. Without a GPU, tests/conftest.py sets TRITON_INTERPRET=1 so the Triton kernels run on CPU.
+test: $(VENV)/.installed-test
+	$(VENV)/bin/pytest -q
+
+# The main job. Until the benchmark suite lands: a demo that computes a loss and its gradient and prints them.
+bench: $(VENV)/.installed-bench
+	$(PY) bench/demo.py
+
+# Ahead-of-time compile report of every kernel specialization for sm_80 and sm_90 (no GPU needed).
+aot: $(VENV)/.installed-test
+	$(PY) -m focal_triton.aot
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis

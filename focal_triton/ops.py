@@ -1,0 +1,78 @@
+"""The registered PyTorch ops (``torch.ops.focal_triton.*``): device dispatch, fake (meta) shapes and autograd.
+
+    focal_triton::sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction) -> loss
+    focal_triton::sigmoid_focal_loss_backward(grad, inputs, targets, alpha, gamma, reduction) -> grad_inputs
+
+Arguments arrive validated (see `focal_triton.functional`). The forward saves only inputs and targets; the
+backward recomputes everything else in one pass.
+"""
+import torch
+
+from . import torch_path
+from .dispatch import select_backend
+from .layout import dense_operands, is_broadcast_scalar, like
+
+
+def _implementation(device: torch.device):
+    if select_backend(device) == "triton":
+        from . import kernels
+
+        return kernels
+    return torch_path
+
+
+def _empty_result(x: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return torch.empty_like(x)
+    # torch's conventions for an empty tensor: sum 0, mean NaN.
+    return torch.full((), 0.0 if reduction == "sum" else float("nan"), dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("focal_triton::sigmoid_focal_loss", mutates_args=())
+def sigmoid_focal_loss_op(inputs: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float,
+                          reduction: str) -> torch.Tensor:
+    x, t = dense_operands(inputs, targets)
+    if x.numel() == 0:
+        return _empty_result(x, reduction)
+    return _implementation(x.device).sigmoid_focal_forward(x, t, alpha, gamma, reduction)
+
+
+@sigmoid_focal_loss_op.register_fake
+def _(inputs, targets, alpha, gamma, reduction):
+    x, _ = dense_operands(inputs, targets)
+    return torch.empty_like(x) if reduction == "none" else x.new_empty(())
+
+
+@torch.library.custom_op("focal_triton::sigmoid_focal_loss_backward", mutates_args=())
+def sigmoid_focal_loss_backward_op(grad: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, alpha: float,
+                                   gamma: float, reduction: str) -> torch.Tensor:
+    x, t = dense_operands(inputs, targets)
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    if reduction == "none":
+        # The ones that loss.sum() sends back are an expanded scalar: read its one element instead of copying it.
+        grad = grad.as_strided((), ()) if is_broadcast_scalar(grad) else like(x, grad)
+    return _implementation(x.device).sigmoid_focal_backward(grad, x, t, alpha, gamma, reduction)
+
+
+@sigmoid_focal_loss_backward_op.register_fake
+def _(grad, inputs, targets, alpha, gamma, reduction):
+    x, _ = dense_operands(inputs, targets)
+    return torch.empty_like(x)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, targets, alpha, gamma, reduction = inputs
+    ctx.save_for_backward(logits, targets)
+    ctx.params = (alpha, gamma, reduction)
+
+
+def _backward(ctx, grad):
+    logits, targets = ctx.saved_tensors
+    grad_logits = None
+    if ctx.needs_input_grad[0]:
+        grad_logits = sigmoid_focal_loss_backward_op(grad, logits, targets, *ctx.params)
+    return grad_logits, None, None, None, None
+
+
+sigmoid_focal_loss_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,131 @@
+"""Launch configuration: block size, warps and the persistent grid, with the reason for each number.
+
+Compiled path (CUDA). Each thread owns 16 bytes of logits per tile (one 128-bit load): BLOCK = 128 threads * 16 B /
+itemsize with 4 warps. (32 bytes per thread made ptxas spill in the fractional-gamma backward of 16-bit logits,
+seen in SASS.) The grid is persistent and exactly one wave: as many programs as fit on the device at once
+(occupancy from the compiled kernel's registers and shared memory, as in Triton's fused-softmax tutorial), each
+looping over tiles with a fixed stride. A fixed grid per (device, specialization) makes the per-program partial
+sums of a reduction, and so its bits, the same on every run.
+
+Interpreter path (TRITON_INTERPRET=1, CPU tensors). One fixed config: small tiles and 4 programs, so that small test
+tensors take several loop iterations per program and a masked tail tile, the control flow the GPU sees on large
+tensors. Autotuning cannot run there (it needs a GPU to time configs).
+"""
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+
+# Index arithmetic switches to 64 bits when an offset could pass this (tile starts go up to numel + BLOCK).
+INT32_MAX = 2**31 - 1
+
+
+@triton.jit
+def _probe_kernel():
+    pass
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton runs kernels on CPU tensors with its interpreter: triton.jit then made every kernel of this
+    process an InterpretedFunction (TRITON_INTERPRET=1 was set before triton was imported)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_probe_kernel, InterpretedFunction)
+
+
+@dataclass(frozen=True)
+class ElementwiseConfig:
+    """BLOCK elements per tile, num_warps per program; max_programs caps the grid where it is fixed in advance
+    (the interpreter) and is None where the device's occupancy decides it (CUDA)."""
+
+    block: int
+    num_warps: int
+    max_programs: int = None
+
+
+GPU_NUM_WARPS = 4
+GPU_BYTES_PER_THREAD = 16
+INTERPRETER_CONFIG = ElementwiseConfig(block=128, num_warps=1, max_programs=4)
+# Partial sums the final reduction adds per loop iteration (one program, 4 KiB of float32).
+PARTIAL_SUM_BLOCK = 1024
+
+
+def gpu_block(itemsize: int) -> int:
+    return GPU_NUM_WARPS * 32 * GPU_BYTES_PER_THREAD // itemsize
+
+
+def config_for(device: torch.device, itemsize: int) -> ElementwiseConfig:
+    """The one config a launch uses for logits of this itemsize on this device."""
+    if device.type != "cuda":
+        return INTERPRETER_CONFIG
+    return ElementwiseConfig(gpu_block(itemsize), GPU_NUM_WARPS)
+
+
+def gpu_configs_for(itemsize: int) -> list:
+    """Every compiled-path config the launcher can pick for logits of this itemsize (for the ahead-of-time check)."""
+    return [ElementwiseConfig(gpu_block(itemsize), GPU_NUM_WARPS)]
+
+
+def needs_int64(numel: int, block: int) -> bool:
+    return numel + block > INT32_MAX
+
+
+@dataclass(frozen=True)
+class SMResources:
+    count: int
+    regs_per_sm: int
+    threads_per_sm: int
+    shared_per_sm: int
+
+
+@functools.lru_cache(maxsize=None)
+def sm_resources(device_index: int) -> SMResources:
+    p = torch.cuda.get_device_properties(device_index)
+    return SMResources(p.multi_processor_count, p.regs_per_multiprocessor, p.max_threads_per_multi_processor,
+                       p.shared_memory_per_multiprocessor)
+
+
+def programs_per_sm(n_regs: int, shared_bytes: int, num_warps: int, sm: SMResources) -> int:
+    """Programs of one kernel resident on an SM at once: limited by registers (allocated per warp in units of 256,
+    i.e. per-thread counts rounded up to 8), by threads, and by shared memory."""
+    threads = 32 * num_warps
+    by_regs = sm.regs_per_sm // (-(-max(n_regs, 1) // 8) * 8 * threads)
+    by_threads = sm.threads_per_sm // threads
+    by_shared = sm.shared_per_sm // shared_bytes if shared_bytes else by_threads
+    return max(1, min(by_regs, by_threads, by_shared))
+
+
+_PERSISTENT_GRID = {}
+
+
+def _specialization_key(arg):
+    """What Triton's JIT specializes a kernel on for one argument: dtype and 16-byte alignment for tensors,
+    divisibility by 16 and equality to 1 for ints."""
+    if isinstance(arg, torch.Tensor):
+        return (arg.dtype, arg.data_ptr() % 16 == 0)
+    if isinstance(arg, int) and not isinstance(arg, bool):
+        return (int, arg % 16 == 0, arg == 1, arg > INT32_MAX)
+    return type(arg)
+
+
+def max_programs(kernel, args, constexprs: dict, cfg: ElementwiseConfig, device: torch.device) -> int:
+    """cfg.max_programs, or on CUDA the number of programs of this specialization that fit on the device at once
+    (compiled once with kernel.warmup and cached for the process). Only the types and alignment of `args` matter."""
+    if cfg.max_programs is not None:
+        return cfg.max_programs
+    key = (kernel.fn.__name__, device.index, cfg.num_warps,
+           tuple(_specialization_key(a) for a in args), tuple(sorted(constexprs.items(), key=lambda kv: kv[0])))
+    grid = _PERSISTENT_GRID.get(key)
+    if grid is None:
+        compiled = kernel.warmup(*args, grid=(1,), num_warps=cfg.num_warps, **constexprs)
+        compiled._init_handles()
+        sm = sm_resources(device.index)
+        grid = sm.count * programs_per_sm(compiled.n_regs, compiled.metadata.shared, cfg.num_warps, sm)
+        _PERSISTENT_GRID[key] = grid
+    return grid
+
+
+def persistent_grid(kernel, args, constexprs: dict, cfg: ElementwiseConfig, n: int, device: torch.device) -> int:
+    """Programs to launch over n elements: min(tiles, max_programs), at least 1."""
+    return max(1, min(-(-n // cfg.block), max_programs(kernel, args, constexprs, cfg, device)))

@@ -1,0 +1,219 @@
+"""Sigmoid focal loss on a dense flat range of elements: forward (elementwise or reduced) and backward kernels.
+
+Layout: logits, targets, loss and gradient are read and written as one flat range of `n` elements in storage
+order; the caller guarantees that all of them share the same dense strides. Bytes per element moved by design:
+forward "none": read x, read t, write loss; forward sum/mean: read x, read t (plus 4-8 bytes per program);
+backward: read x, read t, write dx (plus the upstream gradient when it is not a scalar).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .focal_math import focal_loss_and_grad
+from .launch import PARTIAL_SUM_BLOCK, config_for, needs_int64, persistent_grid
+
+
+@triton.jit
+def _tile_offsets(tile, BLOCK: tl.constexpr, INT64: tl.constexpr):
+    if INT64:
+        tile = tl.cast(tile, tl.int64)
+    return tile * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
+def _load_tile(ptr, offs, n, MASKED: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    # Full tiles load without a mask, so the compiler emits 128-bit loads for any n; only the tail is masked.
+    if MASKED:
+        return tl.load(ptr + offs, mask=offs < n, other=0.0).to(COMPUTE_DTYPE)
+    return tl.load(ptr + offs).to(COMPUTE_DTYPE)
+
+
+@triton.jit
+def _store_tile(ptr, offs, n, value, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=offs < n)
+    else:
+        tl.store(ptr + offs, value.to(ptr.dtype.element_ty))
+
+
+@triton.jit
+def _fwd_tile(x_ptr, t_ptr, out_ptr, n, tile, acc, c0, c1, gamma, gamma_int,
+              MASKED: tl.constexpr, REDUCE: tl.constexpr, INT_GAMMA: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+              INT64: tl.constexpr, BLOCK: tl.constexpr):
+    offs = _tile_offsets(tile, BLOCK, INT64)
+    x = _load_tile(x_ptr, offs, n, MASKED, COMPUTE_DTYPE)
+    t = _load_tile(t_ptr, offs, n, MASKED, COMPUTE_DTYPE)
+    loss, _ = focal_loss_and_grad(x, t, c0, c1, gamma, gamma_int, INT_GAMMA)
+    if REDUCE:
+        if MASKED:
+            loss = tl.where(offs < n, loss, 0.0)
+        acc += loss
+    else:
+        _store_tile(out_ptr, offs, n, loss, MASKED)
+    return acc
+
+
+@triton.jit
+def sigmoid_focal_fwd_kernel(
+    x_ptr, t_ptr, out_ptr, n, c0, c1, gamma, gamma_int,
+    REDUCE: tl.constexpr, INT_GAMMA: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    INT64: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Persistent grid-stride loop over the full tiles of BLOCK elements, then the masked tail tile (if any) on
+    program num_full % nprog. (Loops are while loops: triton 3.6's interpreter cannot take tensor range() bounds.)
+
+    REDUCE = False: out[i] = FL(x[i], t[i]) in out's dtype. REDUCE = True: out[pid] = sum of FL over the tiles of
+    program pid, in loop order (a fixed assignment of tiles to programs: the partial sums never depend on timing).
+    """
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    if INT64:
+        pid = pid.to(tl.int64)
+    num_full = n // BLOCK
+    acc = tl.zeros([BLOCK], COMPUTE_DTYPE)
+    tile = pid
+    while tile < num_full:
+        acc = _fwd_tile(x_ptr, t_ptr, out_ptr, n, tile, acc, c0, c1, gamma, gamma_int,
+                        False, REDUCE, INT_GAMMA, COMPUTE_DTYPE, INT64, BLOCK)
+        tile += nprog
+    if (num_full * BLOCK < n) & (pid == num_full % nprog):
+        acc = _fwd_tile(x_ptr, t_ptr, out_ptr, n, num_full, acc, c0, c1, gamma, gamma_int,
+                        True, REDUCE, INT_GAMMA, COMPUTE_DTYPE, INT64, BLOCK)
+    if REDUCE:
+        tl.store(out_ptr + pid, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def sum_partials_kernel(partials_ptr, out_ptr, num_partials, n, MEAN: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: out = sum(partials) (divided by n for MEAN), in a fixed order, cast to out's dtype."""
+    acc = tl.zeros([BLOCK], partials_ptr.dtype.element_ty)
+    start = 0
+    while start < num_partials:
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(partials_ptr + offs, mask=offs < num_partials, other=0.0)
+        start += BLOCK
+    total = tl.sum(acc, axis=0)
+    if MEAN:
+        total = total / n.to(partials_ptr.dtype.element_ty)
+    tl.store(out_ptr, total.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _bwd_tile(x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, tile, g0, c0, c1, gamma, gamma_int,
+              MASKED: tl.constexpr, GRAD_SCALAR: tl.constexpr, INT_GAMMA: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+              INT64: tl.constexpr, BLOCK: tl.constexpr):
+    offs = _tile_offsets(tile, BLOCK, INT64)
+    x = _load_tile(x_ptr, offs, n, MASKED, COMPUTE_DTYPE)
+    t = _load_tile(t_ptr, offs, n, MASKED, COMPUTE_DTYPE)
+    _, dfl = focal_loss_and_grad(x, t, c0, c1, gamma, gamma_int, INT_GAMMA)
+    if GRAD_SCALAR:
+        g = g0
+    else:
+        g = _load_tile(grad_out_ptr, offs, n, MASKED, COMPUTE_DTYPE)
+    _store_tile(grad_in_ptr, offs, n, g * dfl, MASKED)
+
+
+@triton.jit
+def sigmoid_focal_bwd_kernel(
+    x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, c0, c1, gamma, gamma_int,
+    GRAD_SCALAR: tl.constexpr, MEAN: tl.constexpr, INT_GAMMA: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    INT64: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """dx[i] = g * dFL/dx(x[i], t[i]), g = grad_out[0] (GRAD_SCALAR; divided by n for MEAN) or grad_out[i].
+
+    Same tile loop as the forward. The loss is recomputed from x and t (the forward saved nothing of input size);
+    the upstream scalar is read on the device, never on the host.
+    """
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    if INT64:
+        pid = pid.to(tl.int64)
+    g0 = 1.0
+    if GRAD_SCALAR:
+        g0 = tl.load(grad_out_ptr).to(COMPUTE_DTYPE)
+        if MEAN:
+            g0 = g0 / n.to(COMPUTE_DTYPE)
+    num_full = n // BLOCK
+    tile = pid
+    while tile < num_full:
+        _bwd_tile(x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, tile, g0, c0, c1, gamma, gamma_int,
+                  False, GRAD_SCALAR, INT_GAMMA, COMPUTE_DTYPE, INT64, BLOCK)
+        tile += nprog
+    if (num_full * BLOCK < n) & (pid == num_full % nprog):
+        _bwd_tile(x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, num_full, g0, c0, c1, gamma, gamma_int,
+                  True, GRAD_SCALAR, INT_GAMMA, COMPUTE_DTYPE, INT64, BLOCK)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host side: the parameters and constexprs of one launch, shared by the launchers and the ahead-of-time check so
+# that the check compiles exactly what the library launches.
+
+def compute_dtype(x_dtype: torch.dtype):
+    """float64 logits are computed in float64 (gradcheck); every other dtype in float32."""
+    return tl.float64 if x_dtype == torch.float64 else tl.float32
+
+
+def gamma_params(gamma: float):
+    """(gamma, gamma_int, INT_GAMMA): integer gamma takes the multiply-only path, any other the one-pow path."""
+    is_int = float(gamma).is_integer()
+    return float(gamma), int(gamma) if is_int else 0, is_int
+
+
+def alpha_coefficients(alpha: float):
+    """alpha_t = c0 + c1 t: alpha t + (1 - alpha)(1 - t) for alpha >= 0, and 1 for alpha = -1 (no weighting)."""
+    if alpha < 0:
+        return 1.0, 0.0
+    return 1.0 - alpha, 2.0 * alpha - 1.0
+
+
+def forward_constexprs(x_dtype, reduce: bool, int_gamma: bool, int64: bool, block: int) -> dict:
+    return dict(REDUCE=reduce, INT_GAMMA=int_gamma, COMPUTE_DTYPE=compute_dtype(x_dtype), INT64=int64, BLOCK=block)
+
+
+def backward_constexprs(x_dtype, grad_scalar: bool, mean: bool, int_gamma: bool, int64: bool, block: int) -> dict:
+    return dict(GRAD_SCALAR=grad_scalar, MEAN=mean, INT_GAMMA=int_gamma, COMPUTE_DTYPE=compute_dtype(x_dtype),
+                INT64=int64, BLOCK=block)
+
+
+def sigmoid_focal_forward(x: torch.Tensor, t: torch.Tensor, alpha: float, gamma: float, reduction: str):
+    """Loss of dense x, t (same strides, n > 0): elementwise in x's layout for "none", else a 0-d tensor.
+
+    Launches one fused kernel, plus for sum/mean one single-program kernel over the per-program partial sums.
+    """
+    n = x.numel()
+    cfg = config_for(x.device, x.element_size())
+    c0, c1 = alpha_coefficients(alpha)
+    gamma_f, gamma_i, int_gamma = gamma_params(gamma)
+    reduce = reduction != "none"
+    constexprs = forward_constexprs(x.dtype, reduce, int_gamma, needs_int64(n, cfg.block), cfg.block)
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    # For a reduction, an empty stand-in for the partial sums sizes the grid (only its type and alignment matter),
+    # then the real buffer gets one float per program.
+    out = torch.empty(0, dtype=acc_dtype, device=x.device) if reduce else torch.empty_like(x)
+    args = [x, t, out, n, c0, c1, gamma_f, gamma_i]
+    grid = persistent_grid(sigmoid_focal_fwd_kernel, args, constexprs, cfg, n, x.device)
+    if reduce:
+        args[2] = torch.empty(grid, dtype=acc_dtype, device=x.device)
+    sigmoid_focal_fwd_kernel[(grid,)](*args, num_warps=cfg.num_warps, **constexprs)
+    if not reduce:
+        return args[2]
+    result = torch.empty((), dtype=x.dtype, device=x.device)
+    sum_partials_kernel[(1,)](args[2], result, grid, n, MEAN=reduction == "mean", BLOCK=PARTIAL_SUM_BLOCK)
+    return result
+
+
+def sigmoid_focal_backward(grad_out: torch.Tensor, x: torch.Tensor, t: torch.Tensor, alpha: float, gamma: float,
+                           reduction: str) -> torch.Tensor:
+    """Gradient w.r.t. x in x's layout and dtype. grad_out: 0-d (mean/sum, or an expanded scalar for "none",
+    passed as its one element) or dense with x's strides."""
+    n = x.numel()
+    cfg = config_for(x.device, x.element_size())
+    c0, c1 = alpha_coefficients(alpha)
+    gamma_f, gamma_i, int_gamma = gamma_params(gamma)
+    grad_in = torch.empty_like(x)
+    constexprs = backward_constexprs(x.dtype, grad_out.dim() == 0, reduction == "mean", int_gamma,
+                                     needs_int64(n, cfg.block), cfg.block)
+    args = (x, t, grad_out, grad_in, n, c0, c1, gamma_f, gamma_i)
+    grid = persistent_grid(sigmoid_focal_bwd_kernel, args, constexprs, cfg, n, x.device)
+    sigmoid_focal_bwd_kernel[(grid,)](*args, num_warps=cfg.num_warps, **constexprs)
+    return grad_in

@@ -1,0 +1,55 @@
+"""Test configuration: where the kernels run, the device, and poisoned allocations.
+
+Without a CUDA device the Triton kernels are run by Triton's interpreter on CPU tensors: TRITON_INTERPRET=1 must be
+set before triton is first imported, which is why it happens here, at the top of the first module pytest loads.
+With CUDA the same tests run the compiled kernels on the GPU, unchanged.
+"""
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+# Value written into every fresh float allocation by the `poisoned` fixture: an element the kernels fail to write
+# shows up as NaN and fails any comparison.
+POISON = float("nan")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA device (this machine has none)")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(params=["triton", "torch"])
+def backend(request, monkeypatch):
+    """Run the test on the Triton kernels (compiled on CUDA, interpreted on CPU) and on the fused torch path."""
+    monkeypatch.setenv("FOCAL_TRITON_BACKEND", request.param)
+    return request.param
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Make torch.empty / torch.empty_like return float memory filled with NaN, so an output element (loss,
+    partial sum or gradient) that the code under test never writes fails the test instead of passing by luck."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def _poison(t):
+        if t.is_floating_point():
+            t.fill_(POISON)
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: _poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _poison(real_empty_like(*a, **k)))
+    yield

@@ -1,0 +1,20 @@
+"""`make bench` (bench/demo.py until the benchmark suite lands) computes a loss and gradient and prints them."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_runs_and_matches_torchvision():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "demo.py")], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    ours = next(line for line in lines if line.startswith("loss = "))
+    theirs = next(line for line in lines if line.startswith("torchvision: loss = "))
+    assert ours.split()[2] == theirs.split()[3]  # same printed loss
+    assert float(theirs.split()[-1]) < 1e-6  # max |grad difference|
+    assert any(line.startswith("forward + backward") for line in lines)

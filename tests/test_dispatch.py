@@ -1,0 +1,168 @@
+"""Which implementation runs where, and the one fixed launch configuration of the interpreter path."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import HAS_CUDA
+from reference import assert_close, focal_loss_ref
+
+import focal_triton
+from focal_triton import dispatch
+from focal_triton.kernels import launch
+from focal_triton.kernels import sigmoid_focal as sf
+
+
+def test_auto_backend_in_this_session():
+    """CUDA -> compiled kernels; CPU in this test session (TRITON_INTERPRET=1 from conftest) -> interpreted kernels."""
+    if HAS_CUDA:
+        assert dispatch.select_backend(torch.device("cuda", 0)) == "triton"
+    else:
+        assert os.environ.get("TRITON_INTERPRET") == "1"
+        assert dispatch.interpreter_enabled()
+        assert dispatch.select_backend(torch.device("cpu")) == "triton"
+
+
+def test_backend_env_choices(monkeypatch):
+    monkeypatch.setenv("FOCAL_TRITON_BACKEND", "torch")
+    assert dispatch.select_backend(torch.device("cpu")) == "torch"
+    monkeypatch.setenv("FOCAL_TRITON_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="FOCAL_TRITON_BACKEND must be one of"):
+        dispatch.select_backend(torch.device("cpu"))
+    monkeypatch.setenv("FOCAL_TRITON_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="cannot run on device meta"):
+        dispatch.select_backend(torch.device("meta"))
+
+
+def _run_without_interpreter(code: str, **env):
+    child_env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FOCAL_TRITON_BACKEND")}
+    child_env.update(env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env, timeout=300)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU default, which a CUDA machine's tests do not use")
+def test_cpu_without_interpreter_uses_torch_path():
+    code = (
+        "import torch, focal_triton\n"
+        "from focal_triton import dispatch\n"
+        "print(dispatch.select_backend(torch.device('cpu')))\n"
+        "x = torch.linspace(-5, 5, 1000, requires_grad=True); t = (torch.arange(1000) % 7 == 0).float()\n"
+        "loss = focal_triton.sigmoid_focal_loss(x, t, reduction='sum'); loss.backward()\n"
+        "print(repr(loss.item()), repr(x.grad.double().sum().item()))\n"
+    )
+    r = _run_without_interpreter(code)
+    assert r.returncode == 0, r.stderr
+    backend, values = r.stdout.splitlines()
+    assert backend == "torch"
+    x = torch.linspace(-5, 5, 1000)
+    t = (torch.arange(1000) % 7 == 0).float()
+    loss, _ = map(float, values.split())
+    assert_close(torch.tensor(loss), focal_loss_ref(x, t, 0.25, 2.0, "sum"), dtype=torch.float32)
+    r = _run_without_interpreter(code, FOCAL_TRITON_BACKEND="triton")
+    assert r.returncode != 0 and "set TRITON_INTERPRET=1" in r.stderr
+
+
+def test_interpreter_uses_its_one_fixed_config():
+    """On CPU one config is launched (autotuning needs a GPU to time configs): INTERPRETER_CONFIG."""
+    for itemsize in (2, 4, 8):
+        assert launch.config_for(torch.device("cpu"), itemsize) == launch.INTERPRETER_CONFIG
+    assert launch.INTERPRETER_CONFIG.max_programs == 4
+
+
+def test_gpu_config_heuristic():
+    """Compiled path: 16 bytes of logits per thread per tile (one 128-bit load), 4 warps, grid from occupancy."""
+    for dtype, block in ((torch.float32, 512), (torch.bfloat16, 1024), (torch.float16, 1024), (torch.float64, 256)):
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        cfg = launch.config_for(torch.device("cuda", 0), itemsize)
+        assert (cfg.block, cfg.num_warps, cfg.max_programs) == (block, 4, None)
+        assert cfg in launch.gpu_configs_for(itemsize)
+
+
+H100 = launch.SMResources(count=132, regs_per_sm=65536, threads_per_sm=2048, shared_per_sm=233472)
+
+
+@pytest.mark.parametrize("n_regs,shared,expected", [
+    (32, 0, 16),     # 16 x 4 warps = 64 warps: the thread limit
+    (64, 0, 8),      # 64 regs x 128 threads = 8192 registers per program
+    (72, 1024, 7),   # registers are allocated in units of 8 per thread: 72 -> 7 programs
+    (75, 0, 6),      # 75 rounds up to 80 -> 6
+    (255, 0, 2),
+    (32, 100_000, 2),  # shared memory bound
+])
+def test_programs_per_sm(n_regs, shared, expected):
+    assert launch.programs_per_sm(n_regs, shared, 4, H100) == expected
+
+
+def test_persistent_grid_from_occupancy_is_cached(monkeypatch):
+    """On CUDA the grid is SMs x resident programs of the compiled specialization, compiled once (warmup) per
+    specialization key and reused, so the grid and a reduction's partial sums are the same on every call."""
+    calls = []
+
+    class Compiled:
+        n_regs, metadata = 64, type("M", (), {"shared": 0})
+
+        def _init_handles(self):
+            pass
+
+    class FakeKernel:
+        fn = type("F", (), {"__name__": "fake_kernel"})
+
+        def warmup(self, *args, grid, num_warps, **constexprs):
+            calls.append((args, grid, num_warps, constexprs))
+            return Compiled()
+
+    monkeypatch.setattr(launch, "sm_resources", lambda index: H100)
+    monkeypatch.setattr(launch, "_PERSISTENT_GRID", {})
+    cfg = launch.config_for(torch.device("cuda", 0), 2)
+    x = torch.empty(64, dtype=torch.bfloat16)
+    args = (x, 4096, 0.5)
+    assert launch.persistent_grid(FakeKernel(), args, {"BLOCK": cfg.block}, cfg, 10**8, torch.device("cuda", 0)) \
+        == 132 * 8
+    assert launch.persistent_grid(FakeKernel(), args, {"BLOCK": cfg.block}, cfg, 10**8, torch.device("cuda", 0)) \
+        == 132 * 8
+    assert len(calls) == 1 and calls[0][1] == (1,) and calls[0][2] == 4
+    # Few tiles: one program per tile. Another specialization (dtype) compiles its own.
+    assert launch.persistent_grid(FakeKernel(), args, {"BLOCK": cfg.block}, cfg, 3 * cfg.block + 1,
+                                  torch.device("cuda", 0)) == 4
+    launch.persistent_grid(FakeKernel(), (x.float(), 4096, 0.5), {"BLOCK": cfg.block}, cfg, 10**8,
+                           torch.device("cuda", 0))
+    assert len(calls) == 2
+
+
+def test_launch_grid_and_loop(monkeypatch, device):
+    """The grid is min(tiles, max_programs): with more tiles than programs each program loops, and the result is
+    still right (the tail tile runs on program num_full % grid)."""
+    seen = []
+    real = sf.sigmoid_focal_fwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            seen.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(sf, "sigmoid_focal_fwd_kernel", Spy())
+    monkeypatch.setenv("FOCAL_TRITON_BACKEND", "triton")
+    cfg = launch.config_for(device, 4)
+    n = cfg.block * (cfg.max_programs + 3) + 5 if device.type == "cpu" else 7 * cfg.block + 5
+    x = torch.linspace(-8, 8, n, device=device)
+    t = (torch.arange(n, device=device) % 5 == 0).float()
+    for reduction in ("none", "sum"):
+        got = focal_triton.sigmoid_focal_loss(x, t, reduction=reduction)
+        assert_close(got, focal_loss_ref(x, t, 0.25, 2.0, reduction), what=reduction)
+    if device.type == "cpu":
+        assert seen == [(cfg.max_programs,)] * 2 and -(-n // cfg.block) > cfg.max_programs
+
+
+def test_int64_indexing_specialization_runs(monkeypatch, poisoned, device):
+    """The 64-bit index path (chosen above 2**31 - BLOCK elements) forced on a small tensor gives the same result."""
+    monkeypatch.setattr(sf, "needs_int64", lambda n, block: True)
+    monkeypatch.setenv("FOCAL_TRITON_BACKEND", "triton")
+    x = torch.linspace(-8, 8, 1001, device=device, requires_grad=True)
+    t = (torch.arange(1001, device=device) % 5 == 0).float()
+    for reduction in ("none", "mean"):
+        loss = focal_triton.sigmoid_focal_loss(x, t, reduction=reduction)
+        assert_close(loss, focal_loss_ref(x, t, 0.25, 2.0, reduction), what=reduction)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        assert torch.isfinite(grad).all()
+    assert launch.needs_int64(2**31 - 1024, 1024) and not launch.needs_int64(2**31 - 1025, 1024)

@@ -1,0 +1,62 @@
+"""Tests that only make sense on a CUDA device (compiled kernels at scale). Skipped elsewhere, with the reason."""
+import math
+
+import pytest
+import torch
+from reference import assert_close, focal_grad_ref, focal_loss_ref
+
+import focal_triton
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_large_odd_sized_matches_reference(dtype, reduction):
+    """3M + 37 elements: many persistent-loop iterations per program and a masked tail, compiled."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n = 3_000_037
+    x = (torch.randn(n, device="cuda", generator=g) * 4).to(dtype).requires_grad_(True)
+    t = (torch.rand(n, device="cuda", generator=g) < 0.01).to(dtype)
+    loss = focal_triton.sigmoid_focal_loss(x, t, reduction=reduction)
+    assert_close(loss, focal_loss_ref(x, t, 0.25, 2.0, reduction), what="loss")
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    assert_close(grad, focal_grad_ref(x, t, 0.25, 2.0, reduction), what="grad")
+    again = focal_triton.sigmoid_focal_loss(x, t, reduction=reduction)
+    assert torch.equal(loss, again)
+
+
+def test_no_host_sync():
+    x = torch.randn(1 << 20, device="cuda", requires_grad=True)
+    t = (torch.rand(1 << 20, device="cuda") < 0.01).float()
+    focal_triton.sigmoid_focal_loss(x, t, reduction="sum").backward()  # compile and size the grid first
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        focal_triton.sigmoid_focal_loss(x, t, reduction="sum").backward()
+        focal_triton.sigmoid_focal_loss(x, t, reduction="mean").backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_more_than_2_31_elements():
+    """64-bit indexing: values placed past element 2**31 are read, and their loss and gradient written, in place."""
+    n = 2**31 + 2**20 + 3
+    free, _ = torch.cuda.mem_get_info()
+    if free < 24 * 2**30:
+        pytest.skip(f"needs 24 GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    x = torch.zeros(n, dtype=torch.bfloat16, device="cuda")
+    t = torch.zeros(n, dtype=torch.bfloat16, device="cuda")
+    far = torch.tensor([2**31 - 1, 2**31, 2**31 + 12345, n - 1], device="cuda")
+    x[far] = torch.tensor([1.0, -2.0, 3.0, 4.0], dtype=torch.bfloat16, device="cuda")
+    t[far] = torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=torch.bfloat16, device="cuda")
+    x.requires_grad_(True)
+    loss = focal_triton.sigmoid_focal_loss(x, t)
+    assert_close(loss[far], focal_loss_ref(x[far], t[far], 0.25, 2.0), what="far loss")
+    zero_loss = 0.75 * 0.25 * math.log(2.0)  # x = 0, t = 0
+    assert torch.allclose(loss[:8].float(), torch.full((8,), zero_loss, device="cuda"), rtol=2**-7)
+    total = focal_triton.sigmoid_focal_loss(x, t, reduction="sum")
+    expected = (n - 4) * zero_loss + focal_loss_ref(x[far], t[far], 0.25, 2.0).sum().item()
+    assert abs(total.float().item() - expected) / expected < 1e-2
+    del loss
+    (grad,) = torch.autograd.grad(total, x)
+    assert_close(grad[far], focal_grad_ref(x[far], t[far], 0.25, 2.0), what="far grad")

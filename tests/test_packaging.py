@@ -1,0 +1,65 @@
+"""Packaging: kernels/ installs as focal_triton.kernels (never as a top-level `kernels`), from a wheel and editable."""
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PROBE = (
+    "import importlib.util, focal_triton, focal_triton.kernels as k\n"
+    "spec = importlib.util.find_spec('kernels')\n"
+    "print(focal_triton.__file__); print(k.__file__); print(spec.origin if spec else None)\n"
+    "import torch; print(focal_triton.sigmoid_focal_loss(torch.zeros(3), torch.ones(3), reduction='sum').item())\n"
+)
+
+
+def _probe(cwd, extra_path=None):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if extra_path:
+        env["PYTHONPATH"] = str(extra_path)
+    r = subprocess.run([sys.executable, "-c", PROBE], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.splitlines()
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wheel")
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
+                        "-w", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (path,) = out.glob("focal_triton-*.whl")
+    return path
+
+
+def test_wheel_contains_kernels_as_subpackage(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    kernel_files = {Path(n).name for n in names if n.startswith("focal_triton/kernels/")}
+    assert {"__init__.py", "sigmoid_focal.py", "focal_math.py", "launch.py"} <= kernel_files
+    top_level = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
+    assert top_level == {"focal_triton"}, f"unexpected top-level entries: {top_level}"
+
+
+def test_wheel_install_imports_from_another_directory(wheel, tmp_path):
+    site = tmp_path / "site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(site), str(wheel)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    pkg, kernels, top_kernels, value = _probe(elsewhere, site)
+    assert pkg.startswith(str(site)) and kernels.startswith(str(site / "focal_triton" / "kernels"))
+    assert not (site / "kernels").exists()
+    assert top_kernels == "None" or not top_kernels.startswith(str(site))
+    assert float(value) > 0
+
+
+def test_editable_install_imports_from_another_directory(tmp_path):
+    pkg, kernels, top_kernels, value = _probe(tmp_path)
+    assert pkg == str(ROOT / "focal_triton" / "__init__.py")
+    assert kernels == str(ROOT / "kernels" / "__init__.py")
+    assert top_kernels == "None" or not top_kernels.startswith(str(ROOT))
+    assert float(value) > 0

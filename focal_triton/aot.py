@@ -117,7 +117,19 @@ _ST128_RE = re.compile(r"\bst\.global(?:\.[a-z]+)*\.(?:v4\.(?:b|f|u|s)32|v2\.(?:
 _LD_RE = re.compile(r"\bld\.global\b")
 _SASS_LOCAL_RE = re.compile(r"\b(?:STL|LDL)\b")
 _MATH_RE = re.compile(r"= math\.(\w+) .*: tensor<")
-_TILE_LOOP_RE = re.compile(r"%tile = scf\.while \(%\w+ = %\w+\) : \((i32|i64)\)")
+_WHILE_RE = re.compile(r"scf\.while \(([^)]*)\) : \(([^)]*)\)")
+
+
+def tile_index_types(ttir: str) -> list:
+    """Integer types of the tile loop's index: the while-loop value that starts from the program id (the gamma
+    power loop's counter starts from a constant, a reduction's accumulator is a tensor)."""
+    types = set()
+    for m in _WHILE_RE.finditer(ttir):
+        inits = [arg.split(" = ")[1].strip() for arg in m.group(1).split(", ")]
+        for init, ty in zip(inits, m.group(2).split(", ")):
+            if re.fullmatch(r"%pid\w*", init):
+                types.add(ty.strip())
+    return sorted(types)
 
 
 def _run_tool(name: str, *args: str) -> str:
@@ -154,7 +166,7 @@ def compile_specialization(spec: Specialization, arch: int) -> dict:
         "sass_ldg_128": sass.count("LDG.E.128"), "sass_stg_128": sass.count("STG.E.128"),
         # Elementwise math ops on whole tiles in TTIR: one tile body is the loop's, one the masked tail's.
         "ttir_math": dict(collections.Counter(_MATH_RE.findall(ttir))),
-        "tile_loop_index": sorted(set(_TILE_LOOP_RE.findall(ttir))),
+        "tile_loop_index": tile_index_types(ttir),
     }
 
 

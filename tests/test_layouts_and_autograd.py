@@ -52,7 +52,8 @@ def test_upstream_grad_layouts(backend, poisoned, device):
     x = _rand((9, 31), device).requires_grad_(True)
     t = _targets((9, 31), device)
     loss = focal_triton.sigmoid_focal_loss(x, t)
-    for g in (torch.tensor(2.5, device=device).expand(9, 31), torch.randn(9, 31, device=device),
+    for g in (torch.tensor(2.5, device=device).expand(9, 31), torch.randn(9, 1, device=device).expand(9, 31),
+              torch.randn(1, 31, device=device).expand(9, 31), torch.randn(9, 31, device=device),
               torch.randn(31, 9, device=device).t(), torch.randn(9, 62, device=device)[:, ::2]):
         (grad,) = torch.autograd.grad(loss, x, g, retain_graph=True)
         assert_close(grad, focal_grad_ref(x, t, 0.25, 2.0, "none", g), what=f"grad strides {g.stride()}")

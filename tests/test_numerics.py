@@ -110,3 +110,16 @@ def test_zero_dim_input(backend, poisoned, device, reduction):
     assert_close(loss, focal_loss_ref(x, t, 0.25, 2.0), what="loss")
     (grad,) = torch.autograd.grad(loss, x)
     assert_close(grad, focal_grad_ref(x, t, 0.25, 2.0), what="grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_small_losses_keep_relative_accuracy(backend, poisoned, device, dtype):
+    """Confident right predictions have losses down to 1e-35: BCE = log1p(exp(-|x|)) must keep its relative
+    accuracy there (log(1 + e) would round them to 0). gamma = 0, alpha = -1 is plain BCE."""
+    x = torch.tensor([10.0, 17.0, 25.0, 40.0, 60.0, 80.0, -10.0, -40.0, -80.0], dtype=dtype, device=device)
+    t = (x > 0).to(dtype)
+    loss = focal_triton.sigmoid_focal_loss(x, t, alpha=-1, gamma=0)
+    expected = focal_loss_ref(x, t, -1, 0)
+    assert (expected > 0).all()
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(loss.double(), expected, rtol=rtol, atol=0)

@@ -1,0 +1,44 @@
+"""The registered ops (torch.ops.focal_triton.*) pass torch.library.opcheck: schema, fake (meta) implementation,
+autograd registration and AOT dispatch, on the same registration GPU users get."""
+import pytest
+import torch
+
+import focal_triton  # noqa: F401  (registers the ops)
+
+OPS = torch.ops.focal_triton
+
+
+def _inputs(shape, device, channels_last=False):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g) * 3).to(device)
+    t = (torch.rand(shape, generator=g) < 0.3).float().to(device)
+    if channels_last:
+        x, t = x.to(memory_format=torch.channels_last), t.to(memory_format=torch.channels_last)
+    return x.requires_grad_(True), t
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("gamma", [2.0, 0.5])
+def test_opcheck_forward(backend, device, reduction, channels_last, gamma):
+    x, t = _inputs((2, 3, 5, 7), device, channels_last)
+    torch.library.opcheck(OPS.sigmoid_focal_loss.default, (x, t, 0.25, gamma, reduction))
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_opcheck_backward(backend, device, reduction):
+    x, t = _inputs((3, 50), device)
+    grad = torch.randn(3, 50, device=device) if reduction == "none" else torch.tensor(1.5, device=device)
+    torch.library.opcheck(OPS.sigmoid_focal_loss_backward.default, (grad, x.detach(), t, 0.25, 2.0, reduction))
+
+
+def test_fake_tensor_shapes_and_layout():
+    """The fake implementation predicts the real output's shape, dtype and strides (channels_last kept)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(2, 12, 5, 7, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+        t = torch.empty(2, 12, 5, 7, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+        out = OPS.sigmoid_focal_loss(x, t, 0.25, 2.0, "none")
+        assert out.shape == x.shape and out.dtype == torch.bfloat16 and out.stride() == x.stride()
+        assert OPS.sigmoid_focal_loss(x, t, 0.25, 2.0, "sum").shape == ()

@@ -11,6 +11,7 @@ Interpreter path (TRITON_INTERPRET=1, CPU tensors). One fixed config: small tile
 tensors take several loop iterations per program and a masked tail tile, the control flow the GPU sees on large
 tensors. Autotuning cannot run there (it needs a GPU to time configs).
 """
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -65,6 +66,11 @@ def config_for(device: torch.device, itemsize: int) -> ElementwiseConfig:
 def gpu_configs_for(itemsize: int) -> list:
     """Every compiled-path config the launcher can pick for logits of this itemsize (for the ahead-of-time check)."""
     return [ElementwiseConfig(gpu_block(itemsize), GPU_NUM_WARPS)]
+
+
+def device_guard(device: torch.device):
+    """Triton compiles and launches on the current CUDA device: make it the tensors' device for the launch."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def needs_int64(numel: int, block: int) -> bool:

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .focal_math import focal_loss_and_grad
-from .launch import PARTIAL_SUM_BLOCK, config_for, needs_int64, persistent_grid
+from .launch import PARTIAL_SUM_BLOCK, config_for, device_guard, needs_int64, persistent_grid
 
 
 @triton.jit
@@ -37,13 +37,20 @@ def _store_tile(ptr, offs, n, value, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _tile_loss_and_grad(x_ptr, t_ptr, offs, n, c0, c1, gamma, gamma_int, MASKED: tl.constexpr,
+                        INT_GAMMA: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """Read one tile of logits and targets (each once) and return (FL, dFL/dx) in COMPUTE_DTYPE."""
+    x = _load_tile(x_ptr, offs, n, MASKED, COMPUTE_DTYPE)
+    t = _load_tile(t_ptr, offs, n, MASKED, COMPUTE_DTYPE)
+    return focal_loss_and_grad(x, t, c0, c1, gamma, gamma_int, INT_GAMMA)
+
+
+@triton.jit
 def _fwd_tile(x_ptr, t_ptr, out_ptr, n, tile, acc, c0, c1, gamma, gamma_int,
               MASKED: tl.constexpr, REDUCE: tl.constexpr, INT_GAMMA: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
               INT64: tl.constexpr, BLOCK: tl.constexpr):
     offs = _tile_offsets(tile, BLOCK, INT64)
-    x = _load_tile(x_ptr, offs, n, MASKED, COMPUTE_DTYPE)
-    t = _load_tile(t_ptr, offs, n, MASKED, COMPUTE_DTYPE)
-    loss, _ = focal_loss_and_grad(x, t, c0, c1, gamma, gamma_int, INT_GAMMA)
+    loss, _ = _tile_loss_and_grad(x_ptr, t_ptr, offs, n, c0, c1, gamma, gamma_int, MASKED, INT_GAMMA, COMPUTE_DTYPE)
     if REDUCE:
         if MASKED:
             loss = tl.where(offs < n, loss, 0.0)
@@ -103,9 +110,7 @@ def _bwd_tile(x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, tile, g0, c0, c1, gamm
               MASKED: tl.constexpr, GRAD_SCALAR: tl.constexpr, INT_GAMMA: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
               INT64: tl.constexpr, BLOCK: tl.constexpr):
     offs = _tile_offsets(tile, BLOCK, INT64)
-    x = _load_tile(x_ptr, offs, n, MASKED, COMPUTE_DTYPE)
-    t = _load_tile(t_ptr, offs, n, MASKED, COMPUTE_DTYPE)
-    _, dfl = focal_loss_and_grad(x, t, c0, c1, gamma, gamma_int, INT_GAMMA)
+    _, dfl = _tile_loss_and_grad(x_ptr, t_ptr, offs, n, c0, c1, gamma, gamma_int, MASKED, INT_GAMMA, COMPUTE_DTYPE)
     if GRAD_SCALAR:
         g = g0
     else:
@@ -191,14 +196,15 @@ def sigmoid_focal_forward(x: torch.Tensor, t: torch.Tensor, alpha: float, gamma:
     # then the real buffer gets one float per program.
     out = torch.empty(0, dtype=acc_dtype, device=x.device) if reduce else torch.empty_like(x)
     args = [x, t, out, n, c0, c1, gamma_f, gamma_i]
-    grid = persistent_grid(sigmoid_focal_fwd_kernel, args, constexprs, cfg, n, x.device)
-    if reduce:
-        args[2] = torch.empty(grid, dtype=acc_dtype, device=x.device)
-    sigmoid_focal_fwd_kernel[(grid,)](*args, num_warps=cfg.num_warps, **constexprs)
-    if not reduce:
-        return args[2]
-    result = torch.empty((), dtype=x.dtype, device=x.device)
-    sum_partials_kernel[(1,)](args[2], result, grid, n, MEAN=reduction == "mean", BLOCK=PARTIAL_SUM_BLOCK)
+    with device_guard(x.device):
+        grid = persistent_grid(sigmoid_focal_fwd_kernel, args, constexprs, cfg, n, x.device)
+        if reduce:
+            args[2] = torch.empty(grid, dtype=acc_dtype, device=x.device)
+        sigmoid_focal_fwd_kernel[(grid,)](*args, num_warps=cfg.num_warps, **constexprs)
+        if not reduce:
+            return args[2]
+        result = torch.empty((), dtype=x.dtype, device=x.device)
+        sum_partials_kernel[(1,)](args[2], result, grid, n, MEAN=reduction == "mean", BLOCK=PARTIAL_SUM_BLOCK)
     return result
 
 
@@ -214,6 +220,7 @@ def sigmoid_focal_backward(grad_out: torch.Tensor, x: torch.Tensor, t: torch.Ten
     constexprs = backward_constexprs(x.dtype, grad_out.dim() == 0, reduction == "mean", int_gamma,
                                      needs_int64(n, cfg.block), cfg.block)
     args = (x, t, grad_out, grad_in, n, c0, c1, gamma_f, gamma_i)
-    grid = persistent_grid(sigmoid_focal_bwd_kernel, args, constexprs, cfg, n, x.device)
-    sigmoid_focal_bwd_kernel[(grid,)](*args, num_warps=cfg.num_warps, **constexprs)
+    with device_guard(x.device):
+        grid = persistent_grid(sigmoid_focal_bwd_kernel, args, constexprs, cfg, n, x.device)
+        sigmoid_focal_bwd_kernel[(grid,)](*args, num_warps=cfg.num_warps, **constexprs)
     return grad_in

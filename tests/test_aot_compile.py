@@ -43,18 +43,10 @@ def test_every_specialization_compiles_for_both_archs(facts):
 
 
 def test_no_spills(facts):
-    """No local-memory traffic (STL/LDL in SASS) and no stack frame. Exception, measured: float64 logits (the
-    verification dtype) call the fp64 division slow path, and around that call ptxas may keep a few bytes on the
-    stack (seen: 4 bytes in one sm_80 backward)."""
-    bad = []
-    for f in facts:
-        fp64 = "x=fp64" in f["label"] or "out=fp64" in f["label"]
-        if fp64:
-            ok = f["spill_instructions"] <= 2 and f["stack"] <= 8
-        else:
-            ok = f["spill_instructions"] == 0 and f["stack"] == 0 and f["local"] == 0
-        if not ok:
-            bad.append(f"{f['arch']} {f['label']}: {f['spill_instructions']} STL/LDL, stack {f['stack']} B")
+    """No local-memory traffic (STL/LDL in SASS), no stack frame, no local memory. (cuobjdump's LOCAL alone misses
+    spills: a 4-byte ptxas spill showed as STACK 8, LOCAL 0 in an earlier version of these kernels.)"""
+    bad = [f"{f['arch']} {f['label']}: {f['spill_instructions']} STL/LDL, stack {f['stack']} B, local {f['local']} B"
+           for f in facts if f["spill_instructions"] or f["stack"] or f["local"]]
     assert not bad, "\n".join(bad)
 
 

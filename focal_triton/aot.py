@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .validation import LOGIT_DTYPES
+
 ARCHS = (80, 90)
 TORCH_TO_TRITON = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
-LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 @dataclass

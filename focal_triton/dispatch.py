@@ -6,20 +6,14 @@
 FOCAL_TRITON_BACKEND=torch forces the torch path everywhere (a debugging aid); =triton demands the kernels and
 fails loudly where they cannot run; =auto (the default) chooses as above.
 """
-import functools
 import os
 
 import torch
 
+from .kernels import interpreter_enabled
+
 BACKEND_ENV = "FOCAL_TRITON_BACKEND"
 BACKEND_CHOICES = ("auto", "triton", "torch")
-
-
-@functools.lru_cache(maxsize=None)
-def interpreter_enabled() -> bool:
-    from .kernels import interpreter_enabled as _interpreter_enabled
-
-    return _interpreter_enabled()
 
 
 def select_backend(device: torch.device) -> str:

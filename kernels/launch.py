@@ -27,6 +27,7 @@ def _probe_kernel():
     pass
 
 
+@functools.lru_cache(maxsize=None)
 def interpreter_enabled() -> bool:
     """True when Triton runs kernels on CPU tensors with its interpreter: triton.jit then made every kernel of this
     process an InterpretedFunction (TRITON_INTERPRET=1 was set before triton was imported)."""

@@ -8,6 +8,7 @@ replaces the kernels by Python functions that cannot be compiled).
     python -m focal_triton.aot          # prints one line of facts per specialization and architecture
 """
 import collections
+import functools
 import itertools
 import os
 import re
@@ -60,6 +61,7 @@ def _vector_bytes(per_thread: int, *dtypes) -> int:
 INDEX_CASES = ((False, "i32"), (True, "i32"), (True, "i64"))
 
 
+@functools.lru_cache(maxsize=None)
 def specializations():
     """Every (kernel, types, constexprs, config) the launchers in focal_triton.kernels can produce on a GPU."""
     from .kernels import launch

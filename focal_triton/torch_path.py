@@ -29,7 +29,7 @@ def _loss_and_grad(x, t, alpha: float, gamma: float, want_grad: bool):
     lin = torch.where(pos, torch.where(t == 1, zero, (1.0 - t) * x), torch.where(t == 0, zero, -t * x))
     ce = lin + torch.log1p(e)
     m = u.pow(gamma)
-    alpha_t = (1.0 - alpha) + (2.0 * alpha - 1.0) * t if alpha >= 0 else torch.ones_like(t)
+    alpha_t = (1.0 - alpha) + (2.0 * alpha - 1.0) * t if alpha >= 0 else 1.0  # no chunk-sized ones
     loss = alpha_t * m * ce
     if not want_grad:
         return loss, None

@@ -1,5 +1,7 @@
 """`make bench` until the benchmark suite lands: compute a focal loss and its gradient on a RetinaNet-like batch
-and print them, with the implementation that ran and a side-by-side timing ratio against torchvision's eager code.
+and print them, with the implementation that ran and a side-by-side timing ratio against torchvision's eager code:
+first the dense form (torchvision.ops.sigmoid_focal_loss), then the detector form (the head's per-level outputs
+and the assigner's labels, against RetinaNetClassificationHead.compute_loss with its permute, cat and one-hot).
 
     python bench/demo.py [--size small|coco]
 """
@@ -72,6 +74,50 @@ def main(argv=None):
     theirs = _time(step(tv_loss), 3)
     print(f"forward + backward, best of 3: focal_triton {ours * 1e3:.1f} ms, torchvision {theirs * 1e3:.1f} ms "
           f"(ratio {theirs / ours:.2f}x, measured side by side in this run)")
+    detector_head(h, w, device)
+
+
+def detector_head(h: int, w: int, device, num_anchors: int = 9, num_classes: int = 80):
+    """RetinaNet's classification loss from the head's per-level outputs: focal_triton.multilevel_focal_loss vs
+    torchvision's RetinaNetClassificationHead.compute_loss (which needs the concatenated logits)."""
+    from torchvision.models.detection.retinanet import RetinaNetClassificationHead
+
+    g = torch.Generator().manual_seed(1)
+    sizes = [(-(-h // s), -(-w // s)) for s in (8, 16, 32, 64, 128)]
+    levels = [(torch.randn(1, num_anchors * num_classes, a, b, generator=g) * 2 - 4.6).to(device) for a, b in sizes]
+    m = num_anchors * sum(a * b for a, b in sizes)
+    matched = torch.full((m,), -1)
+    matched[torch.randperm(m, generator=g)[: m // 500]] = torch.randint(0, 10, (m // 500,), generator=g)
+    matched[torch.randperm(m, generator=g)[: m // 50]] = -2  # between thresholds
+    gt = {"labels": torch.randint(0, num_classes, (10,), generator=g).to(device)}
+    matched = matched.to(device)
+    labels = torch.where(matched >= 0, gt["labels"][matched.clamp(min=0)], matched)[None]
+    head = RetinaNetClassificationHead(8, num_anchors, num_classes)
+    print(f"detector head: {len(levels)} levels, {m:,} anchors, {m * num_classes:,} logits, "
+          f"{int((matched >= 0).sum())} positives, {int((matched == -2).sum())} ignored")
+
+    def ours():
+        xs = [x.detach().requires_grad_(True) for x in levels]
+        norm = (labels >= 0).sum(dim=1).clamp(min=1)
+        loss = focal_triton.multilevel_focal_loss(xs, labels, num_anchors, normalizer=norm)
+        loss.backward()
+        return loss, xs
+
+    def theirs():
+        xs = [x.detach().requires_grad_(True) for x in levels]
+        flat = torch.cat([x.view(1, num_anchors, num_classes, *x.shape[2:]).permute(0, 3, 4, 1, 2)
+                          .reshape(1, -1, num_classes) for x in xs], dim=1)
+        loss = head.compute_loss([gt], {"cls_logits": flat}, [matched])
+        loss.backward()
+        return loss, xs
+
+    (l1, g1), (l2, g2) = ours(), theirs()
+    diff = max((a.grad - b.grad).abs().max().item() for a, b in zip(g1, g2))
+    print(f"multilevel loss = {l1.item():.6f}   torchvision compute_loss = {l2.item():.6f}   "
+          f"max |grad difference| = {diff:.3e}")
+    t_ours, t_theirs = _time(ours, 3), _time(theirs, 3)
+    print(f"detector loss forward + backward, best of 3: focal_triton {t_ours * 1e3:.1f} ms, torchvision "
+          f"{t_theirs * 1e3:.1f} ms (ratio {t_theirs / t_ours:.2f}x, measured side by side in this run)")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
 """focal_triton: fused Triton kernels for the focal loss of dense object detectors.
 
-Public API: `sigmoid_focal_loss` (a drop-in for torchvision.ops.sigmoid_focal_loss) and `SigmoidFocalLoss`.
+Public API: `sigmoid_focal_loss` (a drop-in for torchvision.ops.sigmoid_focal_loss) and `SigmoidFocalLoss` (dense
+targets); `multilevel_focal_loss` / `MultiLevelFocalLoss` (a head's per-level outputs with the assigner's integer
+labels, one launch) and `focal_loss` / `FocalLoss` (the same for concatenated (..., C) logits).
 The Triton kernels are in `focal_triton.kernels`; `focal_triton.ops` registers them as torch.ops.focal_triton.*.
 """
 from .functional import sigmoid_focal_loss
-from .modules import SigmoidFocalLoss
+from .modules import FocalLoss, MultiLevelFocalLoss, SigmoidFocalLoss
+from .multilevel import focal_loss, multilevel_focal_loss
 
 __version__ = "0.1.0"
-__all__ = ["sigmoid_focal_loss", "SigmoidFocalLoss", "__version__"]
+__all__ = ["sigmoid_focal_loss", "SigmoidFocalLoss", "focal_loss", "FocalLoss", "multilevel_focal_loss",
+           "MultiLevelFocalLoss", "__version__"]

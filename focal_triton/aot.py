@@ -39,6 +39,15 @@ class Specialization:
     vector_load_bytes: int = 0
     vector_store_bytes: int = 0
     elements_per_thread: int = 0
+    # Tile bodies the kernel's loops compile (full and masked; times two layouts in the multi-level kernel).
+    tile_bodies: int = 2
+    # Multi-level kernel: parameter indices of the per-level logits ("x"), outputs ("o") and upstream gradients
+    # ("g"), to attribute each global access of the PTX to the tensor it reads or writes.
+    param_groups: dict = None
+    tile_bytes: int = 0  # logit bytes one thread owns in one tile
+    archs: tuple = ARCHS  # the architectures the report compiles it for
+    # Loop nesting depth of the tile loop (the multi-level kernel's tile loop runs inside its loop over levels).
+    tile_loop_depth: int = 1
 
 
 def _target_dtypes(x_dtype):
@@ -104,7 +113,68 @@ def specializations():
             specs.append(Specialization(
                 sf.sum_partials_kernel, sig, {"MEAN": mean, "BLOCK": launch.PARTIAL_SUM_BLOCK}, 4,
                 f"sum_partials partials={acc} out={xs} mean={mean} n={n_type}", aligned=(0,)))
+    return specs + multilevel_specializations()
+
+
+def multilevel_specializations():
+    """Every specialization of kernels/multilevel_focal.py a GPU launch can produce. Its integer arguments are
+    never specialized by the JIT (do_not_specialize), so only dtypes and constexprs vary."""
+    from .kernels import multilevel_focal as mf
+
+    levels = mf.MAX_LEVELS
+    specs = []
+    for x_dtype in LOGIT_DTYPES:
+        xs = TORCH_TO_TRITON[x_dtype]
+        acc = "fp64" if x_dtype == torch.float64 else "fp32"
+        tile = mf.gpu_tile(_itemsize(x_dtype))
+        per_thread = tile[0] * tile[1] // (mf.GPU_NUM_WARPS * 32)
+        for lab, int_gamma, aligned_c, mode in itertools.product(
+                ("i32", "i64"), (True, False), (True, False), range(4)):
+            ce = mf.kernel_constexprs(x_dtype, mode, int_gamma, aligned_c, tile)
+            sig = {}
+            for group in ("x", "o", "g"):
+                sig.update({f"{group}{i}{'_' if group == 'g' else ''}": f"*{xs}" for i in range(levels)})
+            sig.update({f"hw{i}": "i32" for i in range(levels)})
+            sig.update({f"ts{i}": "i32" for i in range(1, levels)})
+            sig.update(lab_ptr=f"*{lab}", w_ptr=f"*{acc}", alpha_ptr=f"*{acc}", partials_ptr=f"*{acc}",
+                       grad_scalar_ptr=f"*{acc}", scale_ptr=f"*{acc}")
+            sig.update({k: "i32" for k in ("tiles_per_image", "num_anchors_total", "num_levels", "cl_mask", "P",
+                                           "A", "C")})
+            sig.update(c0="fp32", c1="fp32", gamma="fp32", gamma_int="i32", smoothing="fp32", ignore_index="i32",
+                       has_ignore="i32", has_weight="i32", has_alpha="i32")
+            sig.update({k: "constexpr" for k in ce})
+            names = list(sig)
+            pointers = tuple(i for i, k in enumerate(names) if sig[k].startswith("*"))
+            groups = {g: tuple(range(j * levels, (j + 1) * levels)) for j, g in enumerate("xog")}
+            wide = 16 if aligned_c else 0  # only channels_last tiles of a class-aligned head are contiguous rows
+            # Every specialization for sm_90; for sm_80 those of bf16 and fp32 logits with int64 labels (a
+            # representative subset that keeps the report's run time in check on 2 cores).
+            archs = ARCHS if (lab == "i64" and x_dtype in (torch.bfloat16, torch.float32)) else (90,)
+            specs.append(Specialization(
+                mf.multilevel_focal_kernel, sig, ce, mf.GPU_NUM_WARPS,
+                f"multilevel x={xs} labels={lab} mode={mode} int_gamma={int_gamma} class_aligned={aligned_c} "
+                f"tile={tile[0]}x{tile[1]}", aligned=pointers,
+                vector_load_bytes=wide * (2 if mode == mf.MODE_GRAD_TENSOR else 1),
+                vector_store_bytes=0 if mode == mf.MODE_SUM else wide, elements_per_thread=per_thread,
+                # masked NCHW, masked channels_last, and for a class-aligned head unmasked channels_last
+                tile_bodies=3 if aligned_c else 2, param_groups=groups, tile_bytes=per_thread * _itemsize(x_dtype),
+                archs=archs, tile_loop_depth=2))
+        for norm_mode, norm_dtype in ((0, "fp32"), (1, acc), (1, "i64"), (2, acc), (2, "i64")):
+            sig = {"partials_ptr": f"*{acc}", "norm_ptr": f"*{norm_dtype}", "scale_ptr": f"*{acc}",
+                   "out_ptr": f"*{acc}", "N": "i32", "P": "i32", "norm_hi": "fp32", "norm_lo": "fp32",
+                   "NORM_MODE": "constexpr", "BLOCK": "constexpr"}
+            if x_dtype in (torch.float32, torch.float64):  # one per accumulation dtype
+                specs.append(Specialization(
+                    mf.normalize_partials_kernel, sig, {"NORM_MODE": norm_mode, "BLOCK": launch_partial_block()},
+                    4, f"normalize_partials acc={acc} norm_mode={norm_mode} normalizer={norm_dtype}",
+                    aligned=(0, 1, 2, 3)))
     return specs
+
+
+def launch_partial_block() -> int:
+    from .kernels.launch import PARTIAL_SUM_BLOCK
+
+    return PARTIAL_SUM_BLOCK
 
 
 def _tool(name: str) -> str:
@@ -133,6 +203,77 @@ def tile_index_types(ttir: str) -> list:
             if re.fullmatch(r"%pid\w*", init):
                 types.add(ty.strip())
     return sorted(types)
+
+
+_PTX_BYTES = {"b8": 1, "u8": 1, "s8": 1, "b16": 2, "u16": 2, "s16": 2, "f16": 2, "b32": 4, "u32": 4, "s32": 4,
+              "f32": 4, "b64": 8, "u64": 8, "s64": 8, "f64": 8}
+
+
+def _access_bytes(type_suffix: str) -> int:
+    parts = type_suffix.strip(".").split(".")
+    lanes = int(parts[-2][1:]) if len(parts) >= 2 and re.fullmatch(r"v\d", parts[-2]) else 1
+    return lanes * _PTX_BYTES[parts[-1]]
+
+
+def ptx_param_accesses(ptx: str, groups: dict) -> dict:
+    """Bytes per thread of the global loads and stores in `ptx` whose address derives from each group of kernel
+    parameters (group name -> parameter indices), found by following every register's definitions back to the
+    ld.param instructions. Returns {"load:<group>": bytes, "store:<group>": bytes, "mixed": count}, "mixed"
+    counting accesses whose address derives from more than one group (there should be none)."""
+    defs = collections.defaultdict(set)
+    params = collections.defaultdict(set)
+    for raw in ptx.splitlines():
+        line = re.sub(r"^@!?%p\w+\s+", "", raw.strip())
+        m = re.match(r"([a-z][\w.]*)\s+(.*);", line)
+        if not m or m.group(1).startswith(("st.", "bra", "ret", "bar")):
+            continue
+        operands = [o.strip() for o in re.split(r",(?![^{]*})", m.group(2))]
+        sources = " ".join(operands[1:])
+        for dst in re.findall(r"%\w+", operands[0]):
+            pm = re.search(r"_param_(\d+)", sources)
+            if m.group(1).startswith("ld.param") and pm:
+                params[dst].add(int(pm.group(1)))
+            defs[dst].update(r for r in re.findall(r"%\w+", sources) if not r.startswith("%p"))
+
+    def origin(reg):
+        seen, stack, found = {reg}, [reg], set()
+        while stack:
+            r = stack.pop()
+            found |= params.get(r, set())
+            for s in defs.get(r, ()):
+                if s not in seen:
+                    seen.add(s)
+                    stack.append(s)
+        return found
+
+    out = collections.Counter()
+    for m in re.finditer(r"\b(ld|st)\.global((?:\.[\w:]+)*)\s+[^;]*?\[\s*(%\w+)", ptx):
+        kind, suffix, addr = m.groups()
+        # Keep the vector width and the type (e.g. "v4.b32"), drop cache and eviction qualifiers.
+        suffix = ".".join(p for p in suffix.split(".") if p in _PTX_BYTES or re.fullmatch(r"v\d", p))
+        hit = [g for g, idx in groups.items() if origin(addr) & set(idx)]
+        if len(hit) > 1:
+            out["mixed"] += 1
+        for g in hit:
+            out[f"{'load' if kind == 'ld' else 'store'}:{g}"] += _access_bytes(suffix)
+    return dict(out)
+
+
+_SASS_INSTR_RE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+_SASS_BRA_RE = re.compile(r"\bBRA\b.*?0x([0-9a-f]+)")
+
+
+def local_access_loop_depths(sass: str) -> list:
+    """Loop nesting depth of every local-memory access (STL / LDL) in `sass`: the number of loops around it, a loop
+    being the address range from a backward branch's target to the branch."""
+    instructions = [(int(m.group(1), 16), m.group(2)) for m in _SASS_INSTR_RE.finditer(sass)]
+    loops = []
+    for addr, text in instructions:
+        b = _SASS_BRA_RE.search(text)
+        if b and int(b.group(1), 16) < addr:
+            loops.append((int(b.group(1), 16), addr))
+    return sorted(sum(lo <= addr <= hi for lo, hi in loops)
+                  for addr, text in instructions if _SASS_LOCAL_RE.search(text))
 
 
 def _run_tool(name: str, *args: str) -> str:
@@ -164,12 +305,14 @@ def compile_specialization(spec: Specialization, arch: int) -> dict:
         "arch": f"sm_{arch}", "regs": reg, "stack": stack, "shared": shared, "local": local,
         # Spills are local-memory traffic in SASS (STL / LDL); cuobjdump's LOCAL stays 0 for them, STACK does not.
         "spill_instructions": len(_SASS_LOCAL_RE.findall(sass)),
+        "spill_loop_depths": local_access_loop_depths(sass),
         "loads": len(_LD_RE.findall(ptx)), "loads_128": len(_LD128_RE.findall(ptx)),
         "stores_128": len(_ST128_RE.findall(ptx)),
         "sass_ldg_128": sass.count("LDG.E.128"), "sass_stg_128": sass.count("STG.E.128"),
         # Elementwise math ops on whole tiles in TTIR: one tile body is the loop's, one the masked tail's.
         "ttir_math": dict(collections.Counter(_MATH_RE.findall(ttir))),
         "tile_loop_index": tile_index_types(ttir),
+        "param_bytes": ptx_param_accesses(ptx, spec.param_groups) if spec.param_groups else {},
     }
 
 
@@ -182,12 +325,15 @@ def _compile_task(args):
         facts = {"arch": f"sm_{arch}", "error": f"{type(e).__name__}: {e}"}
     return {"label": spec.label, "kernel": spec.kernel.__name__, "constexprs": {k: str(v) for k, v in
             spec.constexprs.items()}, "vector_load_bytes": spec.vector_load_bytes,
-            "vector_store_bytes": spec.vector_store_bytes, "elements_per_thread": spec.elements_per_thread, **facts}
+            "vector_store_bytes": spec.vector_store_bytes, "elements_per_thread": spec.elements_per_thread,
+            "tile_bodies": spec.tile_bodies, "tile_bytes": spec.tile_bytes, "archs": [f"sm_{a}" for a in spec.archs],
+            "tile_loop_depth": spec.tile_loop_depth,
+            **facts}
 
 
 def report(workers: int = 1, archs=ARCHS) -> list:
-    """Facts of every specialization for every architecture (a list of dicts, one per pair)."""
-    tasks = [(i, arch) for i in range(len(specializations())) for arch in archs]
+    """Facts of every specialization for each of its architectures (a list of dicts, one per pair)."""
+    tasks = [(i, arch) for i, spec in enumerate(specializations()) for arch in archs if arch in spec.archs]
     if workers <= 1:
         return [_compile_task(t) for t in tasks]
     import multiprocessing
@@ -213,7 +359,9 @@ def main(argv=None) -> None:
             continue
         print(f"{f['arch']} {f['label']}: regs={f['regs']} stack={f['stack']} "
               f"shared={f['shared']} ld.global={f['loads']} (128-bit {f['loads_128']}) "
-              f"st.global.128={f['stores_128']} spills={f['spill_instructions']} math={f['ttir_math']}")
+              f"st.global.128={f['stores_128']} spills={f['spill_instructions']} "
+              f"(loop depths {f['spill_loop_depths']}) math={f['ttir_math']}"
+              + (f" ptx bytes/thread {f['param_bytes']}" if f["param_bytes"] else ""))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)

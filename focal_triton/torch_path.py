@@ -12,12 +12,13 @@ from .layout import flat
 CHUNK = 1 << 16
 
 
-def _compute_dtype(x_dtype):
+def compute_dtype(x_dtype):
     return torch.float64 if x_dtype == torch.float64 else torch.float32
 
 
-def _loss_and_grad(x, t, alpha: float, gamma: float, want_grad: bool):
-    """(FL, dFL/dx or None) for 1-D chunks x, t already in the compute dtype."""
+def focal_terms(x, t, ts, c0, c1, gamma: float, want_grad: bool):
+    """(FL, dFL/dx or None) for chunks already in the compute dtype: t modulates, ts is the BCE target, and
+    alpha_t = c0 + c1 t with c0, c1 numbers or tensors broadcasting against x (see kernels/focal_math.py)."""
     e = torch.exp(-x.abs())
     r = 1.0 / (1.0 + e)
     er = e * r
@@ -26,10 +27,10 @@ def _loss_and_grad(x, t, alpha: float, gamma: float, want_grad: bool):
     q = torch.where(pos, er, r)
     u = p * (1.0 - t) + q * t
     zero = x.new_zeros(())
-    lin = torch.where(pos, torch.where(t == 1, zero, (1.0 - t) * x), torch.where(t == 0, zero, -t * x))
+    lin = torch.where(pos, torch.where(ts == 1, zero, (1.0 - ts) * x), torch.where(ts == 0, zero, -ts * x))
     ce = lin + torch.log1p(e)
     m = u.pow(gamma)
-    alpha_t = (1.0 - alpha) + (2.0 * alpha - 1.0) * t if alpha >= 0 else 1.0  # no chunk-sized ones
+    alpha_t = c0 + c1 * t if (isinstance(c1, torch.Tensor) or c1 != 0.0) else c0  # no chunk-sized ones
     loss = alpha_t * m * ce
     if not want_grad:
         return loss, None
@@ -39,8 +40,18 @@ def _loss_and_grad(x, t, alpha: float, gamma: float, want_grad: bool):
         g = gamma * u.pow(gamma - 1) * p * q
     else:
         g = gamma * m * torch.where(u > 0, p * q / u, zero)
-    grad = alpha_t * (m * (p - t) + torch.where(g == 0, zero, g * (1.0 - 2.0 * t) * ce))
+    grad = alpha_t * (m * (p - ts) + torch.where(g == 0, zero, g * (1.0 - 2.0 * t) * ce))
     return loss, grad
+
+
+def alpha_coefficients(alpha: float):
+    """alpha_t = c0 + c1 t (alpha = -1: no weighting)."""
+    return (1.0, 0.0) if alpha < 0 else (1.0 - alpha, 2.0 * alpha - 1.0)
+
+
+def _loss_and_grad(x, t, alpha: float, gamma: float, want_grad: bool):
+    """(FL, dFL/dx or None) for 1-D chunks x, t already in the compute dtype."""
+    return focal_terms(x, t, t, *alpha_coefficients(alpha), gamma, want_grad)
 
 
 def _chunks(n: int):
@@ -53,7 +64,7 @@ def sigmoid_focal_forward(x, t, alpha: float, gamma: float, reduction: str):
     """Same contract as `focal_triton.kernels.sigmoid_focal_forward`: dense x, t with equal strides, n > 0; the
     elementwise loss in x's layout for "none", else the 0-d sum / mean in x's dtype."""
     n = x.numel()
-    cdt = _compute_dtype(x.dtype)
+    cdt = compute_dtype(x.dtype)
     x_flat, t_flat = flat(x), flat(t)
     out = torch.empty_like(x) if reduction == "none" else None
     out_flat = flat(out) if out is not None else None
@@ -77,7 +88,7 @@ def sigmoid_focal_backward(grad_out, x, t, alpha: float, gamma: float, reduction
     """Same contract as `focal_triton.kernels.sigmoid_focal_backward`: grad_out is 0-d (a scalar upstream
     gradient, divided by n for "mean") or dense with x's strides; returns dx in x's layout and dtype."""
     n = x.numel()
-    cdt = _compute_dtype(x.dtype)
+    cdt = compute_dtype(x.dtype)
     x_flat, t_flat = flat(x), flat(t)
     grad_in = torch.empty_like(x)
     out_flat = flat(grad_in)

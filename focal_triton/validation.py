@@ -62,3 +62,152 @@ def check_logits_and_targets(inputs, targets, inputs_name: str = "inputs", targe
             f"{targets_name} requires grad, but focal_triton differentiates only w.r.t. {inputs_name}: "
             f"pass {targets_name}.detach()"
         )
+
+
+# --- class-index (label) forms: focal_loss and multilevel_focal_loss --------------------------------------------
+
+LABEL_DTYPES = (torch.int32, torch.int64)
+MAX_LEVELS = 8
+INT32_MAX = 2**31 - 1
+
+
+def check_class_index_reduction(reduction) -> str:
+    if reduction not in ("sum", "none"):
+        raise ValueError(
+            f"reduction must be 'sum' (divided by the normalizer, if any) or 'none' for the class-index focal loss, "
+            f"got {reduction!r} (for a mean, pass normalizer=<number of elements or of positives>)"
+        )
+    return reduction
+
+
+def check_smoothing(label_smoothing) -> float:
+    s = _number("label_smoothing", label_smoothing)
+    if not (0.0 <= s < 1.0):
+        raise ValueError(f"label_smoothing must be in [0, 1), got {s}")
+    return s
+
+
+def check_label_values(background, ignore_index, num_classes: int):
+    for name, v in (("background", background), ("ignore_index", ignore_index)):
+        if v is None and name == "ignore_index":
+            continue
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int{' or None' if name == 'ignore_index' else ''}, got {v!r}")
+        if not (-INT32_MAX - 1 <= v <= INT32_MAX):
+            raise ValueError(f"{name} must fit in 32 bits, got {v}")
+        if 0 <= v < num_classes:
+            raise ValueError(f"{name} = {v} is a class index (num_classes = {num_classes}): use a value < 0 or >= "
+                             f"num_classes")
+    if ignore_index is not None and ignore_index == background:
+        raise ValueError(f"ignore_index and background must differ, both are {background}")
+
+
+def check_labels_tensor(labels, shape, device, what: str) -> None:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype not in LABEL_DTYPES:
+        raise TypeError(f"labels must be int32 or int64 class indices, got {labels.dtype}")
+    if tuple(labels.shape) != tuple(shape):
+        raise ValueError(f"labels must have shape {tuple(shape)} ({what}), got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels must be on the logits' device ({device}), got {labels.device}")
+
+
+def check_label_range(labels, num_classes: int, background: int, ignore_index) -> None:
+    """Every label is a class, the background value or the ignore value. Reads one bool on the host (a sync)."""
+    ok = ((labels >= 0) & (labels < num_classes)) | (labels == background)
+    if ignore_index is not None:
+        ok |= labels == ignore_index
+    if not bool(ok.all()):
+        bad = (~ok).nonzero()[0].tolist()
+        allowed = f"a class in [0, {num_classes}), background = {background}"
+        allowed += f" or ignore_index = {ignore_index}" if ignore_index is not None else " (no ignore_index)"
+        raise ValueError(f"labels must be {allowed}; got {int(labels[tuple(bad)])} at index {tuple(bad)} "
+                         f"(check_labels=False skips this check and its host sync)")
+
+
+def _side_tensor(name: str, t: torch.Tensor, device) -> None:
+    """A tensor beside the logits (weights, alpha, normalizer): on their device, and not asking for a gradient."""
+    if t.device != device:
+        raise ValueError(f"{name} must be on the logits' device ({device}), got {t.device}")
+    if t.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name} requires grad, but focal_triton differentiates only w.r.t. the logits: "
+                         f"pass {name}.detach()")
+
+
+def check_weights(weights, shape, device):
+    if weights is None:
+        return
+    if not isinstance(weights, torch.Tensor):
+        raise TypeError(f"weights must be a torch.Tensor or None, got {type(weights).__name__}")
+    if not weights.is_floating_point():
+        raise TypeError(f"weights must be a floating-point tensor, got {weights.dtype}")
+    if tuple(weights.shape) != tuple(shape):
+        raise ValueError(f"weights must have the labels' shape {tuple(shape)} (one weight per anchor), "
+                         f"got {tuple(weights.shape)}")
+    _side_tensor("weights", weights, device)
+
+
+def check_class_alpha(alpha, num_classes: int, device):
+    """A number (as check_alpha) or a (C,) tensor of per-class weights in [0, 1] (values are not read: no sync)."""
+    if not isinstance(alpha, torch.Tensor):
+        return check_alpha(alpha)
+    if not alpha.is_floating_point():
+        raise TypeError(f"alpha must be a number or a floating-point tensor of shape ({num_classes},), "
+                        f"got {alpha.dtype}")
+    if tuple(alpha.shape) != (num_classes,):
+        raise ValueError(f"alpha as a tensor must have shape (num_classes,) = ({num_classes},), "
+                         f"got {tuple(alpha.shape)}")
+    _side_tensor("alpha", alpha, device)
+    return alpha
+
+
+def check_normalizer(normalizer, num_images: int, device, reduction: str):
+    """None, a finite number > 0, a 0-d tensor or an (N,) tensor (per image). Tensor values are not read."""
+    if normalizer is None:
+        return None
+    if reduction == "none":
+        raise ValueError("normalizer applies to reduction='sum' only; with reduction='none' divide the returned "
+                         "per-element losses yourself")
+    if not isinstance(normalizer, torch.Tensor):
+        value = _number("normalizer", normalizer) if not isinstance(normalizer, bool) else None
+        if value is None or not (math.isfinite(value) and value > 0):
+            raise ValueError(f"normalizer must be a finite number > 0 or a tensor, got {normalizer!r}")
+        return value
+    if normalizer.dtype == torch.bool or normalizer.is_complex():
+        raise TypeError(f"normalizer must be a real tensor, got {normalizer.dtype}")
+    if not (normalizer.dim() == 0 or tuple(normalizer.shape) in ((num_images,), (1,))):
+        raise ValueError(f"normalizer must be a number, a 0-d tensor or a per-image tensor of shape "
+                         f"({num_images},), got shape {tuple(normalizer.shape)}")
+    _side_tensor("normalizer", normalizer, device)
+    return normalizer
+
+
+def check_level_logits(level_logits, num_anchors):
+    if isinstance(level_logits, torch.Tensor) or not isinstance(level_logits, (list, tuple)):
+        raise TypeError(f"level_logits must be a list or tuple of per-level tensors (N, A*C, H, W), "
+                        f"got {type(level_logits).__name__}")
+    if not (1 <= len(level_logits) <= MAX_LEVELS):
+        raise ValueError(f"level_logits must hold 1 to {MAX_LEVELS} levels, got {len(level_logits)}")
+    if isinstance(num_anchors, bool) or not isinstance(num_anchors, int) or num_anchors < 1:
+        raise ValueError(f"num_anchors must be an int >= 1, got {num_anchors!r}")
+    first = level_logits[0]
+    for i, x in enumerate(level_logits):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"level_logits[{i}] must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"level_logits[{i}] must be 4-D (N, A*C, H, W), got shape {tuple(x.shape)}")
+        if x.dtype not in LOGIT_DTYPES:
+            raise TypeError(f"level_logits[{i}] must be float16, bfloat16, float32 or float64, got {x.dtype}")
+        if (x.dtype, x.device, x.shape[0], x.shape[1]) != (first.dtype, first.device, first.shape[0],
+                                                             first.shape[1]):
+            raise ValueError(
+                f"level_logits must share dtype, device, N and channels: level_logits[{i}] is {x.dtype} on "
+                f"{x.device} with shape {tuple(x.shape)}, level_logits[0] is {first.dtype} on {first.device} with "
+                f"shape {tuple(first.shape)}")
+        if x.shape[1] * x.shape[2] * x.shape[3] > INT32_MAX:
+            raise ValueError(f"level_logits[{i}]: one image of a level must have < 2**31 logits, got "
+                             f"{x.shape[1] * x.shape[2] * x.shape[3]}")
+    if first.shape[1] == 0 or first.shape[1] % num_anchors:
+        raise ValueError(f"the channels of level_logits ({first.shape[1]}) must be num_anchors ({num_anchors}) "
+                         f"times the number of classes (>= 1)")

@@ -1,12 +1,13 @@
 """Elementwise focal-loss math shared by every kernel of the family (``@triton.jit`` helpers only).
 
-Notation, per element: logit x, soft target t in [0, 1],
+Notation, per element: logit x, target t in [0, 1] (the modulating target), BCE target t_s (t_s = t, or the
+label-smoothed t (1 - s) + s / 2 of the class-index kernels),
     e = exp(-|x|)                  (the only exp)
     p = sigmoid(x),  q = 1 - p     (both formed without cancellation)
     u = 1 - p_t = p (1 - t) + q t  (p_t = p t + q (1 - t))
-    ce = BCE(x, t) = (x >= 0 ? (1 - t) x : -t x) + log1p(e)   (the only log)
+    ce = BCE(x, t_s) = (x >= 0 ? (1 - t_s) x : -t_s x) + log1p(e)   (the only log)
     FL = alpha_t * u**gamma * ce,  alpha_t = c0 + c1 t  (c0 = 1 - alpha, c1 = 2 alpha - 1; c0 = 1, c1 = 0 without alpha)
-    dFL/dx = alpha_t * (u**gamma (p - t) + gamma u**(gamma - 1) p q (1 - 2 t) ce)
+    dFL/dx = alpha_t * (u**gamma (p - t_s) + gamma u**(gamma - 1) p q (1 - 2 t) ce)
 """
 import triton
 import triton.language as tl
@@ -68,8 +69,9 @@ def modulation(u, p, q, gamma, gamma_int, INT_GAMMA: tl.constexpr):
 
 
 @triton.jit
-def focal_loss_and_grad(x, t, c0, c1, gamma, gamma_int, INT_GAMMA: tl.constexpr):
-    """(FL, dFL/dx) per element, in the dtype of x (float32 or float64). See the module docstring for the formulas.
+def focal_loss_and_grad(x, t, ts, c0, c1, gamma, gamma_int, INT_GAMMA: tl.constexpr):
+    """(FL, dFL/dx) per element, in the dtype of x (float32 or float64). See the module docstring for the formulas:
+    t modulates (u, alpha_t), ts is the BCE target (pass t itself when there is no label smoothing).
 
     Unused outputs cost nothing: the compiler drops the gradient in the forward kernel and keeps only what it needs.
     At saturation p q = 0 and ce may be inf (x = +inf, t = 0): the product g (1 - 2t) ce tends to 0 there and is
@@ -77,9 +79,9 @@ def focal_loss_and_grad(x, t, c0, c1, gamma, gamma_int, INT_GAMMA: tl.constexpr)
     """
     e, p, q = sigmoid_parts(x)
     u = p * (1.0 - t) + q * t
-    ce = bce_with_logits(x, t, e)
+    ce = bce_with_logits(x, ts, e)
     m, g = modulation(u, p, q, gamma, gamma_int, INT_GAMMA)
     alpha_t = c0 + c1 * t
     loss = alpha_t * m * ce
-    grad = alpha_t * (m * (p - t) + tl.where(g == 0.0, 0.0, g * (1.0 - 2.0 * t) * ce))
+    grad = alpha_t * (m * (p - ts) + tl.where(g == 0.0, 0.0, g * (1.0 - 2.0 * t) * ce))
     return loss, grad

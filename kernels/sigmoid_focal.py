@@ -42,7 +42,7 @@ def _tile_loss_and_grad(x_ptr, t_ptr, offs, n, c0, c1, gamma, gamma_int, MASKED:
     """Read one tile of logits and targets (each once) and return (FL, dFL/dx) in COMPUTE_DTYPE."""
     x = _load_tile(x_ptr, offs, n, MASKED, COMPUTE_DTYPE)
     t = _load_tile(t_ptr, offs, n, MASKED, COMPUTE_DTYPE)
-    return focal_loss_and_grad(x, t, c0, c1, gamma, gamma_int, INT_GAMMA)
+    return focal_loss_and_grad(x, t, t, c0, c1, gamma, gamma_int, INT_GAMMA)
 
 
 @triton.jit

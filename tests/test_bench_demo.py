@@ -18,3 +18,7 @@ def test_demo_runs_and_matches_torchvision():
     assert ours.split()[2] == theirs.split()[3]  # same printed loss
     assert float(theirs.split()[-1]) < 1e-6  # max |grad difference|
     assert any(line.startswith("forward + backward") for line in lines)
+    ml = next(line for line in lines if line.startswith("multilevel loss = ")).split()
+    assert ml[3] == ml[7]  # the detector form prints the same loss as torchvision's RetinaNet head
+    assert float(ml[-1]) < 1e-6
+    assert any(line.startswith("detector loss forward + backward") for line in lines)

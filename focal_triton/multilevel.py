@@ -1,0 +1,142 @@
+"""Class-index focal loss: a detector head's logits and its assigner's integer labels, in one fused pass.
+
+`multilevel_focal_loss` takes the head's per-level outputs as they are, (N, A*C, H_l, W_l) each; `focal_loss` takes
+the concatenated form (..., C) with labels (...). Per (anchor, class) with the hard target t = (label == class):
+
+    FL = alpha_t (1 - p_t)**gamma BCE(x, t (1 - s) + s / 2),   p = sigmoid(x), p_t = p t + (1 - p)(1 - t),
+    alpha_t = alpha t + (1 - alpha)(1 - t)   (alpha per class: alpha[c]; alpha = -1: 1)
+
+times the anchor's weight; anchors labelled ignore_index contribute 0 (and get a zero gradient). Label smoothing s
+moves only the BCE targets to s/2 and 1 - s/2 (apex's definition); modulation and alpha_t use the hard target.
+"""
+import torch
+
+from . import validation as V
+from .multilevel_ops import multilevel_focal_loss_op
+
+_NORMALIZER_DTYPES = (torch.int64,)
+
+
+def _prepare_normalizer(normalizer, num_images, compute_dtype):
+    """(tensor or None, host number): tensors kept on the device (never read), in the compute dtype or int64."""
+    if not isinstance(normalizer, torch.Tensor):
+        return None, 1.0 if normalizer is None else float(normalizer)
+    t = normalizer
+    if t.dim() == 1 and t.shape[0] == 1 and num_images != 1:
+        t = t.reshape(())
+    if t.dtype not in _NORMALIZER_DTYPES + (compute_dtype,):
+        t = t.to(compute_dtype)
+    return t.contiguous(), 1.0
+
+
+def _native_layout(level: torch.Tensor) -> torch.Tensor:
+    """The level itself when NCHW-contiguous or channels_last (read in place), else one contiguous copy."""
+    if level.is_contiguous() or level.is_contiguous(memory_format=torch.channels_last):
+        return level
+    return level.contiguous()
+
+
+def multilevel_focal_loss(level_logits, labels, num_anchors, *, alpha=0.25, gamma=2.0, weights=None,
+                          label_smoothing=0.0, background=-1, ignore_index=-2, normalizer=None, reduction="sum",
+                          check_labels=True):
+    r"""Focal loss of every FPN level of a dense detector's classification head, in one kernel launch.
+
+    Args:
+        level_logits: 1 to 8 tensors (N, A*C, H_l, W_l), channel a*C + c = class c of anchor a, each
+            NCHW-contiguous or channels_last (read in place; any other layout is copied once). Same dtype
+            (float16 / bfloat16 / float32 / float64), device, N and channels.
+        labels: (N, M) int32 or int64, M = sum_l H_l W_l A, in torchvision's and detectron2's anchor order
+            (levels in order; inside a level (h, w, a) row-major). 0 <= label < C: positive of that class;
+            background: negative for every class; ignore_index: no loss, zero gradient.
+        num_anchors: A.
+        alpha: weight of positives in [0, 1], -1 for none, or a (C,) tensor of per-class weights. Default 0.25.
+        gamma: focusing exponent >= 0 (integer gamma costs no pow). Default 2.
+        weights: optional (N, M) per-anchor weights, multiplying the loss of every class of the anchor.
+        label_smoothing: s in [0, 1): BCE targets s/2 and 1 - s/2 (apex); modulation from the hard target.
+        background: the label of negatives (default -1: torchvision, apex; C for detectron2 and mmdet).
+        ignore_index: the label of ignored anchors, or None (default -2: torchvision, apex; -1 for detectron2).
+        normalizer: None; a number or 0-d tensor Z: loss = sum / Z (detectron2, mmdet's avg_factor, FCOS); or an
+            (N,) tensor: loss = mean over images n of (sum over image n) / Z_n (torchvision's RetinaNet). Tensors
+            stay on the device and are never read on the host. With reduction="sum" only.
+        reduction: "sum" (default): a 0-d float32 loss (float64 for float64 logits); "none": the per-level
+            losses, each with its level's shape, layout and dtype.
+        check_labels: verify that every label is a class, the background or the ignore value (one host sync);
+            False skips it (for CUDA-graph capture): unknown labels then act as background.
+
+    Returns:
+        The loss (see reduction). Gradients flow to the logits only, each level's in its own layout and dtype.
+    """
+    V.check_level_logits(level_logits, num_anchors)
+    first = level_logits[0]
+    num_images, num_classes = first.shape[0], first.shape[1] // num_anchors
+    num_anchors_total = sum(x.shape[2] * x.shape[3] for x in level_logits) * num_anchors
+    return _class_index_loss([_native_layout(x) for x in level_logits], labels, num_anchors, num_images,
+                             num_classes, (num_images, num_anchors_total), "N, sum of H*W*A over levels", alpha,
+                             gamma, weights, label_smoothing, background, ignore_index, normalizer, reduction,
+                             check_labels)
+
+
+def focal_loss(logits, labels, *, alpha=0.25, gamma=2.0, weights=None, label_smoothing=0.0, background=-1,
+               ignore_index=-2, normalizer=None, reduction="sum", check_labels=True):
+    r"""Focal loss of concatenated head outputs (..., C) with integer labels (...): the form of torchvision's and
+    detectron2's concatenated logits, of mmcv and of apex. Same arguments and semantics as
+    `multilevel_focal_loss`; the images are the first dim when logits have 3 or more dims ((N, M, C); a per-image
+    normalizer is then (N,)), and a 2-D (M, C) input is one image. weights have the labels' shape. "none" returns
+    a loss of the logits' shape and dtype.
+    """
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have shape (..., C) with C >= 1 classes, got {tuple(logits.shape)}")
+    if logits.dtype not in V.LOGIT_DTYPES:
+        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+    num_classes = logits.shape[-1]
+    num_images = logits.shape[0] if logits.dim() >= 3 else 1
+    rows = logits.numel() // num_classes // num_images if num_images else 0
+    x = logits.contiguous()
+    # (N, M, C) storage is a channels_last (N, C, M, 1) head output with one anchor per position: a view, no copy.
+    level = x.reshape(num_images, rows, 1, num_classes).permute(0, 3, 1, 2)
+    if rows * num_classes > V.INT32_MAX:
+        raise ValueError(f"logits: one image must have < 2**31 logits, got {rows * num_classes}")
+    V.check_labels_tensor(labels, logits.shape[:-1], logits.device, "logits.shape[:-1]")
+    V.check_weights(weights, logits.shape[:-1], logits.device)
+    flat_labels = labels.reshape(num_images, rows)
+    flat_weights = weights.reshape(num_images, rows) if weights is not None else None
+    out = _class_index_loss([level], flat_labels, 1, num_images, num_classes, (num_images, rows), None, alpha,
+                            gamma, flat_weights, label_smoothing, background, ignore_index, normalizer, reduction,
+                            check_labels, labels_checked=True)
+    if reduction == "none":
+        return out[0].permute(0, 2, 3, 1).reshape(logits.shape)
+    return out
+
+
+def _class_index_loss(levels, labels, num_anchors, num_images, num_classes, label_shape, label_what, alpha, gamma,
+                      weights, label_smoothing, background, ignore_index, normalizer, reduction, check_labels,
+                      labels_checked=False):
+    first = levels[0]
+    device = first.device
+    if not labels_checked:
+        V.check_labels_tensor(labels, label_shape, device, label_what)
+        V.check_weights(weights, label_shape, device)
+    alpha = V.check_class_alpha(alpha, num_classes, device)
+    gamma = V.check_gamma(gamma)
+    smoothing = V.check_smoothing(label_smoothing)
+    V.check_label_values(background, ignore_index, num_classes)
+    reduction = V.check_class_index_reduction(reduction)
+    normalizer = V.check_normalizer(normalizer, num_images, device, reduction)
+    if not isinstance(check_labels, bool):
+        raise TypeError(f"check_labels must be a bool, got {check_labels!r}")
+    if check_labels and labels.numel():
+        V.check_label_range(labels, num_classes, background, ignore_index)
+
+    compute_dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+    alpha_tensor = None
+    if isinstance(alpha, torch.Tensor):
+        alpha_tensor, alpha = alpha.detach().to(compute_dtype).contiguous(), 0.0
+    if weights is not None:
+        weights = weights.to(compute_dtype).contiguous()
+    norm_tensor, norm_value = _prepare_normalizer(normalizer, num_images, compute_dtype)
+    out = multilevel_focal_loss_op(list(levels), labels.contiguous(), weights, alpha_tensor, float(alpha), gamma,
+                                   smoothing, 0 if ignore_index is None else int(ignore_index),
+                                   ignore_index is not None, num_anchors, norm_tensor, norm_value, reduction)
+    return out if reduction == "none" else out[0]

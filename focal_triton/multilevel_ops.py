@@ -1,0 +1,121 @@
+"""Registered ops of the class-index focal loss over the levels of a detector head (``torch.ops.focal_triton.*``).
+
+    focal_triton::multilevel_focal_loss(levels, labels, weights, alpha_per_class, alpha, gamma, smoothing,
+        ignore_index, has_ignore, num_anchors, normalizer, norm_value, reduction) -> Tensor[]
+        "sum": [loss (0-d), scale (N,)]; "none": the per-level losses, each in its level's layout.
+    focal_triton::multilevel_focal_loss_backward(grads, levels, labels, weights, alpha_per_class, alpha, gamma,
+        smoothing, ignore_index, has_ignore, num_anchors, scale) -> Tensor[]   (one gradient per level)
+
+Arguments arrive validated and laid out by `focal_triton.multilevel`: levels NCHW-contiguous or channels_last,
+labels (N, M) contiguous int32/int64, weights / alpha_per_class contiguous in the compute dtype, normalizer 0-d or
+(N,) (or None with the host number norm_value). `scale` is the per-image factor of the forward (1 / normalizer, or
+1 / (N normalizer_n)), the one thing of the forward the backward needs besides the inputs.
+"""
+from typing import List, Optional
+
+import torch
+
+from . import torch_path_multilevel
+from .dispatch import select_backend
+from .layout import like
+
+
+def _implementation(device: torch.device):
+    if select_backend(device) == "triton":
+        from .kernels import multilevel_focal
+
+        return multilevel_focal
+    return torch_path_multilevel
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _norm_mode(normalizer: Optional[torch.Tensor]) -> int:
+    if normalizer is None:
+        return 0
+    return 1 if normalizer.dim() == 0 else 2
+
+
+def _is_empty(levels) -> bool:
+    return all(lv.numel() == 0 for lv in levels)
+
+
+@torch.library.custom_op("focal_triton::multilevel_focal_loss", mutates_args=())
+def multilevel_focal_loss_op(levels: List[torch.Tensor], labels: torch.Tensor, weights: Optional[torch.Tensor],
+                             alpha_per_class: Optional[torch.Tensor], alpha: float, gamma: float, smoothing: float,
+                             ignore_index: int, has_ignore: bool, num_anchors: int,
+                             normalizer: Optional[torch.Tensor], norm_value: float,
+                             reduction: str) -> List[torch.Tensor]:
+    x = levels[0]
+    ignore = ignore_index if has_ignore else None
+    alpha_arg = alpha_per_class if alpha_per_class is not None else alpha
+    if _is_empty(levels):
+        if reduction == "none":
+            return [torch.empty_like(lv) for lv in levels]
+        return [torch.zeros((), dtype=_acc_dtype(x), device=x.device),
+                torch.zeros(x.shape[0], dtype=_acc_dtype(x), device=x.device)]
+    impl = _implementation(x.device)
+    out = impl.multilevel_focal_forward(levels, labels, weights, alpha_arg, gamma, smoothing, ignore, num_anchors,
+                                        reduction, _norm_mode(normalizer), normalizer, norm_value)
+    return list(out)
+
+
+@multilevel_focal_loss_op.register_fake
+def _(levels, labels, weights, alpha_per_class, alpha, gamma, smoothing, ignore_index, has_ignore, num_anchors,
+      normalizer, norm_value, reduction):
+    x = levels[0]
+    if reduction == "none":
+        return [torch.empty_like(lv) for lv in levels]
+    return [x.new_empty((), dtype=_acc_dtype(x)), x.new_empty((x.shape[0],), dtype=_acc_dtype(x))]
+
+
+@torch.library.custom_op("focal_triton::multilevel_focal_loss_backward", mutates_args=())
+def multilevel_focal_loss_backward_op(grads: List[torch.Tensor], levels: List[torch.Tensor], labels: torch.Tensor,
+                                      weights: Optional[torch.Tensor], alpha_per_class: Optional[torch.Tensor],
+                                      alpha: float, gamma: float, smoothing: float, ignore_index: int,
+                                      has_ignore: bool, num_anchors: int,
+                                      scale: Optional[torch.Tensor]) -> List[torch.Tensor]:
+    if _is_empty(levels):
+        return [torch.zeros_like(lv) for lv in levels]
+    if scale is None:
+        # Upstream gradients of "none" losses, in each level's layout (one copy only where they differ).
+        grads = [like(lv, g) for lv, g in zip(levels, grads)]
+    ignore = ignore_index if has_ignore else None
+    alpha_arg = alpha_per_class if alpha_per_class is not None else alpha
+    impl = _implementation(levels[0].device)
+    return list(impl.multilevel_focal_backward(grads, levels, labels, weights, alpha_arg, gamma, smoothing, ignore,
+                                               num_anchors, scale=scale))
+
+
+@multilevel_focal_loss_backward_op.register_fake
+def _(grads, levels, labels, weights, alpha_per_class, alpha, gamma, smoothing, ignore_index, has_ignore,
+      num_anchors, scale):
+    return [torch.empty_like(lv) for lv in levels]
+
+
+def _setup_context(ctx, inputs, output):
+    (levels, labels, weights, alpha_per_class, alpha, gamma, smoothing, ignore_index, has_ignore, num_anchors,
+     normalizer, norm_value, reduction) = inputs
+    scale = output[1] if reduction != "none" else None
+    ctx.num_levels = len(levels)
+    ctx.reduction = reduction
+    ctx.save_for_backward(*levels, labels, weights, alpha_per_class, scale)
+    ctx.params = (alpha, gamma, smoothing, ignore_index, has_ignore, num_anchors)
+
+
+def _backward(ctx, grads):
+    saved = ctx.saved_tensors
+    levels, (labels, weights, alpha_per_class, scale) = list(saved[:ctx.num_levels]), saved[ctx.num_levels:]
+    if ctx.reduction == "none":
+        # A level whose loss was not used gets no gradient from autograd: its upstream gradient is zero.
+        upstream = [g if g is not None else torch.zeros_like(lv) for g, lv in zip(grads, levels)]
+    else:
+        upstream = [grads[0] if grads[0] is not None else torch.zeros((), dtype=scale.dtype, device=scale.device)]
+    grad_levels = multilevel_focal_loss_backward_op(upstream, levels, labels, weights, alpha_per_class,
+                                                    *ctx.params, scale if ctx.reduction != "none" else None)
+    return grad_levels, None, None, None, None, None, None, None, None, None, None, None, None
+
+
+multilevel_focal_loss_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,108 @@
+"""Pure-torch path of the class-index, multi-level focal loss (CPU without the Triton interpreter, or
+FOCAL_TRITON_BACKEND=torch), with the contract of `focal_triton.kernels.multilevel_focal`.
+
+Each level is viewed in place as (N, HW, A, C) (a permuted view of NCHW or channels_last storage, no copy) and
+processed per image in chunks of whole positions of about CHUNK logits: the one-hot target and every intermediate
+are chunk-sized, never logit-sized. Sums are added in a fixed order (chunks, levels, then images), so results repeat.
+"""
+import torch
+
+from .torch_path import CHUNK, compute_dtype, focal_terms
+
+
+def _anchor_view(level: torch.Tensor, num_anchors: int) -> torch.Tensor:
+    """(N, A*C, H, W) -> (N, H*W, A, C) view of the same storage (NCHW or channels_last)."""
+    n, k, h, w = level.shape
+    return level.unflatten(1, (num_anchors, k // num_anchors)).flatten(3).permute(0, 3, 1, 2)
+
+
+def _level_chunks(levels, labels, weights, num_anchors):
+    """Yield (level index, image, position slice, label chunk (R, A), weight chunk or None) in a fixed order."""
+    mb = 0
+    for li, level in enumerate(levels):
+        hw = level.shape[2] * level.shape[3]
+        n = level.shape[0]
+        lab = labels[:, mb:mb + hw * num_anchors].view(n, hw, num_anchors)
+        wts = weights[:, mb:mb + hw * num_anchors].view(n, hw, num_anchors) if weights is not None else None
+        rows = max(1, CHUNK // max(1, level.shape[1]))
+        for image in range(n):
+            for r0 in range(0, hw, rows):
+                sl = slice(r0, min(r0 + rows, hw))
+                yield li, image, sl, lab[image, sl], (wts[image, sl] if wts is not None else None)
+        mb += hw * num_anchors
+
+
+def _chunk_terms(x, lab, w, alpha, gamma, smoothing, ignore_index, want_grad):
+    """Loss and gradient of one chunk x (R, A, C) in the compute dtype, weighted and with ignored anchors zeroed."""
+    num_classes = x.shape[-1]
+    cls = torch.arange(num_classes, device=x.device)
+    t = (lab[..., None] == cls).to(x.dtype)
+    ts = t * (1.0 - smoothing) + 0.5 * smoothing if smoothing else t
+    if isinstance(alpha, torch.Tensor):
+        a = alpha.to(x.dtype)
+        c0, c1 = 1.0 - a, 2.0 * a - 1.0
+    elif alpha < 0:
+        c0, c1 = 1.0, 0.0
+    else:
+        c0, c1 = 1.0 - alpha, 2.0 * alpha - 1.0
+    loss, grad = focal_terms(x, t, ts, c0, c1, gamma, want_grad)
+    factor = None
+    if w is not None:
+        factor = w.to(x.dtype)[..., None]
+    keep = None if ignore_index is None else (lab != ignore_index)[..., None]
+    out = []
+    for v in (loss, grad):
+        if v is None:
+            out.append(None)
+            continue
+        if factor is not None:
+            v = v * factor
+        if keep is not None:
+            v = torch.where(keep, v, v.new_zeros(()))
+        out.append(v)
+    return out
+
+
+@torch.no_grad()
+def multilevel_focal_forward(levels, labels, weights, alpha, gamma, smoothing, ignore_index, num_anchors,
+                             reduction, norm_mode=0, normalizer=None, norm_value=1.0):
+    cdt = compute_dtype(levels[0].dtype)
+    views = [_anchor_view(lv, num_anchors) for lv in levels]
+    if reduction == "none":
+        outs = [torch.empty_like(lv) for lv in levels]
+        out_views = [_anchor_view(o, num_anchors) for o in outs]
+        for li, n, sl, lab, w in _level_chunks(levels, labels, weights, num_anchors):
+            loss, _ = _chunk_terms(views[li][n, sl].to(cdt), lab, w, alpha, gamma, smoothing, ignore_index, False)
+            out_views[li][n, sl] = loss
+        return outs
+    num_images = levels[0].shape[0]
+    sums = [[] for _ in range(num_images)]
+    for li, n, sl, lab, w in _level_chunks(levels, labels, weights, num_anchors):
+        loss, _ = _chunk_terms(views[li][n, sl].to(cdt), lab, w, alpha, gamma, smoothing, ignore_index, False)
+        sums[n].append(loss.sum())
+    per_image = torch.stack([torch.stack(s).sum() if s else torch.zeros((), dtype=cdt) for s in sums]) \
+        if num_images else torch.zeros(0, dtype=cdt)
+    if norm_mode == 0:
+        scale = torch.full((num_images,), 1.0 / norm_value, dtype=cdt)
+    elif norm_mode == 1:
+        scale = (1.0 / normalizer.to(cdt)).reshape(1).expand(num_images)
+    else:
+        scale = 1.0 / (normalizer.to(cdt) * num_images)
+    scale = scale.to(per_image.device).contiguous()
+    loss = (per_image * scale).sum() if num_images else torch.zeros((), dtype=cdt)
+    return loss, scale
+
+
+@torch.no_grad()
+def multilevel_focal_backward(grads, levels, labels, weights, alpha, gamma, smoothing, ignore_index, num_anchors,
+                              scale=None):
+    cdt = compute_dtype(levels[0].dtype)
+    views = [_anchor_view(lv, num_anchors) for lv in levels]
+    outs = [torch.empty_like(lv) for lv in levels]
+    out_views = [_anchor_view(o, num_anchors) for o in outs]
+    grad_views = None if scale is not None else [_anchor_view(g, num_anchors) for g in grads]
+    for li, n, sl, lab, w in _level_chunks(levels, labels, weights, num_anchors):
+        _, dfl = _chunk_terms(views[li][n, sl].to(cdt), lab, w, alpha, gamma, smoothing, ignore_index, True)
+        g = grads[0].to(cdt) * scale[n].to(cdt) if scale is not None else grad_views[li][n, sl].to(cdt)
+        out_views[li][n, sl] = g * dfl
+    return outs

@@ -1,0 +1,401 @@
+"""Class-index focal loss over all FPN levels of a detector head in one launch, read in the head's native layout.
+
+Layout. Level l holds the logits of N images as (N, K, H_l, W_l), K = A * C (A anchors, C classes, channel
+k = a * C + c), either NCHW-contiguous or channels_last; `cl_mask` bit l says which. With HW_l = H_l * W_l, image n of
+level l is one dense block of K * HW_l elements starting at n * K * HW_l, in which element (hw, k) sits at
+    k * HW_l + hw   (NCHW: contiguous along hw)      or      hw * K + k   (channels_last: contiguous along k).
+Labels are (N, M) with M = sum_l HW_l * A; anchor (hw, a) of level l is label column mb_l + hw * A + a, where
+mb_l = A * sum_{k<l} HW_k (torchvision's and detectron2's anchor order). Weights, when given, are (N, M) float32.
+
+Tiles. A tile is [BLOCK_HW positions, BLOCK_C classes] of one anchor a of one image: one label (and weight) per row,
+shared by the BLOCK_C classes of the row, so labels and weights cost one load per anchor per class tile, not per
+logit. Per image, the tiles of level l are numbered from ts_l on: for NCHW in (a, class tile, position tile) order
+(consecutive tiles walk along hw, the contiguous axis), for channels_last in (position tile, a, class tile) order
+(consecutive tiles complete rows of K). Full tiles are unmasked, so their logits load in the widest accesses the
+compiler can prove aligned; only edge tiles are masked.
+
+Grid: P programs per image, program (n, p) = pid n * P + p takes the tiles p, p + P, ... of image n over all levels
+(a loop over levels picks each level's pointers and sizes once with a chain of scalar selects, nothing is read from a
+device table, then walks the program's tiles of that level). A program's partial sum therefore belongs to one
+image: the final one-program kernel adds each image's P partials in order, applies the normalizer (per image or
+global) and adds the images in order. Deterministic for a given (device, N), no atomics.
+
+Per element, with t = (label == c), keep = (label != ignore or no ignore value), w = weight of the anchor (1 without):
+    loss = keep ? w * alpha_t(c) * (1 - p_t)**gamma * BCE(x, t (1 - s) + s / 2) : 0     (focal_math, smoothing s)
+Bytes moved by design per logit: forward reads it once; backward reads it once and writes its gradient once.
+"""
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from .focal_math import focal_loss_and_grad
+from .launch import PARTIAL_SUM_BLOCK, device_guard, max_programs
+from .sigmoid_focal import compute_dtype, gamma_params
+
+MAX_LEVELS = 8
+# No integer argument is specialized by the JIT (on divisibility by 16 or equality to 1): sizes change with every
+# image size in multi-scale training, and each new combination would compile a new kernel. What the compiler needs
+# to know for wide loads, whether C (and so K = A * C) is a multiple of 16, is the CLASS_ALIGNED constexpr.
+_INT_ARGS = ["hw0", "hw1", "hw2", "hw3", "hw4", "hw5", "hw6", "hw7", "ts1", "ts2", "ts3", "ts4", "ts5", "ts6",
+             "ts7", "tiles_per_image", "num_anchors_total", "num_levels", "cl_mask", "P", "A", "C", "gamma_int",
+             "ignore_index", "has_ignore", "has_weight", "has_alpha"]
+
+
+@triton.jit
+def _pick(lvl, v0, v1, v2, v3, v4, v5, v6, v7):
+    """v_lvl for a runtime level index lvl in [0, 8): a chain of scalar selects."""
+    r = tl.where(lvl == 1, v1, v0)
+    r = tl.where(lvl == 2, v2, r)
+    r = tl.where(lvl == 3, v3, r)
+    r = tl.where(lvl == 4, v4, r)
+    r = tl.where(lvl == 5, v5, r)
+    r = tl.where(lvl == 6, v6, r)
+    r = tl.where(lvl == 7, v7, r)
+    return r
+
+
+@triton.jit
+def _tile_place(local, hw, A, C, CHANNELS_LAST: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(a, first position, first class) of tile number `local` of one image in one level (see the module doc)."""
+    n_ct = tl.cdiv(C, BLOCK_C)
+    if CHANNELS_LAST:
+        ct = local % n_ct
+        r = local // n_ct
+        a = r % A
+        ht = r // A
+    else:
+        n_ht = tl.cdiv(hw, BLOCK_HW)
+        ht = local % n_ht
+        r = local // n_ht
+        ct = r % n_ct
+        a = r // n_ct
+    return a, ht * BLOCK_HW, ct * BLOCK_C
+
+
+@triton.jit
+def _tile_terms(x_ptr, lab_ptr, w_ptr, alpha_ptr, hw, K, A, C, a, row0, c_start, anchor_base,
+                c0, c1, gamma, gamma_int, smoothing, ignore_index, has_ignore, has_weight, has_alpha,
+                MASKED: tl.constexpr, CHANNELS_LAST: tl.constexpr, INT_GAMMA: tl.constexpr,
+                COMPUTE_DTYPE: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Load one tile (x_ptr: its image's block) and return (offsets, mask, keep-and-weight factor, FL, dFL/dx).
+
+    The loss and gradient are already multiplied by the anchor's weight and zeroed where the anchor is ignored."""
+    rows = row0 + tl.arange(0, BLOCK_HW)
+    cls = c_start + tl.arange(0, BLOCK_C)
+    k = a * C + cls
+    if CHANNELS_LAST:
+        offs = rows[:, None] * K + k[None, :]
+    else:
+        offs = k[None, :] * hw + rows[:, None]
+    row_mask = rows < hw
+    col_mask = cls < C
+    mask = row_mask[:, None] & col_mask[None, :]
+    anchor = anchor_base + rows * A
+    if MASKED:
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        label = tl.load(lab_ptr + anchor, mask=row_mask, other=-1)
+    else:
+        x = tl.load(x_ptr + offs).to(COMPUTE_DTYPE)
+        label = tl.load(lab_ptr + anchor)
+    keep = (label != ignore_index) | (has_ignore == 0)
+    w = tl.load(w_ptr + anchor, mask=row_mask & (has_weight != 0), other=1.0).to(COMPUTE_DTYPE)
+    alpha_c = tl.load(alpha_ptr + cls, mask=col_mask & (has_alpha != 0), other=0.0).to(COMPUTE_DTYPE)
+    c0v = tl.where(has_alpha != 0, 1.0 - alpha_c, c0)
+    c1v = tl.where(has_alpha != 0, 2.0 * alpha_c - 1.0, c1)
+    t = (label[:, None] == cls[None, :]).to(COMPUTE_DTYPE)
+    ts = t * (1.0 - smoothing) + 0.5 * smoothing
+    loss, grad = focal_loss_and_grad(x, t, ts, c0v[None, :], c1v[None, :], gamma, gamma_int, INT_GAMMA)
+    take = keep[:, None]
+    if MASKED:
+        take = take & mask
+    loss = tl.where(take, loss * w[:, None], 0.0)
+    grad = tl.where(take, grad * w[:, None], 0.0)
+    return offs, mask, loss, grad
+
+
+@triton.jit
+def _store(ptr, offs, mask, value, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ptr + offs, value.to(ptr.dtype.element_ty))
+
+
+@triton.jit
+def _tile(x_ptr, o_ptr, g_ptr, lab_ptr, w_ptr, alpha_ptr, hw, K, A, C, a, row0, c_start, anchor_base, acc, g0,
+          c0, c1, gamma, gamma_int, smoothing, ignore_index, has_ignore, has_weight, has_alpha,
+          MODE: tl.constexpr, MASKED: tl.constexpr, CHANNELS_LAST: tl.constexpr, INT_GAMMA: tl.constexpr,
+          COMPUTE_DTYPE: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One tile of one of the kernel's MODEs:
+    0 forward, acc += loss;  1 forward, o = loss;  2 backward, o = g0 * dFL/dx;  3 backward, o = g * dFL/dx."""
+    offs, mask, loss, grad = _tile_terms(
+        x_ptr, lab_ptr, w_ptr, alpha_ptr, hw, K, A, C, a, row0, c_start, anchor_base, c0, c1, gamma, gamma_int,
+        smoothing, ignore_index, has_ignore, has_weight, has_alpha, MASKED, CHANNELS_LAST, INT_GAMMA, COMPUTE_DTYPE,
+        BLOCK_HW, BLOCK_C)
+    if MODE == 0:
+        acc += loss
+    elif MODE == 1:
+        _store(o_ptr, offs, mask, loss, MASKED)
+    elif MODE == 2:
+        _store(o_ptr, offs, mask, g0 * grad, MASKED)
+    else:
+        if MASKED:
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        else:
+            g = tl.load(g_ptr + offs).to(COMPUTE_DTYPE)
+        _store(o_ptr, offs, mask, g * grad, MASKED)
+    return acc
+
+
+@triton.jit(do_not_specialize=_INT_ARGS)
+def multilevel_focal_kernel(
+    x0, x1, x2, x3, x4, x5, x6, x7,          # logits of each level (unused levels repeat x0)
+    o0, o1, o2, o3, o4, o5, o6, o7,          # loss ("none") or gradient of each level, in the level's layout
+    g0_, g1_, g2_, g3_, g4_, g5_, g6_, g7_,  # upstream gradient of each level (MODE 3)
+    hw0, hw1, hw2, hw3, hw4, hw5, hw6, hw7,  # H_l * W_l
+    ts1, ts2, ts3, ts4, ts5, ts6, ts7,       # first per-image tile of each level (level 0 starts at 0)
+    lab_ptr, w_ptr, alpha_ptr, partials_ptr, grad_scalar_ptr, scale_ptr,
+    tiles_per_image, num_anchors_total, num_levels, cl_mask, P, A, C,
+    c0, c1, gamma, gamma_int, smoothing, ignore_index, has_ignore, has_weight, has_alpha,
+    MODE: tl.constexpr, INT_GAMMA: tl.constexpr, CLASS_ALIGNED: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Forward (MODE 0: partial sums into partials[pid]; MODE 1: elementwise loss) or backward (MODE 2: the
+    upstream scalar grad_scalar[0] times scale[n]; MODE 3: per-level upstream gradients) over every level. The
+    backward recomputes everything from the logits and labels (the forward saves nothing of logit size)."""
+    if CLASS_ALIGNED:
+        C = (C // 16) * 16  # == C; tells the compiler that rows of K = A * C are 16-element aligned
+    K = A * C
+    pid = tl.program_id(0)
+    n = pid // P
+    j = pid % P
+    # One accumulator per layout: the two layouts' tiles live in different register layouts, and adding one to the
+    # other would move every tile through shared memory.
+    acc = tl.zeros([BLOCK_HW, BLOCK_C], COMPUTE_DTYPE)
+    acc_cl = tl.zeros([BLOCK_HW, BLOCK_C], COMPUTE_DTYPE)
+    g0 = 1.0
+    if MODE == 2:
+        g0 = tl.load(grad_scalar_ptr).to(COMPUTE_DTYPE) * tl.load(scale_ptr + n).to(COMPUTE_DTYPE)
+    label_row = n.to(tl.int64) * num_anchors_total
+    mb = 0  # anchors of the levels before this one
+    lvl = 0
+    while lvl < num_levels:
+        # This level's pointers and sizes, picked once per level; tile numbers run on across levels.
+        hw = _pick(lvl, hw0, hw1, hw2, hw3, hw4, hw5, hw6, hw7)
+        start = _pick(lvl, 0, ts1, ts2, ts3, ts4, ts5, ts6, ts7)
+        end = _pick(lvl, ts1, ts2, ts3, ts4, ts5, ts6, ts7, tiles_per_image)
+        image = n.to(tl.int64) * K * hw  # first element of this image in the level
+        xp = _pick(lvl, x0, x1, x2, x3, x4, x5, x6, x7) + image
+        op = _pick(lvl, o0, o1, o2, o3, o4, o5, o6, o7) + image
+        gp = _pick(lvl, g0_, g1_, g2_, g3_, g4_, g5_, g6_, g7_) + image
+        channels_last = ((cl_mask >> lvl) & 1) != 0
+        while j < end:
+            local = j - start
+            if channels_last:
+                a, row0, c_start = _tile_place(local, hw, A, C, True, BLOCK_HW, BLOCK_C)
+            else:
+                a, row0, c_start = _tile_place(local, hw, A, C, False, BLOCK_HW, BLOCK_C)
+            anchor_base = label_row + mb + a
+            if channels_last:
+                # Unmasked tiles pay off only where their rows are aligned runs of classes (wide loads).
+                masked = True
+                if CLASS_ALIGNED:
+                    masked = (row0 + BLOCK_HW > hw) | (c_start + BLOCK_C > C)
+                if masked:
+                    acc_cl = _tile(xp, op, gp, lab_ptr, w_ptr, alpha_ptr, hw, K, A, C, a, row0, c_start,
+                                   anchor_base, acc_cl, g0, c0, c1, gamma, gamma_int, smoothing, ignore_index,
+                                   has_ignore, has_weight, has_alpha, MODE, True, True, INT_GAMMA, COMPUTE_DTYPE,
+                                   BLOCK_HW, BLOCK_C)
+                else:
+                    acc_cl = _tile(xp, op, gp, lab_ptr, w_ptr, alpha_ptr, hw, K, A, C, a, row0, c_start,
+                                   anchor_base, acc_cl, g0, c0, c1, gamma, gamma_int, smoothing, ignore_index,
+                                   has_ignore, has_weight, has_alpha, MODE, False, True, INT_GAMMA, COMPUTE_DTYPE,
+                                   BLOCK_HW, BLOCK_C)
+            else:
+                # NCHW rows run along hw, whose alignment is unknown (hw is not specialized): always masked.
+                acc = _tile(xp, op, gp, lab_ptr, w_ptr, alpha_ptr, hw, K, A, C, a, row0, c_start, anchor_base,
+                            acc, g0, c0, c1, gamma, gamma_int, smoothing, ignore_index, has_ignore, has_weight,
+                            has_alpha, MODE, True, False, INT_GAMMA, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
+            j += P
+        mb += hw * A
+        lvl += 1
+    if MODE == 0:
+        tl.store(partials_ptr + pid, tl.sum(tl.sum(acc + acc_cl, axis=1), axis=0))
+
+
+@triton.jit(do_not_specialize=["N", "P"])
+def normalize_partials_kernel(partials_ptr, norm_ptr, scale_ptr, out_ptr, N, P, norm_hi, norm_lo,
+                              NORM_MODE: tl.constexpr, BLOCK: tl.constexpr):
+    """One program. S_n = sum of image n's P partials (in order); scale_n = 1 / v (NORM_MODE 0: a host number v
+    = norm_hi + norm_lo, split in two float32 scalars so that float64 keeps 48 bits of it; 1 without normalizer),
+    1 / norm[0] (1: a 0-d tensor) or 1 / (N norm[n]) (2: per image);
+    out = sum_n S_n scale_n in image order, and scale[n] = scale_n for the backward."""
+    acc_dtype = partials_ptr.dtype.element_ty
+    total = tl.sum(tl.zeros([BLOCK], acc_dtype), axis=0)
+    n = 0
+    while n < N:
+        acc = tl.zeros([BLOCK], acc_dtype)
+        start = 0
+        while start < P:
+            offs = start + tl.arange(0, BLOCK)
+            acc += tl.load(partials_ptr + n * P + offs, mask=offs < P, other=0.0)
+            start += BLOCK
+        if NORM_MODE == 0:
+            scale = 1.0 / (tl.full([], norm_hi, acc_dtype) + tl.full([], norm_lo, acc_dtype))
+        elif NORM_MODE == 1:
+            scale = 1.0 / tl.load(norm_ptr).to(acc_dtype)
+        else:
+            scale = 1.0 / (tl.load(norm_ptr + n).to(acc_dtype) * N.to(acc_dtype))
+        tl.store(scale_ptr + n, scale)
+        total += tl.sum(acc, axis=0) * scale
+        n += 1
+    tl.store(out_ptr, total.to(out_ptr.dtype.element_ty))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host side.
+
+MODE_SUM, MODE_NONE, MODE_GRAD_SCALAR, MODE_GRAD_TENSOR = 0, 1, 2, 3
+# Interpreter tiles: small, so test tensors take several position and class tiles per anchor, with masked edges.
+INTERPRETER_TILE = (32, 4)
+INTERPRETER_PROGRAMS_PER_IMAGE = 2
+GPU_NUM_WARPS = 4
+# Classes per tile on a GPU: 16 (COCO's 80 is five full tiles; 91 wastes 5 % of a tile's lanes on masked classes).
+GPU_BLOCK_C = 16
+
+
+def gpu_tile(itemsize: int):
+    """(BLOCK_HW, BLOCK_C) on a GPU: 16 bytes of logits per thread (as the dense kernels), 4 warps."""
+    elements = GPU_NUM_WARPS * 32 * 16 // itemsize
+    return elements // GPU_BLOCK_C, GPU_BLOCK_C
+
+
+def tile_for(device: torch.device, itemsize: int):
+    return gpu_tile(itemsize) if device.type == "cuda" else INTERPRETER_TILE
+
+
+def kernel_constexprs(x_dtype, mode: int, int_gamma: bool, class_aligned: bool, tile) -> dict:
+    return dict(MODE=mode, INT_GAMMA=int_gamma, CLASS_ALIGNED=class_aligned, COMPUTE_DTYPE=compute_dtype(x_dtype),
+                BLOCK_HW=tile[0], BLOCK_C=tile[1])
+
+
+class Plan:
+    """Host-side integers of one call (from shapes only: nothing is read from the device)."""
+
+    def __init__(self, levels, num_anchors: int, device: torch.device, itemsize: int):
+        self.N, self.K = levels[0].shape[0], levels[0].shape[1]
+        self.A = num_anchors
+        self.C = self.K // num_anchors
+        self.tile = tile_for(device, itemsize)
+        self.hw = [x.shape[2] * x.shape[3] for x in levels]
+        self.cl_mask = sum(1 << i for i, x in enumerate(levels) if not x.is_contiguous())
+        n_ct = -(-self.C // self.tile[1])
+        starts, total = [], 0
+        for hw in self.hw:
+            starts.append(total)
+            total += self.A * n_ct * -(-hw // self.tile[0])
+        self.tiles_per_image = total
+        self.starts = starts[1:] + [total] * (MAX_LEVELS - len(levels))
+        self.num_anchors_total = sum(self.hw) * self.A
+        self.num_levels = len(levels)
+        self.device = device
+
+    def level_args(self, tensors, fill):
+        return list(tensors) + [fill] * (MAX_LEVELS - len(tensors))
+
+    def programs_per_image(self, args, constexprs) -> int:
+        if self.device.type != "cuda":
+            cap = INTERPRETER_PROGRAMS_PER_IMAGE
+        else:
+            from .launch import ElementwiseConfig
+
+            cfg = ElementwiseConfig(self.tile[0] * self.tile[1], GPU_NUM_WARPS)
+            cap = max(1, -(-max_programs(multilevel_focal_kernel, args, constexprs, cfg, self.device) // self.N))
+        return max(1, min(self.tiles_per_image, cap))
+
+
+def _round_to_float32(v: float) -> float:
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
+def _scalar_args(plan: Plan, alpha, gamma, smoothing, ignore_index, has_weight):
+    if isinstance(alpha, torch.Tensor):
+        c0, c1, has_alpha = 1.0, 0.0, 1
+    elif alpha < 0:
+        c0, c1, has_alpha = 1.0, 0.0, 0
+    else:
+        c0, c1, has_alpha = 1.0 - alpha, 2.0 * alpha - 1.0, 0
+    gamma_f, gamma_i, int_gamma = gamma_params(gamma)
+    ints = [plan.tiles_per_image, plan.num_anchors_total, plan.num_levels, plan.cl_mask]
+    scalars = [c0, c1, gamma_f, gamma_i, float(smoothing), 0 if ignore_index is None else int(ignore_index),
+               int(ignore_index is not None), int(has_weight), has_alpha]
+    return ints, scalars, int_gamma
+
+
+def _launch(mode, levels, outs, grads, labels, weights, alpha, gamma, smoothing, ignore_index, num_anchors,
+            partials_dtype=torch.float32, grad_scalar=None, scale=None):
+    """Launch multilevel_focal_kernel once over every level; returns (plan, programs per image, partials)."""
+    x = levels[0]
+    plan = Plan(levels, num_anchors, x.device, x.element_size())
+    ints, scalars, int_gamma = _scalar_args(plan, alpha, gamma, smoothing, ignore_index, weights is not None)
+    constexprs = kernel_constexprs(x.dtype, mode, int_gamma, plan.C % 16 == 0, plan.tile)
+    dummy = torch.empty(1, dtype=torch.float32, device=x.device)
+
+    def args(partials, P):
+        return [*plan.level_args(levels, x), *plan.level_args(outs, outs[0] if outs else x),
+                *plan.level_args(grads, grads[0] if grads else x), *plan.level_args(plan.hw, 0), *plan.starts,
+                labels, weights if weights is not None else dummy,
+                alpha if isinstance(alpha, torch.Tensor) else dummy, partials,
+                grad_scalar if grad_scalar is not None else dummy, scale if scale is not None else dummy,
+                *ints, P, plan.A, plan.C, *scalars]
+
+    with device_guard(x.device):
+        # Only the types and alignment of the arguments size the grid: an empty stand-in for the partial sums.
+        P = plan.programs_per_image(args(torch.empty(0, dtype=partials_dtype, device=x.device), 1), constexprs)
+        partials = torch.empty(plan.N * P if mode == MODE_SUM else 0, dtype=partials_dtype, device=x.device)
+        multilevel_focal_kernel[(plan.N * P,)](*args(partials, P), num_warps=GPU_NUM_WARPS if x.is_cuda else 1,
+                                               **constexprs)
+    return plan, P, partials
+
+
+def multilevel_focal_forward(levels, labels, weights, alpha, gamma, smoothing, ignore_index, num_anchors,
+                             reduction, norm_mode=0, normalizer=None, norm_value=1.0):
+    """levels: NCHW-contiguous or channels_last (N, A*C, H, W) tensors, N * tiles > 0; labels (N, M) int32/int64
+    contiguous; weights None or (N, M) float32 contiguous; alpha a number or a (C,) float32 tensor.
+
+    "none": a list of per-level losses in each level's layout and dtype. "sum": (loss, scale), loss 0-d in the
+    accumulation dtype (float32, float64 for float64 logits) and scale (N,) the per-image factor the normalizer
+    gave (needed by the backward)."""
+    x = levels[0]
+    if reduction == "none":
+        outs = [torch.empty_like(lv) for lv in levels]
+        _launch(MODE_NONE, levels, outs, [], labels, weights, alpha, gamma, smoothing, ignore_index, num_anchors)
+        return outs
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    plan, P, partials = _launch(MODE_SUM, levels, [], [], labels, weights, alpha, gamma, smoothing, ignore_index,
+                                num_anchors, partials_dtype=acc_dtype)
+    loss = torch.empty((), dtype=acc_dtype, device=x.device)
+    scale = torch.empty(plan.N, dtype=acc_dtype, device=x.device)
+    norm_ptr = normalizer if normalizer is not None else torch.empty(1, dtype=torch.float32, device=x.device)
+    with device_guard(x.device):
+        hi = _round_to_float32(norm_value)
+        normalize_partials_kernel[(1,)](partials, norm_ptr, scale, loss, plan.N, P, hi, float(norm_value) - hi,
+                                        NORM_MODE=norm_mode, BLOCK=PARTIAL_SUM_BLOCK)
+    return loss, scale
+
+
+def multilevel_focal_backward(grads, levels, labels, weights, alpha, gamma, smoothing, ignore_index, num_anchors,
+                              scale=None):
+    """Gradients w.r.t. each level, in the level's layout and dtype. grads: one 0-d upstream gradient of the "sum"
+    loss (then `scale` is the forward's per-image factor), or per-level upstream gradients laid out like the levels
+    ("none")."""
+    outs = [torch.empty_like(lv) for lv in levels]
+    if scale is not None:
+        _launch(MODE_GRAD_SCALAR, levels, outs, [], labels, weights, alpha, gamma, smoothing, ignore_index,
+                num_anchors, grad_scalar=grads[0], scale=scale)
+    else:
+        _launch(MODE_GRAD_TENSOR, levels, outs, grads, labels, weights, alpha, gamma, smoothing, ignore_index,
+                num_anchors)
+    return outs

@@ -1,0 +1,87 @@
+"""Code paths of the multi-level kernel that the value tests reach only by luck: the unmasked channels_last tiles of
+a class-aligned head (C % 16 == 0), eight levels (the maximum), levels without positions, the tile plan, and the
+registered ops under torch.library.opcheck."""
+import pytest
+import torch
+from reference import TOL
+from reference_multilevel import multilevel_value_and_grads
+
+import focal_triton
+from focal_triton.kernels import multilevel_focal as mf
+from focal_triton.multilevel_ops import multilevel_focal_loss_backward_op, multilevel_focal_loss_op
+
+
+def _head(shapes, num_anchors, num_classes, device, layouts, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    levels = []
+    for (h, w), cl in zip(shapes, layouts):
+        x = torch.randn(2, num_anchors * num_classes, h, w, generator=g, dtype=torch.float64) * 3
+        x = x.to(dtype).to(device)
+        levels.append(x.to(memory_format=torch.channels_last) if cl else x)
+    m = sum(h * w for h, w in shapes) * num_anchors
+    labels = torch.randint(-2, num_classes, (2, m), generator=g).to(device)
+    return levels, labels
+
+
+def _check(levels, labels, num_anchors, **kw):
+    xs = [x.detach().requires_grad_(True) for x in levels]
+    loss = focal_triton.multilevel_focal_loss(xs, labels, num_anchors, **kw)
+    grads = torch.autograd.grad(loss, xs)
+    ref, ref_grads = multilevel_value_and_grads(levels, labels, num_anchors, **kw)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    for g, r, x in zip(grads, ref_grads, xs):
+        assert g.stride() == x.stride()
+        torch.testing.assert_close(g.double(), r, **TOL[torch.float32])
+
+
+def test_class_aligned_channels_last_takes_unmasked_tiles(backend, poisoned, device):
+    """C = 16: channels_last tiles whose rows lie inside the level are unmasked (the wide-load path on a GPU)."""
+    shapes = [(9, 4), (3, 3)]  # 36 and 9 positions: full and partial position tiles of the interpreter's 32
+    plan = mf.Plan(_head(shapes, 2, 16, device, [True, True])[0], 2, torch.device("cpu"), 4)
+    assert plan.C % 16 == 0 and plan.tile[1] < plan.C  # several class tiles, all full
+    levels, labels = _head(shapes, 2, 16, device, [True, False])
+    _check(levels, labels, 2, weights=torch.rand(labels.shape, device=device), label_smoothing=0.1)
+
+
+def test_eight_levels_with_empty_ones(backend, poisoned, device):
+    shapes = [(4, 3), (0, 5), (2, 2), (1, 1), (3, 1), (0, 0), (1, 2), (2, 1)]
+    levels, labels = _head(shapes, 3, 5, device, [i % 2 == 1 for i in range(8)])
+    _check(levels, labels, 3, normalizer=torch.tensor([2.0, 5.0], device=device))
+    with pytest.raises(ValueError, match="level_logits"):
+        focal_triton.multilevel_focal_loss(levels + levels[:1], labels, 3)
+
+
+def test_tile_plan_counts_every_tile_once():
+    """Per image: A * ceil(C / BLOCK_C) * ceil(HW / BLOCK_HW) tiles per level, numbered level after level; unused
+    level slots start at the end, so no tile maps to them."""
+    shapes = [(8, 6), (4, 3), (0, 2), (1, 1)]
+    levels = [torch.empty(3, 4 * 7, h, w) for h, w in shapes]
+    plan = mf.Plan(levels, 4, torch.device("cpu"), 4)
+    bh, bc = plan.tile
+    per_level = [4 * -(-7 // bc) * -(-h * w // bh) for h, w in shapes]
+    assert plan.tiles_per_image == sum(per_level)
+    starts = [sum(per_level[:i]) for i in range(1, len(shapes))]
+    assert plan.starts == starts + [plan.tiles_per_image] * (mf.MAX_LEVELS - len(shapes))
+    assert plan.num_anchors_total == sum(h * w for h, w in shapes) * 4
+    assert plan.cl_mask == 0
+    assert mf.Plan([levels[0].to(memory_format=torch.channels_last), levels[1]], 4, torch.device("cpu"), 4).cl_mask == 1
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_opcheck(backend, device, reduction):
+    """torch.library.opcheck of both registered ops: schema, fake (meta) shapes, autograd registration."""
+    levels, labels = _head([(3, 2), (2, 1)], 2, 3, device, [False, True])
+    levels = [x.requires_grad_(True) for x in levels]
+    weights = torch.rand(labels.shape, device=device)
+    alpha = torch.rand(3, device=device)
+    norm = torch.tensor([2.0, 3.0], device=device) if reduction == "sum" else None
+    args = (levels, labels, weights, alpha, 0.0, 2.0, 0.1, -2, True, 2, norm, 1.0, reduction)
+    torch.library.opcheck(multilevel_focal_loss_op, args)
+    if reduction == "sum":
+        scale = torch.tensor([0.25, 1 / 6], device=device)
+        bargs = ([torch.tensor(1.5, device=device)], [x.detach() for x in levels], labels, weights, alpha, 0.0, 2.0,
+                 0.1, -2, True, 2, scale)
+    else:
+        bargs = ([torch.randn_like(x) for x in levels], [x.detach() for x in levels], labels, weights, alpha, 0.0,
+                 2.0, 0.1, -2, True, 2, None)
+    torch.library.opcheck(multilevel_focal_loss_backward_op, bargs)

@@ -312,6 +312,9 @@ class Plan:
             from .launch import ElementwiseConfig
 
             cfg = ElementwiseConfig(self.tile[0] * self.tile[1], GPU_NUM_WARPS)
+            # No integer argument is specialized, so their values do not change the compiled kernel: zeros keep
+            # the occupancy cache to one entry per (dtype, constexprs) instead of one per combination of sizes.
+            args = [0 if isinstance(a, int) and not isinstance(a, bool) else a for a in args]
             cap = max(1, -(-max_programs(multilevel_focal_kernel, args, constexprs, cfg, self.device) // self.N))
         return max(1, min(self.tiles_per_image, cap))
 

@@ -85,3 +85,23 @@ def test_opcheck(backend, device, reduction):
         bargs = ([torch.randn_like(x) for x in levels], [x.detach() for x in levels], labels, weights, alpha, 0.0,
                  2.0, 0.1, -2, True, 2, None)
     torch.library.opcheck(multilevel_focal_loss_backward_op, bargs)
+
+
+def test_gpu_grid_is_one_wave_split_over_images(monkeypatch):
+    """On CUDA: P = ceil(programs that fit on the GPU / N) programs per image (at most the tiles of an image), and
+    the occupancy lookup sees no size (integer arguments are not specialized), so it is cached once per dtype."""
+    seen = []
+
+    def fake_max_programs(kernel, args, constexprs, cfg, device):
+        seen.append([a for a in args if isinstance(a, int) and not isinstance(a, bool)])
+        return 264
+
+    monkeypatch.setattr(mf, "max_programs", fake_max_programs)
+    levels = [torch.empty(3, 4 * 16, 40, 50, dtype=torch.bfloat16), torch.empty(3, 64, 20, 25, dtype=torch.bfloat16)]
+    plan = mf.Plan(levels, 4, torch.device("cuda"), 2)
+    assert plan.tile == mf.gpu_tile(2) == (64, 16)
+    args = [levels[0], 7, 1, 16, 2.0]
+    assert plan.programs_per_image(args, {}) == 88  # ceil(264 / 3)
+    assert seen == [[0, 0, 0]]
+    small = mf.Plan([torch.empty(3, 64, 2, 2, dtype=torch.bfloat16)], 4, torch.device("cuda"), 2)
+    assert small.tiles_per_image == 4 and small.programs_per_image(args, {}) == 4

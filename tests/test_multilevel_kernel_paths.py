@@ -105,3 +105,40 @@ def test_gpu_grid_is_one_wave_split_over_images(monkeypatch):
     assert seen == [[0, 0, 0]]
     small = mf.Plan([torch.empty(3, 64, 2, 2, dtype=torch.bfloat16)], 4, torch.device("cuda"), 2)
     assert small.tiles_per_image == 4 and small.programs_per_image(args, {}) == 4
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_infinite_and_nan_logits(backend, poisoned, device, channels_last):
+    """Limits by hand, one level (N = 1, A = 1, C = 2, 1 x 4 positions), alpha = 0.25, gamma = 2:
+    anchor 0, class 0 positive at x = +inf and class 1 at x = -inf: loss 0, gradient 0 (eager code gives NaN);
+    anchor 1, background at x = +inf: loss inf, gradient (1 - alpha) = 0.75 (finite);
+    anchor 2, ignored, NaN logits: loss 0 and gradient 0 (dropped, as torchvision does);
+    anchor 3, NaN logit of class 1: NaN there, in the sum, and in its gradient."""
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor([[inf, inf, nan, 0.0], [-inf, 0.0, nan, nan]], device=device).view(1, 2, 1, 4)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    labels = torch.tensor([[0, -1, -2, 1]], device=device)
+    (loss,) = focal_triton.multilevel_focal_loss([x], labels, 1, reduction="none")
+    grad = torch.autograd.grad(loss, x, torch.ones_like(loss))[0]
+    loss, grad = loss.view(2, 4).cpu(), grad.view(2, 4).cpu()
+    assert loss[0, 0] == 0 and loss[1, 0] == 0 and grad[0, 0] == 0 and grad[1, 0] == 0
+    assert loss[0, 1] == inf and grad[0, 1] == 0.75
+    assert loss[0, 2] == 0 and loss[1, 2] == 0 and grad[0, 2] == 0 and grad[1, 2] == 0
+    assert torch.isnan(loss[1, 3]) and torch.isnan(grad[1, 3])
+    assert torch.isfinite(loss[0, 3]) and torch.isfinite(grad[0, 3])
+    total = focal_triton.multilevel_focal_loss([x], labels, 1)
+    assert torch.isnan(total)
+    labels[0, 3] = -2  # ignore the NaN anchor: the sum is inf (anchor 1), not NaN
+    assert focal_triton.multilevel_focal_loss([x], labels, 1).item() == inf
+
+
+def test_fractional_gamma_saturated_gradients_finite(backend, poisoned, device):
+    """0 < gamma < 1 at p_t -> 1 (|x| = 30, right class): autograd through the eager formula gives NaN there."""
+    x = torch.tensor([30.0, -30.0, -30.0, 30.0], device=device).view(1, 2, 1, 2).requires_grad_(True)
+    labels = torch.tensor([[0, 1]], device=device)
+    loss = focal_triton.multilevel_focal_loss([x], labels, 1, gamma=0.5)
+    (grad,) = torch.autograd.grad(loss, x)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert loss.item() < 1e-12 and grad.abs().max().item() < 1e-12

@@ -5,14 +5,16 @@ k = a * C + c), either NCHW-contiguous or channels_last; `cl_mask` bit l says wh
 level l is one dense block of K * HW_l elements starting at n * K * HW_l, in which element (hw, k) sits at
     k * HW_l + hw   (NCHW: contiguous along hw)      or      hw * K + k   (channels_last: contiguous along k).
 Labels are (N, M) with M = sum_l HW_l * A; anchor (hw, a) of level l is label column mb_l + hw * A + a, where
-mb_l = A * sum_{k<l} HW_k (torchvision's and detectron2's anchor order). Weights, when given, are (N, M) float32.
+mb_l = A * sum_{k<l} HW_k (torchvision's and detectron2's anchor order). Weights, when given, are (N, M) and
+per-class alphas (C,), both in the compute dtype.
 
 Tiles. A tile is [BLOCK_HW positions, BLOCK_C classes] of one anchor a of one image: one label (and weight) per row,
 shared by the BLOCK_C classes of the row, so labels and weights cost one load per anchor per class tile, not per
 logit. Per image, the tiles of level l are numbered from ts_l on: for NCHW in (a, class tile, position tile) order
 (consecutive tiles walk along hw, the contiguous axis), for channels_last in (position tile, a, class tile) order
-(consecutive tiles complete rows of K). Full tiles are unmasked, so their logits load in the widest accesses the
-compiler can prove aligned; only edge tiles are masked.
+(consecutive tiles complete rows of K). In a class-aligned head (CLASS_ALIGNED: C % 16 == 0) the channels_last tiles
+that lie inside the level are unmasked, rows of 16 aligned classes that load in 128-bit accesses; edge tiles and
+NCHW tiles (rows along hw, whose alignment is unknown) are masked.
 
 Grid: P programs per image, program (n, p) = pid n * P + p takes the tiles p, p + P, ... of image n over all levels
 (a loop over levels picks each level's pointers and sizes once with a chain of scalar selects, nothing is read from a
@@ -172,7 +174,7 @@ def multilevel_focal_kernel(
     n = pid // P
     j = pid % P
     # One accumulator per layout: the two layouts' tiles live in different register layouts, and adding one to the
-    # other would move every tile through shared memory.
+    # other in the loop would move every tile through shared memory (once, at the end, is fine).
     acc = tl.zeros([BLOCK_HW, BLOCK_C], COMPUTE_DTYPE)
     acc_cl = tl.zeros([BLOCK_HW, BLOCK_C], COMPUTE_DTYPE)
     g0 = 1.0

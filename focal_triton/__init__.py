@@ -6,9 +6,10 @@ labels, one launch) and `focal_loss` / `FocalLoss` (the same for concatenated (.
 The Triton kernels are in `focal_triton.kernels`; `focal_triton.ops` registers them as torch.ops.focal_triton.*.
 """
 from .functional import sigmoid_focal_loss
+from .distributed import global_normalizer
 from .modules import FocalLoss, MultiLevelFocalLoss, SigmoidFocalLoss
 from .multilevel import focal_loss, multilevel_focal_loss
 
 __version__ = "0.1.0"
 __all__ = ["sigmoid_focal_loss", "SigmoidFocalLoss", "focal_loss", "FocalLoss", "multilevel_focal_loss",
-           "MultiLevelFocalLoss", "__version__"]
+           "MultiLevelFocalLoss", "global_normalizer", "__version__"]

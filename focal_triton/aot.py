@@ -45,9 +45,26 @@ class Specialization:
     # ("g"), to attribute each global access of the PTX to the tensor it reads or writes.
     param_groups: dict = None
     tile_bytes: int = 0  # logit bytes one thread owns in one tile
+    tile_access_bytes: dict = None  # the same for each parameter group (the loss may be float32 under autocast)
     archs: tuple = ARCHS  # the architectures the report compiles it for
     # Loop nesting depth of the tile loop (the multi-level kernel's tile loop runs inside its loop over levels).
     tile_loop_depth: int = 1
+
+
+_TRITON_TO_TORCH = {v: k for k, v in TORCH_TO_TRITON.items()}
+
+
+def _loss_dtypes(x_dtype):
+    """Dtypes of an elementwise loss (and so of its upstream gradient): the logits', and float32 for 16-bit logits
+    under autocast."""
+    xs = TORCH_TO_TRITON[x_dtype]
+    return (xs, "fp32") if x_dtype in (torch.float16, torch.bfloat16) else (xs,)
+
+
+def _loss_archs(x_type: str, loss_type: str) -> tuple:
+    """The float32 losses of 16-bit logits (autocast) differ from the plain ones only in one pointer's type: they
+    are compiled for sm_90 only, which keeps the report's run time in check on 2 cores."""
+    return ARCHS if loss_type == x_type else (90,)
 
 
 def _target_dtypes(x_dtype):
@@ -88,25 +105,29 @@ def specializations():
                 tile_bytes = _vector_bytes(per_thread, x_dtype, t_dtype)
                 scalars = {"n": n_type, "c0": "fp32", "c1": "fp32", "gamma": "fp32", "gamma_int": "i32"}
                 tag = f"t={ts} int_gamma={int_gamma} int64={int64} n={n_type} block={cfg.block}"
-                for reduce in (False, True):
+                for reduce, loss_dtype in [(True, acc)] + [(False, d) for d in _loss_dtypes(x_dtype)]:
                     ce = sf.forward_constexprs(x_dtype, reduce, int_gamma, int64, cfg.block)
-                    sig = {"x_ptr": f"*{xs}", "t_ptr": f"*{ts}", "out_ptr": f"*{acc if reduce else xs}", **scalars,
+                    sig = {"x_ptr": f"*{xs}", "t_ptr": f"*{ts}", "out_ptr": f"*{loss_dtype}", **scalars,
                            **{k: "constexpr" for k in ce}}
                     specs.append(Specialization(
-                        sf.sigmoid_focal_fwd_kernel, sig, ce, cfg.num_warps, f"fwd x={xs} reduce={reduce} {tag}",
+                        sf.sigmoid_focal_fwd_kernel, sig, ce, cfg.num_warps,
+                        f"fwd x={xs} reduce={reduce}{'' if reduce else f' out={loss_dtype}'} {tag}",
                         aligned=(0, 1, 2), vector_load_bytes=tile_bytes, elements_per_thread=per_thread,
-                        vector_store_bytes=0 if reduce else _vector_bytes(per_thread, x_dtype)))
-                for grad_mode in ("tensor", "sum", "mean"):
+                        vector_store_bytes=0 if reduce else _vector_bytes(per_thread, _TRITON_TO_TORCH[loss_dtype]),
+                        archs=ARCHS if reduce else _loss_archs(xs, loss_dtype)))
+                for grad_mode, loss_dtype in itertools.product(("tensor", "sum", "mean"), _loss_dtypes(x_dtype)):
                     ce = sf.backward_constexprs(x_dtype, grad_mode != "tensor", grad_mode == "mean", int_gamma,
                                                 int64, cfg.block)
-                    sig = {"x_ptr": f"*{xs}", "t_ptr": f"*{ts}", "grad_out_ptr": f"*{xs}", "grad_in_ptr": f"*{xs}",
-                           **scalars, **{k: "constexpr" for k in ce}}
+                    sig = {"x_ptr": f"*{xs}", "t_ptr": f"*{ts}", "grad_out_ptr": f"*{loss_dtype}",
+                           "grad_in_ptr": f"*{xs}", **scalars, **{k: "constexpr" for k in ce}}
                     grad_bytes = _vector_bytes(per_thread, x_dtype)
+                    upstream_bytes = _vector_bytes(per_thread, _TRITON_TO_TORCH[loss_dtype])
                     specs.append(Specialization(
-                        sf.sigmoid_focal_bwd_kernel, sig, ce, cfg.num_warps, f"bwd x={xs} grad={grad_mode} {tag}",
-                        aligned=(0, 1, 2, 3),
-                        vector_load_bytes=tile_bytes + (grad_bytes if grad_mode == "tensor" else 0),
-                        vector_store_bytes=grad_bytes, elements_per_thread=per_thread))
+                        sf.sigmoid_focal_bwd_kernel, sig, ce, cfg.num_warps,
+                        f"bwd x={xs} grad={grad_mode} upstream={loss_dtype} {tag}", aligned=(0, 1, 2, 3),
+                        vector_load_bytes=tile_bytes + (upstream_bytes if grad_mode == "tensor" else 0),
+                        vector_store_bytes=grad_bytes, elements_per_thread=per_thread,
+                        archs=_loss_archs(xs, loss_dtype)))
         for mean, n_type in itertools.product((False, True), ("i32", "i64")):
             sig = {"partials_ptr": f"*{acc}", "out_ptr": f"*{xs}", "num_partials": "i32", "n": n_type,
                    "MEAN": "constexpr", "BLOCK": "constexpr"}
@@ -128,12 +149,17 @@ def multilevel_specializations():
         acc = "fp64" if x_dtype == torch.float64 else "fp32"
         tile = mf.gpu_tile(_itemsize(x_dtype))
         per_thread = tile[0] * tile[1] // (mf.GPU_NUM_WARPS * 32)
-        for lab, int_gamma, aligned_c, mode in itertools.product(
-                ("i32", "i64"), (True, False), (True, False), range(4)):
+        # MODE 1 writes, MODE 3 reads, an elementwise loss or its gradient: in the logits' dtype or, under
+        # autocast, float32.
+        loss_kinds = [(m, xs) for m in range(4)] + [(m, "fp32") for m in (1, 3) if xs in ("fp16", "bf16")]
+        for lab, int_gamma, aligned_c, (mode, loss_dtype) in itertools.product(
+                ("i32", "i64"), (True, False), (True, False), loss_kinds):
             ce = mf.kernel_constexprs(x_dtype, mode, int_gamma, aligned_c, tile)
+            ptr_types = {"x": xs, "o": loss_dtype if mode == mf.MODE_NONE else xs,
+                         "g": loss_dtype if mode == mf.MODE_GRAD_TENSOR else xs}
             sig = {}
             for group in ("x", "o", "g"):
-                sig.update({f"{group}{i}{'_' if group == 'g' else ''}": f"*{xs}" for i in range(levels)})
+                sig.update({f"{group}{i}{'_' if group == 'g' else ''}": f"*{ptr_types[group]}" for i in range(levels)})
             sig.update({f"hw{i}": "i32" for i in range(levels)})
             sig.update({f"ts{i}": "i32" for i in range(1, levels)})
             sig.update(lab_ptr=f"*{lab}", w_ptr=f"*{acc}", alpha_ptr=f"*{acc}", partials_ptr=f"*{acc}",
@@ -150,12 +176,14 @@ def multilevel_specializations():
             # Every specialization for sm_90; for sm_80 those of bf16 and fp32 logits with int64 labels (a
             # representative subset that keeps the report's run time in check on 2 cores).
             archs = ARCHS if (lab == "i64" and x_dtype in (torch.bfloat16, torch.float32)) else (90,)
+            archs = tuple(a for a in archs if a in _loss_archs(xs, loss_dtype))
             specs.append(Specialization(
                 mf.multilevel_focal_kernel, sig, ce, mf.GPU_NUM_WARPS,
                 f"multilevel x={xs} labels={lab} mode={mode} int_gamma={int_gamma} class_aligned={aligned_c} "
-                f"tile={tile[0]}x{tile[1]}", aligned=pointers,
+                f"tile={tile[0]}x{tile[1]}{f' loss={loss_dtype}' if loss_dtype != xs else ''}", aligned=pointers,
                 vector_load_bytes=wide * (2 if mode == mf.MODE_GRAD_TENSOR else 1),
                 vector_store_bytes=0 if mode == mf.MODE_SUM else wide, elements_per_thread=per_thread,
+                tile_access_bytes={g: per_thread * _itemsize(_TRITON_TO_TORCH[t]) for g, t in ptr_types.items()},
                 # masked NCHW, masked channels_last, and for a class-aligned head unmasked channels_last
                 tile_bodies=3 if aligned_c else 2, param_groups=groups, tile_bytes=per_thread * _itemsize(x_dtype),
                 archs=archs, tile_loop_depth=2))
@@ -327,6 +355,7 @@ def _compile_task(args):
             spec.constexprs.items()}, "vector_load_bytes": spec.vector_load_bytes,
             "vector_store_bytes": spec.vector_store_bytes, "elements_per_thread": spec.elements_per_thread,
             "tile_bodies": spec.tile_bodies, "tile_bytes": spec.tile_bytes, "archs": [f"sm_{a}" for a in spec.archs],
+            "tile_access_bytes": spec.tile_access_bytes or {},
             "tile_loop_depth": spec.tile_loop_depth,
             **facts}
 

@@ -25,8 +25,8 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float
         reduction: ``"none"`` (loss of inputs' shape), ``"mean"`` or ``"sum"`` (0-d). Default ``"none"``.
 
     Returns:
-        The loss in inputs' dtype; for ``"none"`` in inputs' memory layout when inputs are dense (channels_last,
-        permuted views), contiguous otherwise. Empty inputs give an empty loss, a sum of 0 and a mean of NaN.
+        The loss in inputs' dtype (float32 under ``torch.autocast``, as torchvision's there); for ``"none"`` in
+        inputs' memory layout when inputs are dense (channels_last, permuted views), contiguous otherwise. Empty inputs give an empty loss, a sum of 0 and a mean of NaN.
 
     Numerics beyond torchvision: finite for logits of any magnitude, 0 at x = +inf with target 1 (and x = -inf with
     target 0) where the eager formula gives NaN; gradients finite for every gamma >= 0, including 0 < gamma < 1 as
@@ -36,4 +36,14 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float
     alpha = check_alpha(alpha)
     gamma = check_gamma(gamma)
     reduction = check_reduction(reduction)
-    return sigmoid_focal_loss_op(inputs, targets, alpha, gamma, reduction)
+    return sigmoid_focal_loss_op(inputs, targets, alpha, gamma, reduction, autocast_upcast(inputs))
+
+
+def autocast_upcast(logits: torch.Tensor) -> bool:
+    """Whether the loss comes back in float32 rather than in the logits' dtype: under torch.autocast for the
+    logits' device, as autocast's own losses (binary_cross_entropy_with_logits, and so torchvision's focal loss)
+    do. The logits are read as they are, never upcast by a copy."""
+    try:
+        return torch.is_autocast_enabled(logits.device.type)
+    except RuntimeError:  # a device type autocast does not know (meta): no autocast there
+        return False

@@ -12,6 +12,7 @@ moves only the BCE targets to s/2 and 1 - s/2 (apex's definition); modulation an
 import torch
 
 from . import validation as V
+from .functional import autocast_upcast
 from .multilevel_ops import multilevel_focal_loss_op
 
 _NORMALIZER_DTYPES = (torch.int64,)
@@ -59,7 +60,7 @@ def multilevel_focal_loss(level_logits, labels, num_anchors, *, alpha=0.25, gamm
             (N,) tensor: loss = mean over images n of (sum over image n) / Z_n (torchvision's RetinaNet). Tensors
             stay on the device and are never read on the host. With reduction="sum" only.
         reduction: "sum" (default): a 0-d float32 loss (float64 for float64 logits); "none": the per-level
-            losses, each with its level's shape, layout and dtype.
+            losses, each with its level's shape, layout and dtype (float32 under torch.autocast).
         check_labels: verify that every label is a class, the background or the ignore value (one host sync);
             False skips it (for CUDA-graph capture): unknown labels then act as background.
 
@@ -138,5 +139,6 @@ def _class_index_loss(levels, labels, num_anchors, num_images, num_classes, labe
     norm_tensor, norm_value = _prepare_normalizer(normalizer, num_images, compute_dtype)
     out = multilevel_focal_loss_op(list(levels), labels.contiguous(), weights, alpha_tensor, float(alpha), gamma,
                                    smoothing, 0 if ignore_index is None else int(ignore_index),
-                                   ignore_index is not None, num_anchors, norm_tensor, norm_value, reduction)
+                                   ignore_index is not None, num_anchors, norm_tensor, norm_value, reduction,
+                                   autocast_upcast(first))
     return out if reduction == "none" else out[0]

@@ -1,8 +1,9 @@
 """Registered ops of the class-index focal loss over the levels of a detector head (``torch.ops.focal_triton.*``).
 
     focal_triton::multilevel_focal_loss(levels, labels, weights, alpha_per_class, alpha, gamma, smoothing,
-        ignore_index, has_ignore, num_anchors, normalizer, norm_value, reduction) -> Tensor[]
-        "sum": [loss (0-d), scale (N,)]; "none": the per-level losses, each in its level's layout.
+        ignore_index, has_ignore, num_anchors, normalizer, norm_value, reduction, upcast) -> Tensor[]
+        "sum": [loss (0-d, float32; float64 for float64 logits), scale (N,)]; "none": the per-level losses, each
+        in its level's layout and dtype (float32 with upcast, what autocast asks for).
     focal_triton::multilevel_focal_loss_backward(grads, levels, labels, weights, alpha_per_class, alpha, gamma,
         smoothing, ignore_index, has_ignore, num_anchors, scale) -> Tensor[]   (one gradient per level)
 
@@ -32,6 +33,10 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _none_dtype(x: torch.Tensor, upcast: bool) -> torch.dtype:
+    return torch.float32 if upcast and x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
 def _norm_mode(normalizer: Optional[torch.Tensor]) -> int:
     if normalizer is None:
         return 0
@@ -47,27 +52,28 @@ def multilevel_focal_loss_op(levels: List[torch.Tensor], labels: torch.Tensor, w
                              alpha_per_class: Optional[torch.Tensor], alpha: float, gamma: float, smoothing: float,
                              ignore_index: int, has_ignore: bool, num_anchors: int,
                              normalizer: Optional[torch.Tensor], norm_value: float,
-                             reduction: str) -> List[torch.Tensor]:
+                             reduction: str, upcast: bool = False) -> List[torch.Tensor]:
     x = levels[0]
     ignore = ignore_index if has_ignore else None
     alpha_arg = alpha_per_class if alpha_per_class is not None else alpha
     if _is_empty(levels):
         if reduction == "none":
-            return [torch.empty_like(lv) for lv in levels]
+            return [torch.empty_like(lv, dtype=_none_dtype(lv, upcast)) for lv in levels]
         return [torch.zeros((), dtype=_acc_dtype(x), device=x.device),
                 torch.zeros(x.shape[0], dtype=_acc_dtype(x), device=x.device)]
     impl = _implementation(x.device)
     out = impl.multilevel_focal_forward(levels, labels, weights, alpha_arg, gamma, smoothing, ignore, num_anchors,
-                                        reduction, _norm_mode(normalizer), normalizer, norm_value)
+                                        reduction, _norm_mode(normalizer), normalizer, norm_value,
+                                        _none_dtype(x, upcast))
     return list(out)
 
 
 @multilevel_focal_loss_op.register_fake
 def _(levels, labels, weights, alpha_per_class, alpha, gamma, smoothing, ignore_index, has_ignore, num_anchors,
-      normalizer, norm_value, reduction):
+      normalizer, norm_value, reduction, upcast=False):
     x = levels[0]
     if reduction == "none":
-        return [torch.empty_like(lv) for lv in levels]
+        return [torch.empty_like(lv, dtype=_none_dtype(lv, upcast)) for lv in levels]
     return [x.new_empty((), dtype=_acc_dtype(x)), x.new_empty((x.shape[0],), dtype=_acc_dtype(x))]
 
 
@@ -97,7 +103,7 @@ def _(grads, levels, labels, weights, alpha_per_class, alpha, gamma, smoothing, 
 
 def _setup_context(ctx, inputs, output):
     (levels, labels, weights, alpha_per_class, alpha, gamma, smoothing, ignore_index, has_ignore, num_anchors,
-     normalizer, norm_value, reduction) = inputs
+     normalizer, norm_value, reduction, upcast) = inputs
     scale = output[1] if reduction != "none" else None
     ctx.num_levels = len(levels)
     ctx.reduction = reduction
@@ -115,7 +121,7 @@ def _backward(ctx, grads):
         upstream = [grads[0] if grads[0] is not None else torch.zeros((), dtype=scale.dtype, device=scale.device)]
     grad_levels = multilevel_focal_loss_backward_op(upstream, levels, labels, weights, alpha_per_class,
                                                     *ctx.params, scale if ctx.reduction != "none" else None)
-    return grad_levels, None, None, None, None, None, None, None, None, None, None, None, None
+    return grad_levels, None, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 multilevel_focal_loss_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,10 +1,11 @@
 """The registered PyTorch ops (``torch.ops.focal_triton.*``): device dispatch, fake (meta) shapes and autograd.
 
-    focal_triton::sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction) -> loss
+    focal_triton::sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction, upcast) -> loss
     focal_triton::sigmoid_focal_loss_backward(grad, inputs, targets, alpha, gamma, reduction) -> grad_inputs
 
-Arguments arrive validated (see `focal_triton.functional`). The forward saves only inputs and targets; the
-backward recomputes everything else in one pass.
+Arguments arrive validated (see `focal_triton.functional`). upcast: return the loss in float32 instead of the
+logits' dtype (what `focal_triton.functional` asks for under autocast). The forward saves only inputs and targets;
+the backward recomputes everything else in one pass.
 """
 import torch
 
@@ -21,26 +22,31 @@ def _implementation(device: torch.device):
     return torch_path
 
 
-def _empty_result(x: torch.Tensor, reduction: str) -> torch.Tensor:
+def _loss_dtype(x: torch.Tensor, upcast: bool) -> torch.dtype:
+    return torch.float32 if upcast and x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def _empty_result(x: torch.Tensor, reduction: str, upcast: bool) -> torch.Tensor:
     if reduction == "none":
-        return torch.empty_like(x)
+        return torch.empty_like(x, dtype=_loss_dtype(x, upcast))
     # torch's conventions for an empty tensor: sum 0, mean NaN.
-    return torch.full((), 0.0 if reduction == "sum" else float("nan"), dtype=x.dtype, device=x.device)
+    return torch.full((), 0.0 if reduction == "sum" else float("nan"), dtype=_loss_dtype(x, upcast), device=x.device)
 
 
 @torch.library.custom_op("focal_triton::sigmoid_focal_loss", mutates_args=())
 def sigmoid_focal_loss_op(inputs: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float,
-                          reduction: str) -> torch.Tensor:
+                          reduction: str, upcast: bool = False) -> torch.Tensor:
     x, t = dense_operands(inputs, targets)
     if x.numel() == 0:
-        return _empty_result(x, reduction)
-    return _implementation(x.device).sigmoid_focal_forward(x, t, alpha, gamma, reduction)
+        return _empty_result(x, reduction, upcast)
+    return _implementation(x.device).sigmoid_focal_forward(x, t, alpha, gamma, reduction, _loss_dtype(x, upcast))
 
 
 @sigmoid_focal_loss_op.register_fake
-def _(inputs, targets, alpha, gamma, reduction):
+def _(inputs, targets, alpha, gamma, reduction, upcast=False):
     x, _ = dense_operands(inputs, targets)
-    return torch.empty_like(x) if reduction == "none" else x.new_empty(())
+    dtype = _loss_dtype(x, upcast)
+    return torch.empty_like(x, dtype=dtype) if reduction == "none" else x.new_empty((), dtype=dtype)
 
 
 @torch.library.custom_op("focal_triton::sigmoid_focal_loss_backward", mutates_args=())
@@ -62,7 +68,7 @@ def _(grad, inputs, targets, alpha, gamma, reduction):
 
 
 def _setup_context(ctx, inputs, output):
-    logits, targets, alpha, gamma, reduction = inputs
+    logits, targets, alpha, gamma, reduction, upcast = inputs
     ctx.save_for_backward(logits, targets)
     ctx.params = (alpha, gamma, reduction)
 
@@ -72,7 +78,7 @@ def _backward(ctx, grad):
     grad_logits = None
     if ctx.needs_input_grad[0]:
         grad_logits = sigmoid_focal_loss_backward_op(grad, logits, targets, *ctx.params)
-    return grad_logits, None, None, None, None
+    return grad_logits, None, None, None, None, None
 
 
 sigmoid_focal_loss_op.register_autograd(_backward, setup_context=_setup_context)

@@ -60,13 +60,14 @@ def _chunks(n: int):
 
 
 @torch.no_grad()
-def sigmoid_focal_forward(x, t, alpha: float, gamma: float, reduction: str):
+def sigmoid_focal_forward(x, t, alpha: float, gamma: float, reduction: str, out_dtype=None):
     """Same contract as `focal_triton.kernels.sigmoid_focal_forward`: dense x, t with equal strides, n > 0; the
     elementwise loss in x's layout for "none", else the 0-d sum / mean in x's dtype."""
     n = x.numel()
     cdt = compute_dtype(x.dtype)
     x_flat, t_flat = flat(x), flat(t)
-    out = torch.empty_like(x) if reduction == "none" else None
+    out_dtype = out_dtype or x.dtype
+    out = torch.empty_like(x, dtype=out_dtype) if reduction == "none" else None
     out_flat = flat(out) if out is not None else None
     partials = []
     for s, e in _chunks(n):
@@ -80,7 +81,7 @@ def sigmoid_focal_forward(x, t, alpha: float, gamma: float, reduction: str):
     total = torch.stack(partials).sum()
     if reduction == "mean":
         total = total / n
-    return total.to(x.dtype)
+    return total.to(out_dtype)
 
 
 @torch.no_grad()

@@ -65,11 +65,11 @@ def _chunk_terms(x, lab, w, alpha, gamma, smoothing, ignore_index, want_grad):
 
 @torch.no_grad()
 def multilevel_focal_forward(levels, labels, weights, alpha, gamma, smoothing, ignore_index, num_anchors,
-                             reduction, norm_mode=0, normalizer=None, norm_value=1.0):
+                             reduction, norm_mode=0, normalizer=None, norm_value=1.0, out_dtype=None):
     cdt = compute_dtype(levels[0].dtype)
     views = [_anchor_view(lv, num_anchors) for lv in levels]
     if reduction == "none":
-        outs = [torch.empty_like(lv) for lv in levels]
+        outs = [torch.empty_like(lv, dtype=out_dtype or lv.dtype) for lv in levels]
         out_views = [_anchor_view(o, num_anchors) for o in outs]
         for li, n, sl, lab, w in _level_chunks(levels, labels, weights, num_anchors):
             loss, _ = _chunk_terms(views[li][n, sl].to(cdt), lab, w, alpha, gamma, smoothing, ignore_index, False)

@@ -26,6 +26,11 @@ def _number(name: str, value) -> float:
     return float(value)
 
 
+def _finite(v: float) -> bool:
+    # Not math.isfinite: torch.compile traces this module, and comparisons of Python floats stay constants.
+    return v == v and v not in (float("inf"), float("-inf"))
+
+
 def check_alpha(alpha) -> float:
     alpha = _number("alpha", alpha)
     # torchvision's condition and message; NaN and +-inf fail it too.
@@ -36,7 +41,7 @@ def check_alpha(alpha) -> float:
 
 def check_gamma(gamma) -> float:
     gamma = _number("gamma", gamma)
-    if not (math.isfinite(gamma) and gamma >= 0):
+    if not (_finite(gamma) and gamma >= 0):
         raise ValueError(f"gamma must be a finite number >= 0, got {gamma}")
     return gamma
 
@@ -118,6 +123,12 @@ def check_label_range(labels, num_classes: int, background: int, ignore_index) -
     ok = ((labels >= 0) & (labels < num_classes)) | (labels == background)
     if ignore_index is not None:
         ok |= labels == ignore_index
+    if torch.compiler.is_compiling():
+        # Inside torch.compile: a device-side assertion (no graph break, no host sync). On CUDA a failure aborts
+        # the process with this message, as a device assert does.
+        torch._assert_async(ok.all(), f"labels must be a class in [0, {num_classes}), the background value "
+                                      f"{background} or the ignore value {ignore_index} (check_labels)")
+        return
     if not bool(ok.all()):
         bad = (~ok).nonzero()[0].tolist()
         allowed = f"a class in [0, {num_classes}), background = {background}"
@@ -171,7 +182,7 @@ def check_normalizer(normalizer, num_images: int, device, reduction: str):
                          "per-element losses yourself")
     if not isinstance(normalizer, torch.Tensor):
         value = _number("normalizer", normalizer) if not isinstance(normalizer, bool) else None
-        if value is None or not (math.isfinite(value) and value > 0):
+        if value is None or not (_finite(value) and value > 0):
             raise ValueError(f"normalizer must be a finite number > 0 or a tensor, got {normalizer!r}")
         return value
     if normalizer.dtype == torch.bool or normalizer.is_complex():

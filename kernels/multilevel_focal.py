@@ -366,16 +366,17 @@ def _launch(mode, levels, outs, grads, labels, weights, alpha, gamma, smoothing,
 
 
 def multilevel_focal_forward(levels, labels, weights, alpha, gamma, smoothing, ignore_index, num_anchors,
-                             reduction, norm_mode=0, normalizer=None, norm_value=1.0):
+                             reduction, norm_mode=0, normalizer=None, norm_value=1.0, out_dtype=None):
     """levels: NCHW-contiguous or channels_last (N, A*C, H, W) tensors, N * tiles > 0; labels (N, M) int32/int64
     contiguous; weights None or (N, M) float32 contiguous; alpha a number or a (C,) float32 tensor.
 
-    "none": a list of per-level losses in each level's layout and dtype. "sum": (loss, scale), loss 0-d in the
+    "none": a list of per-level losses in each level's layout, in out_dtype (default: the levels' dtype; float32
+    under autocast). "sum": (loss, scale), loss 0-d in the
     accumulation dtype (float32, float64 for float64 logits) and scale (N,) the per-image factor the normalizer
     gave (needed by the backward)."""
     x = levels[0]
     if reduction == "none":
-        outs = [torch.empty_like(lv) for lv in levels]
+        outs = [torch.empty_like(lv, dtype=out_dtype or lv.dtype) for lv in levels]
         _launch(MODE_NONE, levels, outs, [], labels, weights, alpha, gamma, smoothing, ignore_index, num_anchors)
         return outs
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32

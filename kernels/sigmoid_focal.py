@@ -180,8 +180,10 @@ def backward_constexprs(x_dtype, grad_scalar: bool, mean: bool, int_gamma: bool,
                 INT64=int64, BLOCK=block)
 
 
-def sigmoid_focal_forward(x: torch.Tensor, t: torch.Tensor, alpha: float, gamma: float, reduction: str):
-    """Loss of dense x, t (same strides, n > 0): elementwise in x's layout for "none", else a 0-d tensor.
+def sigmoid_focal_forward(x: torch.Tensor, t: torch.Tensor, alpha: float, gamma: float, reduction: str,
+                          out_dtype: torch.dtype = None):
+    """Loss of dense x, t (same strides, n > 0): elementwise in x's layout for "none", else a 0-d tensor; in
+    out_dtype (x's dtype by default; float32 under autocast).
 
     Launches one fused kernel, plus for sum/mean one single-program kernel over the per-program partial sums.
     """
@@ -194,7 +196,8 @@ def sigmoid_focal_forward(x: torch.Tensor, t: torch.Tensor, alpha: float, gamma:
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     # For a reduction, an empty stand-in for the partial sums sizes the grid (only its type and alignment matter),
     # then the real buffer gets one float per program.
-    out = torch.empty(0, dtype=acc_dtype, device=x.device) if reduce else torch.empty_like(x)
+    out_dtype = out_dtype or x.dtype
+    out = torch.empty(0, dtype=acc_dtype, device=x.device) if reduce else torch.empty_like(x, dtype=out_dtype)
     args = [x, t, out, n, c0, c1, gamma_f, gamma_i]
     with device_guard(x.device):
         grid = persistent_grid(sigmoid_focal_fwd_kernel, args, constexprs, cfg, n, x.device)
@@ -203,15 +206,15 @@ def sigmoid_focal_forward(x: torch.Tensor, t: torch.Tensor, alpha: float, gamma:
         sigmoid_focal_fwd_kernel[(grid,)](*args, num_warps=cfg.num_warps, **constexprs)
         if not reduce:
             return args[2]
-        result = torch.empty((), dtype=x.dtype, device=x.device)
+        result = torch.empty((), dtype=out_dtype, device=x.device)
         sum_partials_kernel[(1,)](args[2], result, grid, n, MEAN=reduction == "mean", BLOCK=PARTIAL_SUM_BLOCK)
     return result
 
 
 def sigmoid_focal_backward(grad_out: torch.Tensor, x: torch.Tensor, t: torch.Tensor, alpha: float, gamma: float,
                            reduction: str) -> torch.Tensor:
-    """Gradient w.r.t. x in x's layout and dtype. grad_out: 0-d (mean/sum, or an expanded scalar for "none",
-    passed as its one element) or dense with x's strides."""
+    """Gradient w.r.t. x in x's layout and dtype. grad_out (in the loss's dtype, which may be float32 for 16-bit
+    x): 0-d (mean/sum, or an expanded scalar for "none", passed as its one element) or dense with x's strides."""
     n = x.numel()
     cfg = config_for(x.device, x.element_size())
     c0, c1 = alpha_coefficients(alpha)

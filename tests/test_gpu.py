@@ -106,3 +106,49 @@ def test_multilevel_no_host_sync():
         focal_triton.multilevel_focal_loss(xs, labels, 9, **kw).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_multilevel_cuda_graph_capture_and_replay():
+    """The loss stage (normalizer, forward, backward) captured in a CUDA graph: a replay on new labels in the same
+    buffer equals the eager result, loss and gradients."""
+    levels, labels = _coco_head(2, torch.bfloat16, False, h=256, w=320)
+    levels = [x.detach().requires_grad_(True) for x in levels]
+    static_labels = labels.clone()
+
+    def step():
+        norm = (static_labels >= 0).sum(1).clamp(min=1)
+        loss = focal_triton.multilevel_focal_loss(levels, static_labels, 9, normalizer=norm, check_labels=False)
+        loss.backward()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    for x in levels:
+        x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step()
+    new_labels = torch.roll(labels, 7, dims=1)
+    static_labels.copy_(new_labels)
+    for x in levels:
+        x.grad.zero_()
+    graph.replay()
+    xs = [x.detach().requires_grad_(True) for x in levels]
+    ref = focal_triton.multilevel_focal_loss(xs, new_labels, 9, normalizer=(new_labels >= 0).sum(1).clamp(min=1))
+    ref.backward()
+    assert torch.equal(static_loss, ref)
+    assert all(torch.equal(x.grad, r.grad) for x, r in zip(levels, xs))
+
+
+def test_autocast_cuda_no_upcast_copy():
+    """On CUDA under autocast(float16): float32 loss from the float16 logits, float16 gradients."""
+    levels, labels = _coco_head(2, torch.float16, True, h=128, w=160)
+    xs = [x.detach().requires_grad_(True) for x in levels]
+    with torch.autocast("cuda", dtype=torch.float16):
+        loss = focal_triton.multilevel_focal_loss(xs, labels, 9, normalizer=(labels >= 0).sum(1).clamp(min=1))
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert all(x.grad.dtype == torch.float16 for x in xs)

@@ -52,7 +52,7 @@ def multilevel_focal_loss_op(levels: List[torch.Tensor], labels: torch.Tensor, w
                              alpha_per_class: Optional[torch.Tensor], alpha: float, gamma: float, smoothing: float,
                              ignore_index: int, has_ignore: bool, num_anchors: int,
                              normalizer: Optional[torch.Tensor], norm_value: float,
-                             reduction: str, upcast: bool = False) -> List[torch.Tensor]:
+                             reduction: str, upcast: bool) -> List[torch.Tensor]:
     x = levels[0]
     ignore = ignore_index if has_ignore else None
     alpha_arg = alpha_per_class if alpha_per_class is not None else alpha
@@ -70,7 +70,7 @@ def multilevel_focal_loss_op(levels: List[torch.Tensor], labels: torch.Tensor, w
 
 @multilevel_focal_loss_op.register_fake
 def _(levels, labels, weights, alpha_per_class, alpha, gamma, smoothing, ignore_index, has_ignore, num_anchors,
-      normalizer, norm_value, reduction, upcast=False):
+      normalizer, norm_value, reduction, upcast):
     x = levels[0]
     if reduction == "none":
         return [torch.empty_like(lv, dtype=_none_dtype(lv, upcast)) for lv in levels]
@@ -121,7 +121,8 @@ def _backward(ctx, grads):
         upstream = [grads[0] if grads[0] is not None else torch.zeros((), dtype=scale.dtype, device=scale.device)]
     grad_levels = multilevel_focal_loss_backward_op(upstream, levels, labels, weights, alpha_per_class,
                                                     *ctx.params, scale if ctx.reduction != "none" else None)
-    return grad_levels, None, None, None, None, None, None, None, None, None, None, None, None, None
+    # One entry per input of the op: the levels' gradients, nothing for the other 13 inputs.
+    return (grad_levels,) + (None,) * 13
 
 
 multilevel_focal_loss_op.register_autograd(_backward, setup_context=_setup_context)

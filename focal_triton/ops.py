@@ -35,7 +35,7 @@ def _empty_result(x: torch.Tensor, reduction: str, upcast: bool) -> torch.Tensor
 
 @torch.library.custom_op("focal_triton::sigmoid_focal_loss", mutates_args=())
 def sigmoid_focal_loss_op(inputs: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float,
-                          reduction: str, upcast: bool = False) -> torch.Tensor:
+                          reduction: str, upcast: bool) -> torch.Tensor:
     x, t = dense_operands(inputs, targets)
     if x.numel() == 0:
         return _empty_result(x, reduction, upcast)
@@ -43,7 +43,7 @@ def sigmoid_focal_loss_op(inputs: torch.Tensor, targets: torch.Tensor, alpha: fl
 
 
 @sigmoid_focal_loss_op.register_fake
-def _(inputs, targets, alpha, gamma, reduction, upcast=False):
+def _(inputs, targets, alpha, gamma, reduction, upcast):
     x, _ = dense_operands(inputs, targets)
     dtype = _loss_dtype(x, upcast)
     return torch.empty_like(x, dtype=dtype) if reduction == "none" else x.new_empty((), dtype=dtype)

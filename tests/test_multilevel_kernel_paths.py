@@ -75,7 +75,7 @@ def test_opcheck(backend, device, reduction):
     weights = torch.rand(labels.shape, device=device)
     alpha = torch.rand(3, device=device)
     norm = torch.tensor([2.0, 3.0], device=device) if reduction == "sum" else None
-    args = (levels, labels, weights, alpha, 0.0, 2.0, 0.1, -2, True, 2, norm, 1.0, reduction)
+    args = (levels, labels, weights, alpha, 0.0, 2.0, 0.1, -2, True, 2, norm, 1.0, reduction, False)
     torch.library.opcheck(multilevel_focal_loss_op, args)
     if reduction == "sum":
         scale = torch.tensor([0.25, 1 / 6], device=device)

@@ -7,9 +7,10 @@ The Triton kernels are in `focal_triton.kernels`; `focal_triton.ops` registers t
 """
 from .functional import sigmoid_focal_loss
 from .distributed import global_normalizer
+from .init import init_prior_bias_
 from .modules import FocalLoss, MultiLevelFocalLoss, SigmoidFocalLoss
 from .multilevel import focal_loss, multilevel_focal_loss
 
 __version__ = "0.1.0"
 __all__ = ["sigmoid_focal_loss", "SigmoidFocalLoss", "focal_loss", "FocalLoss", "multilevel_focal_loss",
-           "MultiLevelFocalLoss", "global_normalizer", "__version__"]
+           "MultiLevelFocalLoss", "global_normalizer", "init_prior_bias_", "__version__"]

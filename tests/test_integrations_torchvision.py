@@ -1,0 +1,103 @@
+"""focal_triton.integrations.torchvision: a torchvision RetinaNet / FCOS switched to focal_triton in place trains
+exactly like the stock model (losses and every parameter gradient) and detects exactly like it in eval mode. Random
+weights, synthetic images and boxes: nothing is downloaded."""
+import copy
+
+import pytest
+import torch
+from torchvision.models.detection import fcos_resnet50_fpn, retinanet_resnet50_fpn
+
+import focal_triton
+from focal_triton.integrations.torchvision import LevelLogits, use_focal_triton
+
+NUM_CLASSES = 5
+BUILDERS = {"retinanet": retinanet_resnet50_fpn, "fcos": fcos_resnet50_fpn}
+
+
+def _model(kind):
+    torch.manual_seed(0)
+    # Small images (the transform resizes to 96..128) keep the heads small enough for the Triton interpreter.
+    return BUILDERS[kind](weights=None, weights_backbone=None, num_classes=NUM_CLASSES, min_size=96, max_size=128)
+
+
+def _batch(device, with_empty_image=True):
+    g = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 96, 128, generator=g).to(device) for _ in range(3)]
+    targets = []
+    for i in range(3):
+        n = 0 if (with_empty_image and i == 2) else 3
+        xy = torch.rand(n, 2, generator=g) * torch.tensor([80.0, 60.0])
+        wh = 12 + torch.rand(n, 2, generator=g) * 30
+        targets.append({"boxes": torch.cat([xy, xy + wh], dim=1).to(device),
+                        "labels": torch.randint(0, NUM_CLASSES, (n,), generator=g).to(device)})
+    return images, targets
+
+
+def _losses_and_grads(model, images, targets):
+    model.train()
+    model.zero_grad()
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    return losses, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", ["retinanet", "fcos"])
+def test_patched_model_trains_like_the_stock_one(backend, device, kind):
+    stock = _model(kind).to(device)
+    patched = use_focal_triton(copy.deepcopy(stock))
+    images, targets = _batch(device)
+    ref_losses, ref_grads = _losses_and_grads(stock, images, targets)
+    losses, grads = _losses_and_grads(patched, images, targets)
+    assert losses.keys() == ref_losses.keys()
+    for key in losses:
+        torch.testing.assert_close(losses[key], ref_losses[key], rtol=1e-5, atol=1e-7, msg=key)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 50
+    for name in grads:
+        # float32 through a ResNet-50 in train mode (batch norm couples every element): the loss gradients differ
+        # from torchvision's by rounding (order of sums), which reaches 1e-5 of each tensor's scale in the backbone.
+        scale = ref_grads[name].abs().max().item()
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=0, atol=1e-4 * scale, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["retinanet", "fcos"])
+def test_training_head_returns_the_levels_uncatenated(device, kind):
+    model = use_focal_triton(_model(kind)).to(device).train()
+    images, _ = _batch(device)
+    image_list, _ = model.transform(images)
+    features = list(model.backbone(image_list.tensors).values())
+    levels = model.head.classification_head(features)
+    assert isinstance(levels, LevelLogits) and len(levels) == len(features)
+    for level, f in zip(levels, features):
+        a = model.head.classification_head.num_anchors
+        assert level.shape == (f.shape[0], a * NUM_CLASSES, f.shape[2], f.shape[3])
+
+
+@pytest.mark.parametrize("kind", ["retinanet", "fcos"])
+def test_eval_detections_unchanged(device, kind):
+    stock = _model(kind).to(device).eval()
+    patched = use_focal_triton(copy.deepcopy(stock)).eval()
+    images, _ = _batch(device)
+    with torch.no_grad():
+        ref, out = stock(images), patched(images)
+    for r, o in zip(ref, out):
+        for key in ("boxes", "scores", "labels"):
+            assert torch.equal(r[key], o[key]), key
+
+
+def test_rejects_other_models():
+    with pytest.raises(TypeError, match="RetinaNet or FCOS"):
+        use_focal_triton(torch.nn.Linear(2, 2))
+
+
+def test_init_prior_bias():
+    """The paper's initialization: the classification bias is -log((1 - pi) / pi), so sigmoid(bias) = pi."""
+    conv = torch.nn.Conv2d(8, 9 * NUM_CLASSES, 3, padding=1)
+    assert focal_triton.init_prior_bias_(conv) is conv
+    torch.testing.assert_close(torch.sigmoid(conv.bias), torch.full_like(conv.bias, 0.01))
+    bias = torch.zeros(7)
+    focal_triton.init_prior_bias_(bias, prior=0.2)
+    torch.testing.assert_close(bias, torch.full((7,), -torch.log(torch.tensor(4.0)).item()))
+    with pytest.raises(ValueError, match="prior"):
+        focal_triton.init_prior_bias_(conv, prior=1.0)
+    with pytest.raises(ValueError, match="bias"):
+        focal_triton.init_prior_bias_(torch.nn.Conv2d(2, 2, 1, bias=False))

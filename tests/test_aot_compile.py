@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of every kernel specialization for sm_80 and sm_90, without a GPU.
 
 Runs `python -m focal_triton.aot` in a child process without TRITON_INTERPRET (interpreted kernels cannot be
-compiled) and checks the facts of each compiled kernel: it compiles, spills nothing, moves its tiles with 128-bit
+compiled), started by conftest.py when the tests are collected, and checks the facts of each compiled kernel: it compiles, spills nothing, moves its tiles with 128-bit
 global loads and stores, indexes with 64 bits exactly where it must, and uses the transcendentals it promises.
 """
 import json
@@ -9,20 +9,36 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
 ARCHS = {"sm_80", "sm_90"}
 
 
-@pytest.fixture(scope="module")
-def facts(tmp_path_factory):
-    out = tmp_path_factory.mktemp("aot") / "facts.json"
+def start_report():
+    """Start `python -m focal_triton.aot` in a child process without TRITON_INTERPRET (interpreted kernels cannot be
+    compiled); returns (process, path of its JSON facts). Called by conftest.py at collection time."""
+    out = Path(tempfile.mkdtemp(prefix="focal_triton_aot_")) / "facts.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-m", "focal_triton.aot", "--json", str(out), "--workers", "2"],
-                       capture_output=True, text=True, env=env, timeout=1200)
+    # Output to a file, not a pipe: nobody reads a pipe until the end, and a full one would stall the child.
+    with open(out.with_suffix(".log"), "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "focal_triton.aot", "--json", str(out), "--workers", "2"],
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
+    return proc, out
+
+
+@pytest.fixture(scope="module")
+def facts(request):
+    proc, out = getattr(request.config, "focal_triton_aot", None) or start_report()
+    try:
+        proc.wait(timeout=1500)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the compile report ran past 25 minutes")
     if not out.exists():
-        pytest.fail(f"the compile report did not run:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+        pytest.fail(f"the compile report did not run:\n{out.with_suffix('.log').read_text()[-6000:]}")
     return json.loads(out.read_text())
 
 

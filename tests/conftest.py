@@ -27,7 +27,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
     # The ahead-of-time compile report (minutes of ptxas) starts now in a child process and its tests run last, so
     # the rest of the suite runs meanwhile (tests/test_aot_compile.py).
-    aot = [item for item in items if item.module.__name__ == "test_aot_compile"]
+    aot = [item for item in items if getattr(getattr(item, "module", None), "__name__", "") == "test_aot_compile"]
     if aot:
         items[:] = [item for item in items if item not in aot] + aot
         config.focal_triton_aot = aot[0].module.start_report()

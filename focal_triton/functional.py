@@ -26,7 +26,8 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float
 
     Returns:
         The loss in inputs' dtype (float32 under ``torch.autocast``, as torchvision's there); for ``"none"`` in
-        inputs' memory layout when inputs are dense (channels_last, permuted views), contiguous otherwise. Empty inputs give an empty loss, a sum of 0 and a mean of NaN.
+        inputs' memory layout when inputs are dense (channels_last, permuted views), contiguous otherwise. Empty
+        inputs give an empty loss, a sum of 0 and a mean of NaN.
 
     Numerics beyond torchvision: finite for logits of any magnitude, 0 at x = +inf with target 1 (and x = -inf with
     target 0) where the eager formula gives NaN; gradients finite for every gamma >= 0, including 0 < gamma < 1 as

@@ -19,6 +19,7 @@ import torch
 from . import torch_path_multilevel
 from .dispatch import select_backend
 from .layout import like
+from .ops import loss_dtype
 
 
 def _implementation(device: torch.device):
@@ -31,10 +32,6 @@ def _implementation(device: torch.device):
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _none_dtype(x: torch.Tensor, upcast: bool) -> torch.dtype:
-    return torch.float32 if upcast and x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
 def _norm_mode(normalizer: Optional[torch.Tensor]) -> int:
@@ -58,13 +55,13 @@ def multilevel_focal_loss_op(levels: List[torch.Tensor], labels: torch.Tensor, w
     alpha_arg = alpha_per_class if alpha_per_class is not None else alpha
     if _is_empty(levels):
         if reduction == "none":
-            return [torch.empty_like(lv, dtype=_none_dtype(lv, upcast)) for lv in levels]
+            return [torch.empty_like(lv, dtype=loss_dtype(lv, upcast)) for lv in levels]
         return [torch.zeros((), dtype=_acc_dtype(x), device=x.device),
                 torch.zeros(x.shape[0], dtype=_acc_dtype(x), device=x.device)]
     impl = _implementation(x.device)
     out = impl.multilevel_focal_forward(levels, labels, weights, alpha_arg, gamma, smoothing, ignore, num_anchors,
                                         reduction, _norm_mode(normalizer), normalizer, norm_value,
-                                        _none_dtype(x, upcast))
+                                        loss_dtype(x, upcast))
     return list(out)
 
 
@@ -73,7 +70,7 @@ def _(levels, labels, weights, alpha_per_class, alpha, gamma, smoothing, ignore_
       normalizer, norm_value, reduction, upcast):
     x = levels[0]
     if reduction == "none":
-        return [torch.empty_like(lv, dtype=_none_dtype(lv, upcast)) for lv in levels]
+        return [torch.empty_like(lv, dtype=loss_dtype(lv, upcast)) for lv in levels]
     return [x.new_empty((), dtype=_acc_dtype(x)), x.new_empty((x.shape[0],), dtype=_acc_dtype(x))]
 
 

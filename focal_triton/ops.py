@@ -22,15 +22,16 @@ def _implementation(device: torch.device):
     return torch_path
 
 
-def _loss_dtype(x: torch.Tensor, upcast: bool) -> torch.dtype:
+def loss_dtype(x: torch.Tensor, upcast: bool) -> torch.dtype:
+    """The dtype of an elementwise loss: the logits', or float32 for 16-bit logits when upcast (autocast)."""
     return torch.float32 if upcast and x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
 def _empty_result(x: torch.Tensor, reduction: str, upcast: bool) -> torch.Tensor:
     if reduction == "none":
-        return torch.empty_like(x, dtype=_loss_dtype(x, upcast))
+        return torch.empty_like(x, dtype=loss_dtype(x, upcast))
     # torch's conventions for an empty tensor: sum 0, mean NaN.
-    return torch.full((), 0.0 if reduction == "sum" else float("nan"), dtype=_loss_dtype(x, upcast), device=x.device)
+    return torch.full((), 0.0 if reduction == "sum" else float("nan"), dtype=loss_dtype(x, upcast), device=x.device)
 
 
 @torch.library.custom_op("focal_triton::sigmoid_focal_loss", mutates_args=())
@@ -39,13 +40,13 @@ def sigmoid_focal_loss_op(inputs: torch.Tensor, targets: torch.Tensor, alpha: fl
     x, t = dense_operands(inputs, targets)
     if x.numel() == 0:
         return _empty_result(x, reduction, upcast)
-    return _implementation(x.device).sigmoid_focal_forward(x, t, alpha, gamma, reduction, _loss_dtype(x, upcast))
+    return _implementation(x.device).sigmoid_focal_forward(x, t, alpha, gamma, reduction, loss_dtype(x, upcast))
 
 
 @sigmoid_focal_loss_op.register_fake
 def _(inputs, targets, alpha, gamma, reduction, upcast):
     x, _ = dense_operands(inputs, targets)
-    dtype = _loss_dtype(x, upcast)
+    dtype = loss_dtype(x, upcast)
     return torch.empty_like(x, dtype=dtype) if reduction == "none" else x.new_empty((), dtype=dtype)
 
 

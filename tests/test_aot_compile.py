@@ -1,8 +1,9 @@
 """Ahead-of-time compilation of every kernel specialization for sm_80 and sm_90, without a GPU.
 
 Runs `python -m focal_triton.aot` in a child process without TRITON_INTERPRET (interpreted kernels cannot be
-compiled), started by conftest.py when the tests are collected, and checks the facts of each compiled kernel: it compiles, spills nothing, moves its tiles with 128-bit
-global loads and stores, indexes with 64 bits exactly where it must, and uses the transcendentals it promises.
+compiled), started by conftest.py when the tests are collected, and checks the facts of each compiled kernel: it
+compiles, spills nothing, moves its tiles with 128-bit global loads and stores, indexes with 64 bits exactly where it
+must, and uses the transcendentals it promises.
 """
 import json
 import os

@@ -14,19 +14,20 @@ import torch
 from . import validation as V
 from .functional import autocast_upcast
 from .multilevel_ops import multilevel_focal_loss_op
+from .torch_path import compute_dtype
 
 _NORMALIZER_DTYPES = (torch.int64,)
 
 
-def _prepare_normalizer(normalizer, num_images, compute_dtype):
+def _prepare_normalizer(normalizer, num_images, dtype):
     """(tensor or None, host number): tensors kept on the device (never read), in the compute dtype or int64."""
     if not isinstance(normalizer, torch.Tensor):
         return None, 1.0 if normalizer is None else float(normalizer)
     t = normalizer
     if t.dim() == 1 and t.shape[0] == 1 and num_images != 1:
         t = t.reshape(())
-    if t.dtype not in _NORMALIZER_DTYPES + (compute_dtype,):
-        t = t.to(compute_dtype)
+    if t.dtype not in _NORMALIZER_DTYPES + (dtype,):
+        t = t.to(dtype)
     return t.contiguous(), 1.0
 
 
@@ -130,13 +131,13 @@ def _class_index_loss(levels, labels, num_anchors, num_images, num_classes, labe
     if check_labels and labels.numel():
         V.check_label_range(labels, num_classes, background, ignore_index)
 
-    compute_dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+    cdt = compute_dtype(first.dtype)
     alpha_tensor = None
     if isinstance(alpha, torch.Tensor):
-        alpha_tensor, alpha = alpha.detach().to(compute_dtype).contiguous(), 0.0
+        alpha_tensor, alpha = alpha.detach().to(cdt).contiguous(), 0.0
     if weights is not None:
-        weights = weights.to(compute_dtype).contiguous()
-    norm_tensor, norm_value = _prepare_normalizer(normalizer, num_images, compute_dtype)
+        weights = weights.to(cdt).contiguous()
+    norm_tensor, norm_value = _prepare_normalizer(normalizer, num_images, cdt)
     out = multilevel_focal_loss_op(list(levels), labels.contiguous(), weights, alpha_tensor, float(alpha), gamma,
                                    smoothing, 0 if ignore_index is None else int(ignore_index),
                                    ignore_index is not None, num_anchors, norm_tensor, norm_value, reduction,

@@ -20,6 +20,7 @@ from . import torch_path_multilevel
 from .dispatch import select_backend
 from .layout import like
 from .ops import loss_dtype
+from .torch_path import compute_dtype
 
 
 def _implementation(device: torch.device):
@@ -28,10 +29,6 @@ def _implementation(device: torch.device):
 
         return multilevel_focal
     return torch_path_multilevel
-
-
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _norm_mode(normalizer: Optional[torch.Tensor]) -> int:
@@ -56,8 +53,8 @@ def multilevel_focal_loss_op(levels: List[torch.Tensor], labels: torch.Tensor, w
     if _is_empty(levels):
         if reduction == "none":
             return [torch.empty_like(lv, dtype=loss_dtype(lv, upcast)) for lv in levels]
-        return [torch.zeros((), dtype=_acc_dtype(x), device=x.device),
-                torch.zeros(x.shape[0], dtype=_acc_dtype(x), device=x.device)]
+        return [torch.zeros((), dtype=compute_dtype(x.dtype), device=x.device),
+                torch.zeros(x.shape[0], dtype=compute_dtype(x.dtype), device=x.device)]
     impl = _implementation(x.device)
     out = impl.multilevel_focal_forward(levels, labels, weights, alpha_arg, gamma, smoothing, ignore, num_anchors,
                                         reduction, _norm_mode(normalizer), normalizer, norm_value,
@@ -71,7 +68,7 @@ def _(levels, labels, weights, alpha_per_class, alpha, gamma, smoothing, ignore_
     x = levels[0]
     if reduction == "none":
         return [torch.empty_like(lv, dtype=loss_dtype(lv, upcast)) for lv in levels]
-    return [x.new_empty((), dtype=_acc_dtype(x)), x.new_empty((x.shape[0],), dtype=_acc_dtype(x))]
+    return [x.new_empty((), dtype=compute_dtype(x.dtype)), x.new_empty((x.shape[0],), dtype=compute_dtype(x.dtype))]
 
 
 @torch.library.custom_op("focal_triton::multilevel_focal_loss_backward", mutates_args=())

@@ -6,6 +6,7 @@ chunk order, so results are repeatable. float32 math (float64 for float64 logits
 """
 import torch
 
+from .kernels.sigmoid_focal import alpha_coefficients  # plain Python: alpha_t = c0 + c1 t, shared with the kernels
 from .layout import flat
 
 # 64 Ki elements: intermediates of 256 KiB in float32 stay in L2 while the ~20 elementwise ops run over them.
@@ -42,11 +43,6 @@ def focal_terms(x, t, ts, c0, c1, gamma: float, want_grad: bool):
         g = gamma * m * torch.where(u > 0, p * q / u, zero)
     grad = alpha_t * (m * (p - ts) + torch.where(g == 0, zero, g * (1.0 - 2.0 * t) * ce))
     return loss, grad
-
-
-def alpha_coefficients(alpha: float):
-    """alpha_t = c0 + c1 t (alpha = -1: no weighting)."""
-    return (1.0, 0.0) if alpha < 0 else (1.0 - alpha, 2.0 * alpha - 1.0)
 
 
 def _loss_and_grad(x, t, alpha: float, gamma: float, want_grad: bool):

@@ -7,7 +7,7 @@ are chunk-sized, never logit-sized. Sums are added in a fixed order (chunks, lev
 """
 import torch
 
-from .torch_path import CHUNK, compute_dtype, focal_terms
+from .torch_path import CHUNK, alpha_coefficients, compute_dtype, focal_terms
 
 
 def _anchor_view(level: torch.Tensor, num_anchors: int) -> torch.Tensor:
@@ -41,10 +41,8 @@ def _chunk_terms(x, lab, w, alpha, gamma, smoothing, ignore_index, want_grad):
     if isinstance(alpha, torch.Tensor):
         a = alpha.to(x.dtype)
         c0, c1 = 1.0 - a, 2.0 * a - 1.0
-    elif alpha < 0:
-        c0, c1 = 1.0, 0.0
     else:
-        c0, c1 = 1.0 - alpha, 2.0 * alpha - 1.0
+        c0, c1 = alpha_coefficients(alpha)
     loss, grad = focal_terms(x, t, ts, c0, c1, gamma, want_grad)
     factor = None
     if w is not None:

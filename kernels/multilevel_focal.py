@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .focal_math import focal_loss_and_grad
 from .launch import PARTIAL_SUM_BLOCK, device_guard, max_programs
-from .sigmoid_focal import compute_dtype, gamma_params
+from .sigmoid_focal import alpha_coefficients, compute_dtype, gamma_params
 
 MAX_LEVELS = 8
 # No integer argument is specialized by the JIT (on divisibility by 16 or equality to 1): sizes change with every
@@ -326,12 +326,9 @@ def _round_to_float32(v: float) -> float:
 
 
 def _scalar_args(plan: Plan, alpha, gamma, smoothing, ignore_index, has_weight):
-    if isinstance(alpha, torch.Tensor):
-        c0, c1, has_alpha = 1.0, 0.0, 1
-    elif alpha < 0:
-        c0, c1, has_alpha = 1.0, 0.0, 0
-    else:
-        c0, c1, has_alpha = 1.0 - alpha, 2.0 * alpha - 1.0, 0
+    # A per-class alpha is read in the kernel (has_alpha); a number becomes alpha_t = c0 + c1 t.
+    has_alpha = int(isinstance(alpha, torch.Tensor))
+    c0, c1 = (1.0, 0.0) if has_alpha else alpha_coefficients(alpha)
     gamma_f, gamma_i, int_gamma = gamma_params(gamma)
     ints = [plan.tiles_per_image, plan.num_anchors_total, plan.num_levels, plan.cl_mask]
     scalars = [c0, c1, gamma_f, gamma_i, float(smoothing), 0 if ignore_index is None else int(ignore_index),

@@ -61,10 +61,10 @@ def _loss_dtypes(x_dtype):
     return (xs, "fp32") if x_dtype in (torch.float16, torch.bfloat16) else (xs,)
 
 
-def _loss_archs(x_type: str, loss_type: str) -> tuple:
+def _loss_archs(x_type: str, loss_type: str, archs=ARCHS) -> tuple:
     """The float32 losses of 16-bit logits (autocast) differ from the plain ones only in one pointer's type: they
     are compiled for sm_90 only, which keeps the report's run time in check on 2 cores."""
-    return ARCHS if loss_type == x_type else (90,)
+    return archs if loss_type == x_type else (90,)
 
 
 def _target_dtypes(x_dtype):
@@ -85,6 +85,15 @@ def _vector_bytes(per_thread: int, *dtypes) -> int:
 # (INT64 constexpr, type the JIT gives n): below 2**31 - BLOCK the index math is 32-bit; from there up to 2**31 - 1 it
 # is 64-bit while n still arrives as i32; above, n arrives as i64.
 INDEX_CASES = ((False, "i32"), (True, "i32"), (True, "i64"))
+# The relatives of FL (LOSS_KIND 1 FL*, 2 QFL, 3 VFL) differ from FL only in the elementwise math: they are compiled
+# for sm_90, bf16 and fp32 logits, the loss and targets in the logits' dtype, 32-bit indexing, and int64 labels in
+# the multi-level kernel (about 130 compiles beside FL's 760). FL* has no power: INT_GAMMA only.
+NEW_LOSS_KINDS = (1, 2, 3)
+NEW_KIND_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def _int_gamma_cases(loss_kind: int) -> tuple:
+    return (True,) if loss_kind == 1 else (True, False)
 
 
 @functools.lru_cache(maxsize=None)
@@ -94,40 +103,49 @@ def specializations():
     from .kernels import sigmoid_focal as sf
 
     specs = []
-    for x_dtype in LOGIT_DTYPES:
+    cases = [(x_dtype, 0, t_dtype, int_gamma, index, _loss_dtypes(x_dtype))
+             for x_dtype in LOGIT_DTYPES
+             for t_dtype, int_gamma, index in itertools.product(_target_dtypes(x_dtype), (True, False), INDEX_CASES)]
+    cases += [(x_dtype, kind, x_dtype, int_gamma, INDEX_CASES[0], (TORCH_TO_TRITON[x_dtype],))
+              for kind in NEW_LOSS_KINDS for x_dtype in NEW_KIND_DTYPES for int_gamma in _int_gamma_cases(kind)]
+    for x_dtype, kind, t_dtype, int_gamma, (int64, n_type), loss_dtypes in cases:
         xs = TORCH_TO_TRITON[x_dtype]
         acc = "fp64" if x_dtype == torch.float64 else "fp32"
         for cfg in launch.gpu_configs_for(_itemsize(x_dtype)):
             per_thread = cfg.block // (cfg.num_warps * 32)
-            for t_dtype, int_gamma, (int64, n_type) in itertools.product(
-                    _target_dtypes(x_dtype), (True, False), INDEX_CASES):
-                ts = TORCH_TO_TRITON[t_dtype]
-                tile_bytes = _vector_bytes(per_thread, x_dtype, t_dtype)
-                scalars = {"n": n_type, "c0": "fp32", "c1": "fp32", "gamma": "fp32", "gamma_int": "i32"}
-                tag = f"t={ts} int_gamma={int_gamma} int64={int64} n={n_type} block={cfg.block}"
-                for reduce, loss_dtype in [(True, acc)] + [(False, d) for d in _loss_dtypes(x_dtype)]:
-                    ce = sf.forward_constexprs(x_dtype, reduce, int_gamma, int64, cfg.block)
-                    sig = {"x_ptr": f"*{xs}", "t_ptr": f"*{ts}", "out_ptr": f"*{loss_dtype}", **scalars,
-                           **{k: "constexpr" for k in ce}}
-                    specs.append(Specialization(
-                        sf.sigmoid_focal_fwd_kernel, sig, ce, cfg.num_warps,
-                        f"fwd x={xs} reduce={reduce}{'' if reduce else f' out={loss_dtype}'} {tag}",
-                        aligned=(0, 1, 2), vector_load_bytes=tile_bytes, elements_per_thread=per_thread,
-                        vector_store_bytes=0 if reduce else _vector_bytes(per_thread, _TRITON_TO_TORCH[loss_dtype]),
-                        archs=ARCHS if reduce else _loss_archs(xs, loss_dtype)))
-                for grad_mode, loss_dtype in itertools.product(("tensor", "sum", "mean"), _loss_dtypes(x_dtype)):
-                    ce = sf.backward_constexprs(x_dtype, grad_mode != "tensor", grad_mode == "mean", int_gamma,
-                                                int64, cfg.block)
-                    sig = {"x_ptr": f"*{xs}", "t_ptr": f"*{ts}", "grad_out_ptr": f"*{loss_dtype}",
-                           "grad_in_ptr": f"*{xs}", **scalars, **{k: "constexpr" for k in ce}}
-                    grad_bytes = _vector_bytes(per_thread, x_dtype)
-                    upstream_bytes = _vector_bytes(per_thread, _TRITON_TO_TORCH[loss_dtype])
-                    specs.append(Specialization(
-                        sf.sigmoid_focal_bwd_kernel, sig, ce, cfg.num_warps,
-                        f"bwd x={xs} grad={grad_mode} upstream={loss_dtype} {tag}", aligned=(0, 1, 2, 3),
-                        vector_load_bytes=tile_bytes + (upstream_bytes if grad_mode == "tensor" else 0),
-                        vector_store_bytes=grad_bytes, elements_per_thread=per_thread,
-                        archs=_loss_archs(xs, loss_dtype)))
+            ts = TORCH_TO_TRITON[t_dtype]
+            tile_bytes = _vector_bytes(per_thread, x_dtype, t_dtype)
+            scalars = {"n": n_type, "c0": "fp32", "c1": "fp32", "gamma": "fp32", "gamma_int": "i32",
+                       "beta": "fp32"}
+            tag = f"t={ts} int_gamma={int_gamma} int64={int64} n={n_type} block={cfg.block}"
+            tag += f" loss_kind={kind}" if kind else ""
+            archs = ARCHS if kind == 0 else (90,)
+            for reduce, loss_dtype in [(True, acc)] + [(False, d) for d in loss_dtypes]:
+                ce = sf.forward_constexprs(x_dtype, reduce, int_gamma, int64, cfg.block, kind)
+                sig = {"x_ptr": f"*{xs}", "t_ptr": f"*{ts}", "out_ptr": f"*{loss_dtype}", **scalars,
+                       **{k: "constexpr" for k in ce}}
+                specs.append(Specialization(
+                    sf.sigmoid_focal_fwd_kernel, sig, ce, cfg.num_warps,
+                    f"fwd x={xs} reduce={reduce}{'' if reduce else f' out={loss_dtype}'} {tag}",
+                    aligned=(0, 1, 2), vector_load_bytes=tile_bytes, elements_per_thread=per_thread,
+                    vector_store_bytes=0 if reduce else _vector_bytes(per_thread, _TRITON_TO_TORCH[loss_dtype]),
+                    archs=archs if reduce else _loss_archs(xs, loss_dtype, archs)))
+            for grad_mode, loss_dtype in itertools.product(("tensor", "sum", "mean"), loss_dtypes):
+                ce = sf.backward_constexprs(x_dtype, grad_mode != "tensor", grad_mode == "mean", int_gamma,
+                                            int64, cfg.block, kind)
+                sig = {"x_ptr": f"*{xs}", "t_ptr": f"*{ts}", "grad_out_ptr": f"*{loss_dtype}",
+                       "grad_in_ptr": f"*{xs}", **scalars, **{k: "constexpr" for k in ce}}
+                grad_bytes = _vector_bytes(per_thread, x_dtype)
+                upstream_bytes = _vector_bytes(per_thread, _TRITON_TO_TORCH[loss_dtype])
+                specs.append(Specialization(
+                    sf.sigmoid_focal_bwd_kernel, sig, ce, cfg.num_warps,
+                    f"bwd x={xs} grad={grad_mode} upstream={loss_dtype} {tag}", aligned=(0, 1, 2, 3),
+                    vector_load_bytes=tile_bytes + (upstream_bytes if grad_mode == "tensor" else 0),
+                    vector_store_bytes=grad_bytes, elements_per_thread=per_thread,
+                    archs=_loss_archs(xs, loss_dtype, archs)))
+    for x_dtype in LOGIT_DTYPES:
+        xs = TORCH_TO_TRITON[x_dtype]
+        acc = "fp64" if x_dtype == torch.float64 else "fp32"
         for mean, n_type in itertools.product((False, True), ("i32", "i64")):
             sig = {"partials_ptr": f"*{acc}", "out_ptr": f"*{xs}", "num_partials": "i32", "n": n_type,
                    "MEAN": "constexpr", "BLOCK": "constexpr"}
@@ -152,9 +170,13 @@ def multilevel_specializations():
         # MODE 1 writes, MODE 3 reads, an elementwise loss or its gradient: in the logits' dtype or, under
         # autocast, float32.
         loss_kinds = [(m, xs) for m in range(4)] + [(m, "fp32") for m in (1, 3) if xs in ("fp16", "bf16")]
-        for lab, int_gamma, aligned_c, (mode, loss_dtype) in itertools.product(
-                ("i32", "i64"), (True, False), (True, False), loss_kinds):
-            ce = mf.kernel_constexprs(x_dtype, mode, int_gamma, aligned_c, tile)
+        cases = [(0, lab, int_gamma, aligned_c, mode_dtype) for lab, int_gamma, aligned_c, mode_dtype in
+                 itertools.product(("i32", "i64"), (True, False), (True, False), loss_kinds)]
+        if x_dtype in NEW_KIND_DTYPES:
+            cases += [(kind, "i64", int_gamma, aligned_c, (mode, xs)) for kind in NEW_LOSS_KINDS
+                      for int_gamma in _int_gamma_cases(kind) for aligned_c in (True, False) for mode in range(4)]
+        for kind, lab, int_gamma, aligned_c, (mode, loss_dtype) in cases:
+            ce = mf.kernel_constexprs(x_dtype, mode, int_gamma, aligned_c, tile, kind)
             ptr_types = {"x": xs, "o": loss_dtype if mode == mf.MODE_NONE else xs,
                          "g": loss_dtype if mode == mf.MODE_GRAD_TENSOR else xs}
             sig = {}
@@ -162,12 +184,12 @@ def multilevel_specializations():
                 sig.update({f"{group}{i}{'_' if group == 'g' else ''}": f"*{ptr_types[group]}" for i in range(levels)})
             sig.update({f"hw{i}": "i32" for i in range(levels)})
             sig.update({f"ts{i}": "i32" for i in range(1, levels)})
-            sig.update(lab_ptr=f"*{lab}", w_ptr=f"*{acc}", alpha_ptr=f"*{acc}", partials_ptr=f"*{acc}",
-                       grad_scalar_ptr=f"*{acc}", scale_ptr=f"*{acc}")
+            sig.update(lab_ptr=f"*{lab}", w_ptr=f"*{acc}", s_ptr=f"*{acc}", alpha_ptr=f"*{acc}",
+                       partials_ptr=f"*{acc}", grad_scalar_ptr=f"*{acc}", scale_ptr=f"*{acc}")
             sig.update({k: "i32" for k in ("tiles_per_image", "num_anchors_total", "num_levels", "cl_mask", "P",
                                            "A", "C")})
-            sig.update(c0="fp32", c1="fp32", gamma="fp32", gamma_int="i32", smoothing="fp32", ignore_index="i32",
-                       has_ignore="i32", has_weight="i32", has_alpha="i32")
+            sig.update(c0="fp32", c1="fp32", gamma="fp32", gamma_int="i32", beta="fp32", smoothing="fp32",
+                       ignore_index="i32", has_ignore="i32", has_weight="i32", has_alpha="i32")
             sig.update({k: "constexpr" for k in ce})
             names = list(sig)
             pointers = tuple(i for i, k in enumerate(names) if sig[k].startswith("*"))
@@ -176,11 +198,12 @@ def multilevel_specializations():
             # Every specialization for sm_90; for sm_80 those of bf16 and fp32 logits with int64 labels (a
             # representative subset that keeps the report's run time in check on 2 cores).
             archs = ARCHS if (lab == "i64" and x_dtype in (torch.bfloat16, torch.float32)) else (90,)
-            archs = tuple(a for a in archs if a in _loss_archs(xs, loss_dtype))
+            archs = tuple(a for a in archs if a in _loss_archs(xs, loss_dtype)) if kind == 0 else (90,)
             specs.append(Specialization(
                 mf.multilevel_focal_kernel, sig, ce, mf.GPU_NUM_WARPS,
                 f"multilevel x={xs} labels={lab} mode={mode} int_gamma={int_gamma} class_aligned={aligned_c} "
-                f"tile={tile[0]}x{tile[1]}{f' loss={loss_dtype}' if loss_dtype != xs else ''}", aligned=pointers,
+                f"tile={tile[0]}x{tile[1]}{f' loss={loss_dtype}' if loss_dtype != xs else ''}"
+                f"{f' loss_kind={kind}' if kind else ''}", aligned=pointers,
                 vector_load_bytes=wide * (2 if mode == mf.MODE_GRAD_TENSOR else 1),
                 vector_store_bytes=0 if mode == mf.MODE_SUM else wide, elements_per_thread=per_thread,
                 tile_access_bytes={g: per_thread * _itemsize(_TRITON_TO_TORCH[t]) for g, t in ptr_types.items()},

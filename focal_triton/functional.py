@@ -2,7 +2,8 @@
 import torch
 
 from .ops import sigmoid_focal_loss_op
-from .validation import check_alpha, check_gamma, check_logits_and_targets, check_reduction
+from .validation import (check_alpha, check_bool, check_gamma, check_logits_and_targets, check_qfl_beta,
+                         check_reduction, check_star_beta, check_star_gamma, check_vfl_alpha)
 
 
 def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0,
@@ -37,7 +38,82 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float
     alpha = check_alpha(alpha)
     gamma = check_gamma(gamma)
     reduction = check_reduction(reduction)
-    return sigmoid_focal_loss_op(inputs, targets, alpha, gamma, reduction, autocast_upcast(inputs))
+    return sigmoid_focal_loss_op(inputs, targets, alpha, gamma, reduction, autocast_upcast(inputs), 0, 0.0, True)
+
+
+def sigmoid_focal_loss_star(inputs: torch.Tensor, targets: torch.Tensor, alpha: float = -1, gamma: float = 1.0,
+                            beta: float = 0.0, reduction: str = "none") -> torch.Tensor:
+    r"""FL* of Lin et al. (2017), appendix A, fused in one kernel; beta = 0 is fvcore's ``sigmoid_focal_loss_star``
+    (same signature, defaults and numbers)::
+
+        x_t = inputs * (2 targets - 1)            (x for targets = 1, -x for targets = 0: fvcore's form)
+        FL* = -alpha_t log(sigmoid(gamma x_t + beta)) / gamma = alpha_t softplus(-(gamma x_t + beta)) / gamma
+
+    Args:
+        inputs, targets, reduction: as :func:`sigmoid_focal_loss` (targets 0/1; soft targets use fvcore's x_t).
+        alpha: alpha_t weighting as in FL, in [0, 1], or -1 for none (default -1, fvcore's).
+        gamma: > 0 (default 1). beta: any finite number (default 0).
+
+    Finite for logits of any magnitude where the formula's limit is (0 as gamma x_t + beta -> +inf), with finite
+    gradients; NaN propagates.
+    """
+    check_logits_and_targets(inputs, targets)
+    alpha = check_alpha(alpha)
+    gamma = check_star_gamma(gamma)
+    beta = check_star_beta(beta)
+    reduction = check_reduction(reduction)
+    return sigmoid_focal_loss_op(inputs, targets, alpha, gamma, reduction, autocast_upcast(inputs), 1, beta, True)
+
+
+def quality_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, beta: float = 2.0,
+                       reduction: str = "none") -> torch.Tensor:
+    r"""Quality Focal Loss of Li et al., "Generalized Focal Loss" (2020), with dense soft targets, fused::
+
+        sigma = sigmoid(inputs), y = targets (the IoU score on the positive's class, 0 elsewhere)
+        QFL = -|y - sigma|^beta ((1 - y) log(1 - sigma) + y log(sigma)) = |y - sigma|^beta BCE_with_logits(x, y)
+
+    Elementwise: mmdet's ``quality_focal_loss`` (label, score) and tensor-target forms return this summed over the
+    classes (dim 1), i.e. ``quality_focal_loss(...).sum(-1)``; for the class-index form use
+    ``focal_loss(..., loss="qfl", scores=...)``.
+
+    Args:
+        inputs, reduction: as :func:`sigmoid_focal_loss`.
+        targets: soft scores y in [0, 1], same shape. No gradient flows to it.
+        beta: exponent >= 0 (default 2); integer beta costs no pow.
+
+    Saturated logits give the formula's limit (0, or inf where y is strictly between 0 and 1 or opposite to the
+    logit's sign) with a finite gradient; NaN propagates.
+    """
+    check_logits_and_targets(inputs, targets)
+    beta = check_qfl_beta(beta)
+    reduction = check_reduction(reduction)
+    return sigmoid_focal_loss_op(inputs, targets, -1.0, 0.0, reduction, autocast_upcast(inputs), 2, beta, True)
+
+
+def varifocal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float = 0.75, gamma: float = 2.0,
+                   iou_weighted: bool = True, reduction: str = "none") -> torch.Tensor:
+    r"""Varifocal Loss of Zhang et al., "VarifocalNet" (2021), with dense IoU-aware targets q, fused::
+
+        p = sigmoid(inputs), q = targets
+        VFL = -q (q log p + (1 - q) log(1 - p)) = q BCE_with_logits(x, q)    where q > 0
+              -alpha p^gamma log(1 - p)        = alpha p^gamma BCE(x, 0)     where q = 0
+
+    mmdet's ``varifocal_loss`` (same numbers, elementwise before its reduction); iou_weighted=False weights the
+    positives by 1 instead of q (mmdet's ``iou_weighted=False``).
+
+    Args:
+        inputs, reduction: as :func:`sigmoid_focal_loss`.
+        targets: q in [0, 1], same shape (0 for negatives). No gradient flows to it.
+        alpha: weight of the negatives, >= 0 (default 0.75). gamma: exponent >= 0 (default 2).
+        iou_weighted: weight positives by q (default True) or by 1.
+    """
+    check_logits_and_targets(inputs, targets)
+    alpha = check_vfl_alpha(alpha)
+    gamma = check_gamma(gamma)
+    iou_weighted = check_bool("iou_weighted", iou_weighted)
+    reduction = check_reduction(reduction)
+    return sigmoid_focal_loss_op(inputs, targets, alpha, gamma, reduction, autocast_upcast(inputs), 3, 0.0,
+                                 iou_weighted)
 
 
 def autocast_upcast(logits: torch.Tensor) -> bool:

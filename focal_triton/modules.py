@@ -2,10 +2,11 @@
 import torch
 from torch import nn
 
-from .functional import sigmoid_focal_loss
+from .functional import quality_focal_loss, sigmoid_focal_loss, sigmoid_focal_loss_star, varifocal_loss
 from .multilevel import focal_loss, multilevel_focal_loss
-from .validation import (check_alpha, check_class_index_reduction, check_gamma, check_reduction,
-                         check_smoothing)
+from .validation import (check_alpha, check_bool, check_class_index_reduction, check_gamma, check_loss_options,
+                         check_qfl_beta, check_reduction, check_smoothing, check_star_beta, check_star_gamma,
+                         check_vfl_alpha)
 
 
 class SigmoidFocalLoss(nn.Module):
@@ -25,19 +26,75 @@ class SigmoidFocalLoss(nn.Module):
         return f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}"
 
 
-class FocalLoss(nn.Module):
-    """Module form of :func:`focal_triton.focal_loss` (logits (..., C), integer labels (...)). A per-class alpha
-    tensor is kept as a buffer, so it follows the module's ``.to(device)``. Labels are checked at every call unless
-    ``check_labels=False``. ``forward(logits, labels, weights=None, normalizer=None)``."""
+class FocalLossStar(nn.Module):
+    """Module form of :func:`focal_triton.sigmoid_focal_loss_star` (FL*), with its (fvcore's) defaults.
+    ``forward(inputs, targets)``."""
 
-    def __init__(self, alpha=0.25, gamma: float = 2.0, label_smoothing: float = 0.0, background: int = -1,
-                 ignore_index=-2, reduction: str = "sum", check_labels: bool = True):
+    def __init__(self, alpha: float = -1, gamma: float = 1.0, beta: float = 0.0, reduction: str = "none"):
         super().__init__()
+        self.alpha, self.gamma, self.beta = check_alpha(alpha), check_star_gamma(gamma), check_star_beta(beta)
+        self.reduction = check_reduction(reduction)
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return sigmoid_focal_loss_star(inputs, targets, self.alpha, self.gamma, self.beta, self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, gamma={self.gamma}, beta={self.beta}, reduction={self.reduction!r}"
+
+
+class QualityFocalLoss(nn.Module):
+    """Module form of :func:`focal_triton.quality_focal_loss` (dense soft targets). ``forward(inputs, targets)``.
+    For labels and per-anchor scores use ``FocalLoss(loss="qfl")`` / ``MultiLevelFocalLoss(A, loss="qfl")``."""
+
+    def __init__(self, beta: float = 2.0, reduction: str = "none"):
+        super().__init__()
+        self.beta = check_qfl_beta(beta)
+        self.reduction = check_reduction(reduction)
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return quality_focal_loss(inputs, targets, self.beta, self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, reduction={self.reduction!r}"
+
+
+class VarifocalLoss(nn.Module):
+    """Module form of :func:`focal_triton.varifocal_loss` (dense IoU-aware targets). ``forward(inputs, targets)``.
+    For labels and per-anchor scores use ``FocalLoss(loss="vfl")`` / ``MultiLevelFocalLoss(A, loss="vfl")``."""
+
+    def __init__(self, alpha: float = 0.75, gamma: float = 2.0, iou_weighted: bool = True, reduction: str = "none"):
+        super().__init__()
+        self.alpha, self.gamma = check_vfl_alpha(alpha), check_gamma(gamma)
+        self.iou_weighted = check_bool("iou_weighted", iou_weighted)
+        self.reduction = check_reduction(reduction)
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return varifocal_loss(inputs, targets, self.alpha, self.gamma, self.iou_weighted, self.reduction)
+
+    def extra_repr(self) -> str:
+        return (f"alpha={self.alpha}, gamma={self.gamma}, iou_weighted={self.iou_weighted}, "
+                f"reduction={self.reduction!r}")
+
+
+class FocalLoss(nn.Module):
+    """Module form of :func:`focal_triton.focal_loss` (logits (..., C), integer labels (...)), for any ``loss`` of
+    the family ("fl", "fl_star", "qfl", "vfl"; options a loss does not take stay None, the others default to the
+    loss's own defaults). A per-class alpha tensor is kept as a buffer, so it follows the module's ``.to(device)``.
+    Labels are checked at every call unless ``check_labels=False``.
+    ``forward(logits, labels, weights=None, normalizer=None, scores=None)`` (scores for "qfl" / "vfl")."""
+
+    def __init__(self, alpha=None, gamma=None, label_smoothing: float = 0.0, background: int = -1,
+                 ignore_index=-2, reduction: str = "sum", check_labels: bool = True, loss: str = "fl", beta=None,
+                 iou_weighted=None):
+        super().__init__()
+        # Checked now (a per-class alpha's length when called); kept as given, so that the loss's defaults apply.
+        check_loss_options(loss, None if isinstance(alpha, torch.Tensor) else alpha, gamma, beta, iou_weighted, 0,
+                           None)
         if isinstance(alpha, torch.Tensor):
             self.register_buffer("alpha", alpha.detach().clone())
         else:
-            self.alpha = check_alpha(alpha)
-        self.gamma = check_gamma(gamma)
+            self.alpha = alpha
+        self.gamma, self.beta, self.iou_weighted, self.loss = gamma, beta, iou_weighted, loss
         self.label_smoothing = check_smoothing(label_smoothing)
         self.background, self.ignore_index = background, ignore_index
         self.reduction = check_class_index_reduction(reduction)
@@ -46,29 +103,34 @@ class FocalLoss(nn.Module):
     def _options(self) -> dict:
         return dict(alpha=self.alpha, gamma=self.gamma, label_smoothing=self.label_smoothing,
                     background=self.background, ignore_index=self.ignore_index, reduction=self.reduction,
-                    check_labels=self.check_labels)
+                    check_labels=self.check_labels, loss=self.loss, beta=self.beta, iou_weighted=self.iou_weighted)
 
-    def forward(self, logits, labels, weights=None, normalizer=None):
-        return focal_loss(logits, labels, weights=weights, normalizer=normalizer, **self._options())
+    def forward(self, logits, labels, weights=None, normalizer=None, scores=None):
+        return focal_loss(logits, labels, weights=weights, normalizer=normalizer, scores=scores, **self._options())
 
     def extra_repr(self) -> str:
         alpha = "per-class tensor" if isinstance(self.alpha, torch.Tensor) else self.alpha
-        return (f"alpha={alpha}, gamma={self.gamma}, label_smoothing={self.label_smoothing}, "
-                f"background={self.background}, ignore_index={self.ignore_index}, reduction={self.reduction!r}")
+        options = "".join(f", {k}={v}" for k, v in (("beta", self.beta), ("iou_weighted", self.iou_weighted))
+                          if v is not None)
+        return (f"loss={self.loss!r}, alpha={alpha}, gamma={self.gamma}{options}, "
+                f"label_smoothing={self.label_smoothing}, background={self.background}, "
+                f"ignore_index={self.ignore_index}, reduction={self.reduction!r}")
 
 
 class MultiLevelFocalLoss(FocalLoss):
     """Module form of :func:`focal_triton.multilevel_focal_loss`: ``forward(level_logits, labels, weights=None,
-    normalizer=None)`` with the head's per-level outputs (N, A*C, H_l, W_l)."""
+    normalizer=None, scores=None)`` with the head's per-level outputs (N, A*C, H_l, W_l)."""
 
-    def __init__(self, num_anchors: int, alpha=0.25, gamma: float = 2.0, label_smoothing: float = 0.0,
-                 background: int = -1, ignore_index=-2, reduction: str = "sum", check_labels: bool = True):
-        super().__init__(alpha, gamma, label_smoothing, background, ignore_index, reduction, check_labels)
+    def __init__(self, num_anchors: int, alpha=None, gamma=None, label_smoothing: float = 0.0,
+                 background: int = -1, ignore_index=-2, reduction: str = "sum", check_labels: bool = True,
+                 loss: str = "fl", beta=None, iou_weighted=None):
+        super().__init__(alpha, gamma, label_smoothing, background, ignore_index, reduction, check_labels, loss, beta,
+                         iou_weighted)
         self.num_anchors = num_anchors
 
-    def forward(self, level_logits, labels, weights=None, normalizer=None):
+    def forward(self, level_logits, labels, weights=None, normalizer=None, scores=None):
         return multilevel_focal_loss(level_logits, labels, self.num_anchors, weights=weights, normalizer=normalizer,
-                                     **self._options())
+                                     scores=scores, **self._options())
 
     def extra_repr(self) -> str:
         return f"num_anchors={self.num_anchors}, " + super().extra_repr()

@@ -8,6 +8,10 @@ the concatenated form (..., C) with labels (...). Per (anchor, class) with the h
 
 times the anchor's weight; anchors labelled ignore_index contribute 0 (and get a zero gradient). Label smoothing s
 moves only the BCE targets to s/2 and 1 - s/2 (apex's definition); modulation and alpha_t use the hard target.
+
+`loss=` picks a relative of FL instead (the same kernel, another compile-time specialization): "fl_star" (FL*),
+"qfl" (Quality Focal Loss) or "vfl" (Varifocal Loss); for the last two the per-element target is the anchor's score
+(`scores`, e.g. the IoU of its box) on its label's class and 0 on the other classes.
 """
 import torch
 
@@ -38,9 +42,9 @@ def _native_layout(level: torch.Tensor) -> torch.Tensor:
     return level.contiguous()
 
 
-def multilevel_focal_loss(level_logits, labels, num_anchors, *, alpha=0.25, gamma=2.0, weights=None,
+def multilevel_focal_loss(level_logits, labels, num_anchors, *, alpha=None, gamma=None, weights=None,
                           label_smoothing=0.0, background=-1, ignore_index=-2, normalizer=None, reduction="sum",
-                          check_labels=True):
+                          check_labels=True, loss="fl", scores=None, beta=None, iou_weighted=None):
     r"""Focal loss of every FPN level of a dense detector's classification head, in one kernel launch.
 
     Args:
@@ -51,8 +55,9 @@ def multilevel_focal_loss(level_logits, labels, num_anchors, *, alpha=0.25, gamm
             (levels in order; inside a level (h, w, a) row-major). 0 <= label < C: positive of that class;
             background: negative for every class; ignore_index: no loss, zero gradient.
         num_anchors: A.
-        alpha: weight of positives in [0, 1], -1 for none, or a (C,) tensor of per-class weights. Default 0.25.
-        gamma: focusing exponent >= 0 (integer gamma costs no pow). Default 2.
+        alpha: weight of positives in [0, 1], -1 for none, or a (C,) tensor of per-class weights. Default 0.25
+            (loss="fl"; see `loss` for the others).
+        gamma: focusing exponent >= 0 (integer gamma costs no pow). Default 2 (loss="fl").
         weights: optional (N, M) per-anchor weights, multiplying the loss of every class of the anchor.
         label_smoothing: s in [0, 1): BCE targets s/2 and 1 - s/2 (apex); modulation from the hard target.
         background: the label of negatives (default -1: torchvision, apex; C for detectron2 and mmdet).
@@ -64,6 +69,13 @@ def multilevel_focal_loss(level_logits, labels, num_anchors, *, alpha=0.25, gamm
             losses, each with its level's shape, layout and dtype (float32 under torch.autocast).
         check_labels: verify that every label is a class, the background or the ignore value (one host sync);
             False skips it (for CUDA-graph capture): unknown labels then act as background.
+        loss: "fl" (default), "fl_star" (FL*: alpha as FL's, default -1; gamma > 0, default 1; beta, default 0),
+            "qfl" (beta >= 0, default 2; no alpha / gamma) or "vfl" (alpha of the negatives >= 0, default 0.75;
+            gamma, default 2; iou_weighted, default True). label_smoothing is FL's only. Options a loss does not
+            take must stay None.
+        scores: "qfl" / "vfl" only (and required there): (N, M) float target score of each anchor's label, in
+            [0, 1] (e.g. the IoU of a positive's box; anything for background and ignored anchors). No gradient.
+        beta, iou_weighted: see `loss`.
 
     Returns:
         The loss (see reduction). Gradients flow to the logits only, each level's in its own layout and dtype.
@@ -75,16 +87,17 @@ def multilevel_focal_loss(level_logits, labels, num_anchors, *, alpha=0.25, gamm
     return _class_index_loss([_native_layout(x) for x in level_logits], labels, num_anchors, num_images,
                              num_classes, (num_images, num_anchors_total), "N, sum of H*W*A over levels", alpha,
                              gamma, weights, label_smoothing, background, ignore_index, normalizer, reduction,
-                             check_labels)
+                             check_labels, loss_options=(loss, scores, beta, iou_weighted))
 
 
-def focal_loss(logits, labels, *, alpha=0.25, gamma=2.0, weights=None, label_smoothing=0.0, background=-1,
-               ignore_index=-2, normalizer=None, reduction="sum", check_labels=True):
+def focal_loss(logits, labels, *, alpha=None, gamma=None, weights=None, label_smoothing=0.0, background=-1,
+               ignore_index=-2, normalizer=None, reduction="sum", check_labels=True, loss="fl", scores=None,
+               beta=None, iou_weighted=None):
     r"""Focal loss of concatenated head outputs (..., C) with integer labels (...): the form of torchvision's and
     detectron2's concatenated logits, of mmcv and of apex. Same arguments and semantics as
     `multilevel_focal_loss`; the images are the first dim when logits have 3 or more dims ((N, M, C); a per-image
-    normalizer is then (N,)), and a 2-D (M, C) input is one image. weights have the labels' shape. "none" returns
-    a loss of the logits' shape and dtype.
+    normalizer is then (N,)), and a 2-D (M, C) input is one image. weights and scores have the labels' shape.
+    "none" returns a loss of the logits' shape and dtype.
     """
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
@@ -104,9 +117,11 @@ def focal_loss(logits, labels, *, alpha=0.25, gamma=2.0, weights=None, label_smo
     V.check_weights(weights, logits.shape[:-1], logits.device)
     flat_labels = labels.reshape(num_images, rows)
     flat_weights = weights.reshape(num_images, rows) if weights is not None else None
+    V.check_scores(scores, loss, logits.shape[:-1], logits.device)
+    flat_scores = scores.reshape(num_images, rows) if scores is not None else None
     out = _class_index_loss([level], flat_labels, 1, num_images, num_classes, (num_images, rows), None, alpha,
                             gamma, flat_weights, label_smoothing, background, ignore_index, normalizer, reduction,
-                            check_labels, labels_checked=True)
+                            check_labels, labels_checked=True, loss_options=(loss, flat_scores, beta, iou_weighted))
     if reduction == "none":
         return out[0].permute(0, 2, 3, 1).reshape(logits.shape)
     return out
@@ -114,15 +129,19 @@ def focal_loss(logits, labels, *, alpha=0.25, gamma=2.0, weights=None, label_smo
 
 def _class_index_loss(levels, labels, num_anchors, num_images, num_classes, label_shape, label_what, alpha, gamma,
                       weights, label_smoothing, background, ignore_index, normalizer, reduction, check_labels,
-                      labels_checked=False):
+                      labels_checked=False, loss_options=("fl", None, None, None)):
     first = levels[0]
     device = first.device
+    loss, scores, beta, iou_weighted = loss_options
     if not labels_checked:
         V.check_labels_tensor(labels, label_shape, device, label_what)
         V.check_weights(weights, label_shape, device)
-    alpha = V.check_class_alpha(alpha, num_classes, device)
-    gamma = V.check_gamma(gamma)
+        V.check_scores(scores, loss, label_shape, device)
+    kind, alpha, gamma, beta, iou_weighted = V.check_loss_options(loss, alpha, gamma, beta, iou_weighted,
+                                                                  num_classes, device)
     smoothing = V.check_smoothing(label_smoothing)
+    if smoothing and kind != 0:
+        raise ValueError(f"label_smoothing applies to loss='fl' only, got {smoothing} with loss={loss!r}")
     V.check_label_values(background, ignore_index, num_classes)
     reduction = V.check_class_index_reduction(reduction)
     normalizer = V.check_normalizer(normalizer, num_images, device, reduction)
@@ -137,9 +156,11 @@ def _class_index_loss(levels, labels, num_anchors, num_images, num_classes, labe
         alpha_tensor, alpha = alpha.detach().to(cdt).contiguous(), 0.0
     if weights is not None:
         weights = weights.to(cdt).contiguous()
+    if scores is not None:
+        scores = scores.detach().to(cdt).contiguous()
     norm_tensor, norm_value = _prepare_normalizer(normalizer, num_images, cdt)
     out = multilevel_focal_loss_op(list(levels), labels.contiguous(), weights, alpha_tensor, float(alpha), gamma,
                                    smoothing, 0 if ignore_index is None else int(ignore_index),
                                    ignore_index is not None, num_anchors, norm_tensor, norm_value, reduction,
-                                   autocast_upcast(first))
+                                   autocast_upcast(first), kind, beta, iou_weighted, scores)
     return out if reduction == "none" else out[0]

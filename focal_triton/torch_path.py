@@ -6,7 +6,8 @@ chunk order, so results are repeatable. float32 math (float64 for float64 logits
 """
 import torch
 
-from .kernels.sigmoid_focal import alpha_coefficients  # plain Python: alpha_t = c0 + c1 t, shared with the kernels
+# Plain Python shared with the kernels: alpha_t = c0 + c1 t, and each loss kind's scalars.
+from .kernels.sigmoid_focal import FL, FL_STAR, QFL, alpha_coefficients, kernel_scalars
 from .layout import flat
 
 # 64 Ki elements: intermediates of 256 KiB in float32 stay in L2 while the ~20 elementwise ops run over them.
@@ -45,9 +46,65 @@ def focal_terms(x, t, ts, c0, c1, gamma: float, want_grad: bool):
     return loss, grad
 
 
-def _loss_and_grad(x, t, alpha: float, gamma: float, want_grad: bool):
-    """(FL, dFL/dx or None) for 1-D chunks x, t already in the compute dtype."""
-    return focal_terms(x, t, t, *alpha_coefficients(alpha), gamma, want_grad)
+def _power_terms(u, p, q, gamma: float):
+    """(u**gamma, gamma u**(gamma - 1) p q), the second 0 where it is the limit of 0 * inf (focal_math.modulation)."""
+    m = u.pow(gamma)
+    if gamma == 0:
+        return m, torch.zeros_like(u)
+    if float(gamma).is_integer():
+        return m, gamma * u.pow(gamma - 1) * p * q
+    return m, gamma * m * torch.where(u > 0, p * q / u, u.new_zeros(()))
+
+
+def family_terms(x, t, ts, c0, c1, gamma: float, beta: float, kind: int, want_grad: bool):
+    """(loss, dloss/dx or None) of the loss kind `kind` with the kernels' scalars (kernel_scalars): the formulas of
+    focal_math.family_loss_and_grad. FL is `focal_terms`."""
+    if kind == FL:
+        return focal_terms(x, t, ts, c0, c1, gamma, want_grad)
+    zero = x.new_zeros(())
+    if kind == FL_STAR:
+        s = 2.0 * t - 1.0
+        z = gamma * torch.where((s == 0) & (x == x), zero, x * s) + beta
+        alpha_t = c0 + c1 * t
+        loss = alpha_t * (torch.where(z >= 0, zero, -z) + torch.log1p(torch.exp(-z.abs()))) / gamma
+        return loss, (-alpha_t * s * torch.sigmoid(-z) if want_grad else None)
+    e = torch.exp(-x.abs())
+    r = 1.0 / (1.0 + e)
+    pos = x >= 0
+    p = torch.where(pos, r, e * r)
+    q = torch.where(pos, e * r, r)
+
+    def bce(target):
+        lin = torch.where(pos, torch.where(target == 1, zero, (1.0 - target) * x),
+                          torch.where(target == 0, zero, -target * x))
+        return lin + torch.log1p(e)
+
+    if kind == QFL:
+        d = t * q - (1.0 - t) * p  # y - p without cancellation at y = 0, 1
+        ce = bce(t)
+        m, g = _power_terms(d.abs(), p, q, gamma)
+        loss = m * ce
+        if not want_grad:
+            return loss, None
+        gs = torch.where(d < 0, g, -g)
+        return loss, m * (-d) + torch.where((g == 0) | (d == 0), zero, gs * ce)
+    # VFL
+    positive = t > 0
+    target = torch.where(positive, t, zero)
+    ce = bce(target)
+    m, g = _power_terms(p, p, q, gamma)
+    w = c0 + c1 * t
+    loss = torch.where(positive, w * ce, beta * m * ce)
+    if not want_grad:
+        return loss, None
+    return loss, torch.where(positive, w * (p - target), beta * (m * p + torch.where(g == 0, zero, g * ce)))
+
+
+def _loss_and_grad(x, t, alpha: float, gamma: float, want_grad: bool, loss_kind: int = FL, beta: float = 0.0,
+                   iou_weighted: bool = True):
+    """(loss, dloss/dx or None) for 1-D chunks x, t already in the compute dtype."""
+    c0, c1, g, _, b, _ = kernel_scalars(loss_kind, alpha, gamma, beta, iou_weighted)
+    return family_terms(x, t, t, c0, c1, g, b, loss_kind, want_grad)
 
 
 def _chunks(n: int):
@@ -56,7 +113,8 @@ def _chunks(n: int):
 
 
 @torch.no_grad()
-def sigmoid_focal_forward(x, t, alpha: float, gamma: float, reduction: str, out_dtype=None):
+def sigmoid_focal_forward(x, t, alpha: float, gamma: float, reduction: str, out_dtype=None, loss_kind: int = FL,
+                          beta: float = 0.0, iou_weighted: bool = True):
     """Same contract as `focal_triton.kernels.sigmoid_focal_forward`: dense x, t with equal strides, n > 0; the
     elementwise loss in x's layout for "none", else the 0-d sum / mean in x's dtype."""
     n = x.numel()
@@ -67,7 +125,8 @@ def sigmoid_focal_forward(x, t, alpha: float, gamma: float, reduction: str, out_
     out_flat = flat(out) if out is not None else None
     partials = []
     for s, e in _chunks(n):
-        loss, _ = _loss_and_grad(x_flat[s:e].to(cdt), t_flat[s:e].to(cdt), alpha, gamma, want_grad=False)
+        loss, _ = _loss_and_grad(x_flat[s:e].to(cdt), t_flat[s:e].to(cdt), alpha, gamma, False, loss_kind, beta,
+                                 iou_weighted)
         if out is not None:
             out_flat[s:e] = loss
         else:
@@ -81,7 +140,8 @@ def sigmoid_focal_forward(x, t, alpha: float, gamma: float, reduction: str, out_
 
 
 @torch.no_grad()
-def sigmoid_focal_backward(grad_out, x, t, alpha: float, gamma: float, reduction: str):
+def sigmoid_focal_backward(grad_out, x, t, alpha: float, gamma: float, reduction: str, loss_kind: int = FL,
+                           beta: float = 0.0, iou_weighted: bool = True):
     """Same contract as `focal_triton.kernels.sigmoid_focal_backward`: grad_out is 0-d (a scalar upstream
     gradient, divided by n for "mean") or dense with x's strides; returns dx in x's layout and dtype."""
     n = x.numel()
@@ -95,6 +155,7 @@ def sigmoid_focal_backward(grad_out, x, t, alpha: float, gamma: float, reduction
     else:
         g_flat = flat(grad_out)
     for s, e in _chunks(n):
-        _, dfl = _loss_and_grad(x_flat[s:e].to(cdt), t_flat[s:e].to(cdt), alpha, gamma, want_grad=True)
+        _, dfl = _loss_and_grad(x_flat[s:e].to(cdt), t_flat[s:e].to(cdt), alpha, gamma, True, loss_kind, beta,
+                                iou_weighted)
         out_flat[s:e] = (g0 if scalar else g_flat[s:e].to(cdt)) * dfl
     return grad_in

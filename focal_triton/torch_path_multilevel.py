@@ -7,7 +7,8 @@ are chunk-sized, never logit-sized. Sums are added in a fixed order (chunks, lev
 """
 import torch
 
-from .torch_path import CHUNK, alpha_coefficients, compute_dtype, focal_terms
+from .kernels.sigmoid_focal import LossSpec, kernel_scalars
+from .torch_path import CHUNK, compute_dtype, family_terms
 
 
 def _anchor_view(level: torch.Tensor, num_anchors: int) -> torch.Tensor:
@@ -16,34 +17,43 @@ def _anchor_view(level: torch.Tensor, num_anchors: int) -> torch.Tensor:
     return level.unflatten(1, (num_anchors, k // num_anchors)).flatten(3).permute(0, 3, 1, 2)
 
 
-def _level_chunks(levels, labels, weights, num_anchors):
-    """Yield (level index, image, position slice, label chunk (R, A), weight chunk or None) in a fixed order."""
+def _level_chunks(levels, labels, weights, num_anchors, scores=None):
+    """Yield (level index, image, position slice, label chunk (R, A), weight chunk or None, score chunk or None) in
+    a fixed order."""
     mb = 0
     for li, level in enumerate(levels):
         hw = level.shape[2] * level.shape[3]
         n = level.shape[0]
         lab = labels[:, mb:mb + hw * num_anchors].view(n, hw, num_anchors)
         wts = weights[:, mb:mb + hw * num_anchors].view(n, hw, num_anchors) if weights is not None else None
+        scs = scores[:, mb:mb + hw * num_anchors].view(n, hw, num_anchors) if scores is not None else None
         rows = max(1, CHUNK // max(1, level.shape[1]))
         for image in range(n):
             for r0 in range(0, hw, rows):
                 sl = slice(r0, min(r0 + rows, hw))
-                yield li, image, sl, lab[image, sl], (wts[image, sl] if wts is not None else None)
+                yield (li, image, sl, lab[image, sl], (wts[image, sl] if wts is not None else None),
+                       (scs[image, sl] if scs is not None else None))
         mb += hw * num_anchors
 
 
-def _chunk_terms(x, lab, w, alpha, gamma, smoothing, ignore_index, want_grad):
-    """Loss and gradient of one chunk x (R, A, C) in the compute dtype, weighted and with ignored anchors zeroed."""
+def _chunk_terms(x, lab, w, alpha, gamma, smoothing, ignore_index, want_grad, loss_spec=LossSpec(), score=None):
+    """Loss and gradient of one chunk x (R, A, C) in the compute dtype, weighted and with ignored anchors zeroed.
+    QFL / VFL: the target is the anchor's score (chunk (R, A)) on its label's class, 0 elsewhere."""
     num_classes = x.shape[-1]
     cls = torch.arange(num_classes, device=x.device)
-    t = (lab[..., None] == cls).to(x.dtype)
+    hit = lab[..., None] == cls
+    if score is not None:
+        t = torch.where(hit, score.to(x.dtype)[..., None], x.new_zeros(()))
+    else:
+        t = hit.to(x.dtype)
     ts = t * (1.0 - smoothing) + 0.5 * smoothing if smoothing else t
-    if isinstance(alpha, torch.Tensor):
+    per_class = isinstance(alpha, torch.Tensor)
+    c0, c1, g, _, b, _ = kernel_scalars(loss_spec.kind, 0.0 if per_class else alpha, gamma, loss_spec.beta,
+                                        loss_spec.iou_weighted)
+    if per_class:
         a = alpha.to(x.dtype)
         c0, c1 = 1.0 - a, 2.0 * a - 1.0
-    else:
-        c0, c1 = alpha_coefficients(alpha)
-    loss, grad = focal_terms(x, t, ts, c0, c1, gamma, want_grad)
+    loss, grad = family_terms(x, t, ts, c0, c1, g, b, loss_spec.kind, want_grad)
     factor = None
     if w is not None:
         factor = w.to(x.dtype)[..., None]
@@ -63,21 +73,23 @@ def _chunk_terms(x, lab, w, alpha, gamma, smoothing, ignore_index, want_grad):
 
 @torch.no_grad()
 def multilevel_focal_forward(levels, labels, weights, alpha, gamma, smoothing, ignore_index, num_anchors,
-                             reduction, norm_mode=0, normalizer=None, norm_value=1.0, out_dtype=None):
+                             reduction, norm_mode=0, normalizer=None, norm_value=1.0, out_dtype=None, loss=LossSpec()):
     cdt = compute_dtype(levels[0].dtype)
     views = [_anchor_view(lv, num_anchors) for lv in levels]
     if reduction == "none":
         outs = [torch.empty_like(lv, dtype=out_dtype or lv.dtype) for lv in levels]
         out_views = [_anchor_view(o, num_anchors) for o in outs]
-        for li, n, sl, lab, w in _level_chunks(levels, labels, weights, num_anchors):
-            loss, _ = _chunk_terms(views[li][n, sl].to(cdt), lab, w, alpha, gamma, smoothing, ignore_index, False)
-            out_views[li][n, sl] = loss
+        for li, n, sl, lab, w, sc in _level_chunks(levels, labels, weights, num_anchors, loss.scores):
+            value, _ = _chunk_terms(views[li][n, sl].to(cdt), lab, w, alpha, gamma, smoothing, ignore_index, False,
+                                    loss, sc)
+            out_views[li][n, sl] = value
         return outs
     num_images = levels[0].shape[0]
     sums = [[] for _ in range(num_images)]
-    for li, n, sl, lab, w in _level_chunks(levels, labels, weights, num_anchors):
-        loss, _ = _chunk_terms(views[li][n, sl].to(cdt), lab, w, alpha, gamma, smoothing, ignore_index, False)
-        sums[n].append(loss.sum())
+    for li, n, sl, lab, w, sc in _level_chunks(levels, labels, weights, num_anchors, loss.scores):
+        value, _ = _chunk_terms(views[li][n, sl].to(cdt), lab, w, alpha, gamma, smoothing, ignore_index, False,
+                                loss, sc)
+        sums[n].append(value.sum())
     per_image = torch.stack([torch.stack(s).sum() if s else torch.zeros((), dtype=cdt) for s in sums]) \
         if num_images else torch.zeros(0, dtype=cdt)
     if norm_mode == 0:
@@ -87,20 +99,21 @@ def multilevel_focal_forward(levels, labels, weights, alpha, gamma, smoothing, i
     else:
         scale = 1.0 / (normalizer.to(cdt) * num_images)
     scale = scale.to(per_image.device).contiguous()
-    loss = (per_image * scale).sum() if num_images else torch.zeros((), dtype=cdt)
-    return loss, scale
+    total = (per_image * scale).sum() if num_images else torch.zeros((), dtype=cdt)
+    return total, scale
 
 
 @torch.no_grad()
 def multilevel_focal_backward(grads, levels, labels, weights, alpha, gamma, smoothing, ignore_index, num_anchors,
-                              scale=None):
+                              scale=None, loss=LossSpec()):
     cdt = compute_dtype(levels[0].dtype)
     views = [_anchor_view(lv, num_anchors) for lv in levels]
     outs = [torch.empty_like(lv) for lv in levels]
     out_views = [_anchor_view(o, num_anchors) for o in outs]
     grad_views = None if scale is not None else [_anchor_view(g, num_anchors) for g in grads]
-    for li, n, sl, lab, w in _level_chunks(levels, labels, weights, num_anchors):
-        _, dfl = _chunk_terms(views[li][n, sl].to(cdt), lab, w, alpha, gamma, smoothing, ignore_index, True)
+    for li, n, sl, lab, w, sc in _level_chunks(levels, labels, weights, num_anchors, loss.scores):
+        _, dfl = _chunk_terms(views[li][n, sl].to(cdt), lab, w, alpha, gamma, smoothing, ignore_index, True, loss,
+                              sc)
         g = grads[0].to(cdt) * scale[n].to(cdt) if scale is not None else grad_views[li][n, sl].to(cdt)
         out_views[li][n, sl] = g * dfl
     return outs

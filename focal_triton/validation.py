@@ -46,6 +46,96 @@ def check_gamma(gamma) -> float:
     return gamma
 
 
+# --- the loss family: FL, FL*, QFL, VFL ------------------------------------------------------------------------
+
+# Class-index forms: loss name -> (kernel kind, default options). The dense forms have one function each.
+LOSSES = {"fl": 0, "fl_star": 1, "qfl": 2, "vfl": 3}
+LOSS_DEFAULTS = {
+    "fl": dict(alpha=0.25, gamma=2.0),
+    "fl_star": dict(alpha=-1.0, gamma=1.0, beta=0.0),  # fvcore's sigmoid_focal_loss_star
+    "qfl": dict(beta=2.0),  # Li et al. 2020, mmdet
+    "vfl": dict(alpha=0.75, gamma=2.0, iou_weighted=True),  # Zhang et al. 2021, mmdet
+}
+
+
+def check_star_gamma(gamma) -> float:
+    gamma = _number("gamma", gamma)
+    if not (_finite(gamma) and gamma > 0):
+        raise ValueError(f"gamma of FL* must be a finite number > 0 (the loss divides by it), got {gamma}")
+    return gamma
+
+
+def check_star_beta(beta) -> float:
+    beta = _number("beta", beta)
+    if not _finite(beta):
+        raise ValueError(f"beta of FL* must be a finite number, got {beta}")
+    return beta
+
+
+def check_qfl_beta(beta) -> float:
+    beta = _number("beta", beta)
+    if not (_finite(beta) and beta >= 0):
+        raise ValueError(f"beta of the quality focal loss must be a finite number >= 0, got {beta}")
+    return beta
+
+
+def check_vfl_alpha(alpha) -> float:
+    alpha = _number("alpha", alpha)
+    if not (_finite(alpha) and alpha >= 0):
+        raise ValueError(f"alpha of the varifocal loss (weight of the negatives) must be a finite number >= 0, "
+                         f"got {alpha}")
+    return alpha
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def check_loss_options(loss, alpha, gamma, beta, iou_weighted, num_classes: int, device):
+    """The class-index forms' loss kind and its options, defaults filled in (LOSS_DEFAULTS): returns
+    (kind, alpha (number or per-class tensor), gamma, beta, iou_weighted) with the unused ones set to neutral
+    values. An option the kind does not take must be left at None."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {tuple(LOSSES)}, got {loss!r}")
+    given = dict(alpha=alpha, gamma=gamma, beta=beta, iou_weighted=iou_weighted)
+    defaults = LOSS_DEFAULTS[loss]
+    unused = [k for k, v in given.items() if v is not None and k not in defaults]
+    if unused:
+        raise ValueError(f"loss={loss!r} takes no {unused[0]} (its options: {', '.join(defaults)})")
+    opts = {k: defaults[k] if given[k] is None else given[k] for k in defaults}
+    if loss in ("fl", "fl_star"):
+        alpha = check_class_alpha(opts["alpha"], num_classes, device)
+        if loss == "fl":
+            return 0, alpha, check_gamma(opts["gamma"]), 0.0, True
+        return 1, alpha, check_star_gamma(opts["gamma"]), check_star_beta(opts["beta"]), True
+    if loss == "qfl":
+        return 2, -1.0, 0.0, check_qfl_beta(opts["beta"]), True
+    return (3, check_vfl_alpha(opts["alpha"]), check_gamma(opts["gamma"]), 0.0,
+            check_bool("iou_weighted", opts["iou_weighted"]))
+
+
+def check_scores(scores, loss: str, shape, device):
+    """QFL / VFL take per-anchor target scores of the labels' shape (the IoU of each positive's box); FL / FL* none.
+    Values are not read (no sync): they should lie in [0, 1]."""
+    if loss not in ("qfl", "vfl"):
+        if scores is not None:
+            raise ValueError(f"scores applies to loss='qfl' or 'vfl' only, not loss={loss!r}")
+        return
+    if scores is None:
+        raise ValueError(f"loss={loss!r} needs scores: the (per-anchor) target score of each positive, e.g. its "
+                         f"box's IoU, of the labels' shape {tuple(shape)}")
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
+    if not scores.is_floating_point():
+        raise TypeError(f"scores must be a floating-point tensor, got {scores.dtype}")
+    if tuple(scores.shape) != tuple(shape):
+        raise ValueError(f"scores must have the labels' shape {tuple(shape)} (one score per anchor), "
+                         f"got {tuple(scores.shape)}")
+    _side_tensor("scores", scores, device)
+
+
 def check_logits_and_targets(inputs, targets, inputs_name: str = "inputs", targets_name: str = "targets") -> None:
     for name, t in ((inputs_name, inputs), (targets_name, targets)):
         if not isinstance(t, torch.Tensor):

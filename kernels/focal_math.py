@@ -8,6 +8,17 @@ label-smoothed t (1 - s) + s / 2 of the class-index kernels),
     ce = BCE(x, t_s) = (x >= 0 ? (1 - t_s) x : -t_s x) + log1p(e)   (the only log)
     FL = alpha_t * u**gamma * ce,  alpha_t = c0 + c1 t  (c0 = 1 - alpha, c1 = 2 alpha - 1; c0 = 1, c1 = 0 without alpha)
     dFL/dx = alpha_t * (u**gamma (p - t_s) + gamma u**(gamma - 1) p q (1 - 2 t) ce)
+
+The relatives of FL, chosen by the LOSS_KIND constexpr of `family_loss_and_grad` (one kernel source for all):
+    0 FL   as above.
+    1 FL*  (Lin et al., appendix A): z = gamma x_t + beta, x_t = x (2t - 1) (fvcore's form, = +-x for t = 1 / 0),
+           FL* = alpha_t softplus(-z) / gamma,  dFL*/dx = -alpha_t (2t - 1) sigmoid(-z).
+    2 QFL  (Li et al. 2020), t = y the soft score, exponent in gamma (the paper's beta):
+           d = y - p = y q - (1 - y) p (no cancellation at y = 0 or 1),  QFL = |d|**gamma BCE(x, y),
+           dQFL/dx = |d|**gamma (p - y) + gamma |d|**(gamma - 1) sign(p - y) p q BCE(x, y).
+    3 VFL  (Zhang et al. 2021), t = q the IoU-aware score: w = c0 + c1 q (c0 = 0, c1 = 1: weighted by q; c0 = 1,
+           c1 = 0: by 1), alpha of the negatives in beta:
+           q > 0: VFL = w BCE(x, q), dVFL/dx = w (p - q);   q <= 0: VFL = FL(x, 0) with alpha_t = beta.
 """
 import triton
 import triton.language as tl
@@ -84,4 +95,64 @@ def focal_loss_and_grad(x, t, ts, c0, c1, gamma, gamma_int, INT_GAMMA: tl.conste
     alpha_t = c0 + c1 * t
     loss = alpha_t * m * ce
     grad = alpha_t * (m * (p - ts) + tl.where(g == 0.0, 0.0, g * (1.0 - 2.0 * t) * ce))
+    return loss, grad
+
+
+@triton.jit
+def focal_star_loss_and_grad(x, t, c0, c1, gamma, beta):
+    """(FL*, dFL*/dx): softplus(-z) = max(-z, 0) + log1p(exp(-|z|)), one exp and one log, finite wherever z is
+    finite or +inf. t = 1/2 makes x_t = 0 for every x (the limit, so x = +-inf stays finite); a NaN x stays NaN."""
+    s = 2.0 * t - 1.0
+    xt = tl.where((s == 0.0) & (x == x), 0.0, x * s)
+    z = gamma * xt + beta
+    e, _, qz = sigmoid_parts(z)
+    alpha_t = c0 + c1 * t
+    loss = alpha_t * (tl.where(z >= 0, 0.0, -z) + log1p_small(e)) / gamma
+    grad = -alpha_t * s * qz
+    return loss, grad
+
+
+@triton.jit
+def quality_focal_loss_and_grad(x, y, beta, beta_int, INT_BETA: tl.constexpr):
+    """(QFL, dQFL/dx) with the exponent beta (see the module docstring). |d| goes through `modulation`, whose
+    du/dx bound p q / u <= max(p, q) does not hold here: near d = 0 with 0 < beta < 1 the gradient is large, as the
+    formula's (it is infinite at d = 0, taken as 0 there, the subgradient of |d|). Saturated logits: the loss is 0
+    or inf (its limit), the gradient finite (p q = 0 makes the modulation term 0)."""
+    e, p, q = sigmoid_parts(x)
+    d = y * q - (1.0 - y) * p
+    u = tl.where(d < 0, -d, d)
+    ce = bce_with_logits(x, y, e)
+    m, g = modulation(u, p, q, beta, beta_int, INT_BETA)
+    gs = tl.where(d < 0, g, -g)
+    grad = m * (0.0 - d) + tl.where((g == 0.0) | (d == 0.0), 0.0, gs * ce)
+    return m * ce, grad
+
+
+@triton.jit
+def varifocal_loss_and_grad(x, t, c0, c1, gamma, gamma_int, alpha_neg, INT_GAMMA: tl.constexpr):
+    """(VFL, dVFL/dx), t = q the target score (see the module docstring); the negatives' term is FL's at t = 0."""
+    e, p, q = sigmoid_parts(x)
+    pos = t > 0
+    ts = tl.where(pos, t, 0.0)
+    ce = bce_with_logits(x, ts, e)
+    m, g = modulation(p, p, q, gamma, gamma_int, INT_GAMMA)
+    w = c0 + c1 * t
+    loss = tl.where(pos, w * ce, alpha_neg * m * ce)
+    grad = tl.where(pos, w * (p - ts), alpha_neg * (m * p + tl.where(g == 0.0, 0.0, g * ce)))
+    return loss, grad
+
+
+@triton.jit
+def family_loss_and_grad(x, t, ts, c0, c1, gamma, gamma_int, beta, LOSS_KIND: tl.constexpr,
+                         INT_GAMMA: tl.constexpr):
+    """(loss, dloss/dx) of the loss kind LOSS_KIND (0 FL, 1 FL*, 2 QFL, 3 VFL; see the module docstring), chosen at
+    compile time: each specialization holds the code of one kind only, and FL's is `focal_loss_and_grad` as is."""
+    if LOSS_KIND == 0:
+        loss, grad = focal_loss_and_grad(x, t, ts, c0, c1, gamma, gamma_int, INT_GAMMA)
+    elif LOSS_KIND == 1:
+        loss, grad = focal_star_loss_and_grad(x, t, c0, c1, gamma, beta)
+    elif LOSS_KIND == 2:
+        loss, grad = quality_focal_loss_and_grad(x, t, gamma, gamma_int, INT_GAMMA)
+    else:
+        loss, grad = varifocal_loss_and_grad(x, t, c0, c1, gamma, gamma_int, beta, INT_GAMMA)
     return loss, grad

@@ -24,6 +24,8 @@ global) and adds the images in order. Deterministic for a given (device, N), no 
 
 Per element, with t = (label == c), keep = (label != ignore or no ignore value), w = weight of the anchor (1 without):
     loss = keep ? w * alpha_t(c) * (1 - p_t)**gamma * BCE(x, t (1 - s) + s / 2) : 0     (focal_math, smoothing s)
+and for the other kinds of LOSS_KIND (focal_math.family_loss_and_grad) keep ? w * loss_kind(x, t) : 0, where for QFL
+and VFL t = score of the anchor (an (N, M) tensor like the weights, one load per row) on its label's class, else 0.
 Bytes moved by design per logit: forward reads it once; backward reads it once and writes its gradient once.
 """
 import struct
@@ -32,9 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .focal_math import focal_loss_and_grad
+from .focal_math import family_loss_and_grad
 from .launch import PARTIAL_SUM_BLOCK, device_guard, max_programs
-from .sigmoid_focal import alpha_coefficients, compute_dtype, gamma_params
+from .sigmoid_focal import FL, LossSpec, compute_dtype, kernel_scalars
 
 MAX_LEVELS = 8
 # No integer argument is specialized by the JIT (on divisibility by 16 or equality to 1): sizes change with every
@@ -77,9 +79,9 @@ def _tile_place(local, hw, A, C, CHANNELS_LAST: tl.constexpr, BLOCK_HW: tl.const
 
 
 @triton.jit
-def _tile_terms(x_ptr, lab_ptr, w_ptr, alpha_ptr, hw, K, A, C, a, row0, c_start, anchor_base,
-                c0, c1, gamma, gamma_int, smoothing, ignore_index, has_ignore, has_weight, has_alpha,
-                MASKED: tl.constexpr, CHANNELS_LAST: tl.constexpr, INT_GAMMA: tl.constexpr,
+def _tile_terms(x_ptr, lab_ptr, w_ptr, s_ptr, alpha_ptr, hw, K, A, C, a, row0, c_start, anchor_base,
+                c0, c1, gamma, gamma_int, beta, smoothing, ignore_index, has_ignore, has_weight, has_alpha,
+                MASKED: tl.constexpr, CHANNELS_LAST: tl.constexpr, LOSS_KIND: tl.constexpr, INT_GAMMA: tl.constexpr,
                 COMPUTE_DTYPE: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     """Load one tile (x_ptr: its image's block) and return (offsets, mask, keep-and-weight factor, FL, dFL/dx).
 
@@ -106,9 +108,20 @@ def _tile_terms(x_ptr, lab_ptr, w_ptr, alpha_ptr, hw, K, A, C, a, row0, c_start,
     alpha_c = tl.load(alpha_ptr + cls, mask=col_mask & (has_alpha != 0), other=0.0).to(COMPUTE_DTYPE)
     c0v = tl.where(has_alpha != 0, 1.0 - alpha_c, c0)
     c1v = tl.where(has_alpha != 0, 2.0 * alpha_c - 1.0, c1)
-    t = (label[:, None] == cls[None, :]).to(COMPUTE_DTYPE)
-    ts = t * (1.0 - smoothing) + 0.5 * smoothing
-    loss, grad = focal_loss_and_grad(x, t, ts, c0v[None, :], c1v[None, :], gamma, gamma_int, INT_GAMMA)
+    hit = label[:, None] == cls[None, :]
+    if LOSS_KIND >= 2:
+        # QFL / VFL: the anchor's score (one load per row, like its label) on its label's class, 0 elsewhere.
+        if MASKED:
+            score = tl.load(s_ptr + anchor, mask=row_mask, other=0.0).to(COMPUTE_DTYPE)
+        else:
+            score = tl.load(s_ptr + anchor).to(COMPUTE_DTYPE)
+        t = tl.where(hit, score[:, None], 0.0)
+        ts = t
+    else:
+        t = hit.to(COMPUTE_DTYPE)
+        ts = t * (1.0 - smoothing) + 0.5 * smoothing
+    loss, grad = family_loss_and_grad(x, t, ts, c0v[None, :], c1v[None, :], gamma, gamma_int, beta, LOSS_KIND,
+                                      INT_GAMMA)
     take = keep[:, None]
     if MASKED:
         take = take & mask
@@ -126,16 +139,17 @@ def _store(ptr, offs, mask, value, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _tile(x_ptr, o_ptr, g_ptr, lab_ptr, w_ptr, alpha_ptr, hw, K, A, C, a, row0, c_start, anchor_base, acc, g0,
-          c0, c1, gamma, gamma_int, smoothing, ignore_index, has_ignore, has_weight, has_alpha,
-          MODE: tl.constexpr, MASKED: tl.constexpr, CHANNELS_LAST: tl.constexpr, INT_GAMMA: tl.constexpr,
+def _tile(x_ptr, o_ptr, g_ptr, lab_ptr, w_ptr, s_ptr, alpha_ptr, hw, K, A, C, a, row0, c_start, anchor_base, acc,
+          g0, c0, c1, gamma, gamma_int, beta, smoothing, ignore_index, has_ignore, has_weight, has_alpha,
+          MODE: tl.constexpr, MASKED: tl.constexpr, CHANNELS_LAST: tl.constexpr, LOSS_KIND: tl.constexpr,
+          INT_GAMMA: tl.constexpr,
           COMPUTE_DTYPE: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     """One tile of one of the kernel's MODEs:
     0 forward, acc += loss;  1 forward, o = loss;  2 backward, o = g0 * dFL/dx;  3 backward, o = g * dFL/dx."""
     offs, mask, loss, grad = _tile_terms(
-        x_ptr, lab_ptr, w_ptr, alpha_ptr, hw, K, A, C, a, row0, c_start, anchor_base, c0, c1, gamma, gamma_int,
-        smoothing, ignore_index, has_ignore, has_weight, has_alpha, MASKED, CHANNELS_LAST, INT_GAMMA, COMPUTE_DTYPE,
-        BLOCK_HW, BLOCK_C)
+        x_ptr, lab_ptr, w_ptr, s_ptr, alpha_ptr, hw, K, A, C, a, row0, c_start, anchor_base, c0, c1, gamma,
+        gamma_int, beta, smoothing, ignore_index, has_ignore, has_weight, has_alpha, MASKED, CHANNELS_LAST, LOSS_KIND,
+        INT_GAMMA, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
     if MODE == 0:
         acc += loss
     elif MODE == 1:
@@ -158,10 +172,10 @@ def multilevel_focal_kernel(
     g0_, g1_, g2_, g3_, g4_, g5_, g6_, g7_,  # upstream gradient of each level (MODE 3)
     hw0, hw1, hw2, hw3, hw4, hw5, hw6, hw7,  # H_l * W_l
     ts1, ts2, ts3, ts4, ts5, ts6, ts7,       # first per-image tile of each level (level 0 starts at 0)
-    lab_ptr, w_ptr, alpha_ptr, partials_ptr, grad_scalar_ptr, scale_ptr,
+    lab_ptr, w_ptr, s_ptr, alpha_ptr, partials_ptr, grad_scalar_ptr, scale_ptr,
     tiles_per_image, num_anchors_total, num_levels, cl_mask, P, A, C,
-    c0, c1, gamma, gamma_int, smoothing, ignore_index, has_ignore, has_weight, has_alpha,
-    MODE: tl.constexpr, INT_GAMMA: tl.constexpr, CLASS_ALIGNED: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    c0, c1, gamma, gamma_int, beta, smoothing, ignore_index, has_ignore, has_weight, has_alpha,
+    MODE: tl.constexpr, LOSS_KIND: tl.constexpr, INT_GAMMA: tl.constexpr, CLASS_ALIGNED: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
     BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Forward (MODE 0: partial sums into partials[pid]; MODE 1: elementwise loss) or backward (MODE 2: the
@@ -206,20 +220,21 @@ def multilevel_focal_kernel(
                 if CLASS_ALIGNED:
                     masked = (row0 + BLOCK_HW > hw) | (c_start + BLOCK_C > C)
                 if masked:
-                    acc_cl = _tile(xp, op, gp, lab_ptr, w_ptr, alpha_ptr, hw, K, A, C, a, row0, c_start,
-                                   anchor_base, acc_cl, g0, c0, c1, gamma, gamma_int, smoothing, ignore_index,
-                                   has_ignore, has_weight, has_alpha, MODE, True, True, INT_GAMMA, COMPUTE_DTYPE,
-                                   BLOCK_HW, BLOCK_C)
+                    acc_cl = _tile(xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, hw, K, A, C, a, row0, c_start,
+                                   anchor_base, acc_cl, g0, c0, c1, gamma, gamma_int, beta, smoothing, ignore_index,
+                                   has_ignore, has_weight, has_alpha, MODE, True, True, LOSS_KIND, INT_GAMMA,
+                                   COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
                 else:
-                    acc_cl = _tile(xp, op, gp, lab_ptr, w_ptr, alpha_ptr, hw, K, A, C, a, row0, c_start,
-                                   anchor_base, acc_cl, g0, c0, c1, gamma, gamma_int, smoothing, ignore_index,
-                                   has_ignore, has_weight, has_alpha, MODE, False, True, INT_GAMMA, COMPUTE_DTYPE,
-                                   BLOCK_HW, BLOCK_C)
+                    acc_cl = _tile(xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, hw, K, A, C, a, row0, c_start,
+                                   anchor_base, acc_cl, g0, c0, c1, gamma, gamma_int, beta, smoothing, ignore_index,
+                                   has_ignore, has_weight, has_alpha, MODE, False, True, LOSS_KIND, INT_GAMMA,
+                                   COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
             else:
                 # NCHW rows run along hw, whose alignment is unknown (hw is not specialized): always masked.
-                acc = _tile(xp, op, gp, lab_ptr, w_ptr, alpha_ptr, hw, K, A, C, a, row0, c_start, anchor_base,
-                            acc, g0, c0, c1, gamma, gamma_int, smoothing, ignore_index, has_ignore, has_weight,
-                            has_alpha, MODE, True, False, INT_GAMMA, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
+                acc = _tile(xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, hw, K, A, C, a, row0, c_start,
+                            anchor_base, acc, g0, c0, c1, gamma, gamma_int, beta, smoothing, ignore_index, has_ignore,
+                            has_weight, has_alpha, MODE, True, False, LOSS_KIND, INT_GAMMA, COMPUTE_DTYPE, BLOCK_HW,
+                            BLOCK_C)
             j += P
         mb += hw * A
         lvl += 1
@@ -278,9 +293,9 @@ def tile_for(device: torch.device, itemsize: int):
     return gpu_tile(itemsize) if device.type == "cuda" else INTERPRETER_TILE
 
 
-def kernel_constexprs(x_dtype, mode: int, int_gamma: bool, class_aligned: bool, tile) -> dict:
-    return dict(MODE=mode, INT_GAMMA=int_gamma, CLASS_ALIGNED=class_aligned, COMPUTE_DTYPE=compute_dtype(x_dtype),
-                BLOCK_HW=tile[0], BLOCK_C=tile[1])
+def kernel_constexprs(x_dtype, mode: int, int_gamma: bool, class_aligned: bool, tile, loss_kind: int = FL) -> dict:
+    return dict(MODE=mode, LOSS_KIND=loss_kind, INT_GAMMA=int_gamma, CLASS_ALIGNED=class_aligned,
+                COMPUTE_DTYPE=compute_dtype(x_dtype), BLOCK_HW=tile[0], BLOCK_C=tile[1])
 
 
 class Plan:
@@ -325,30 +340,32 @@ def _round_to_float32(v: float) -> float:
     return struct.unpack("f", struct.pack("f", v))[0]
 
 
-def _scalar_args(plan: Plan, alpha, gamma, smoothing, ignore_index, has_weight):
-    # A per-class alpha is read in the kernel (has_alpha); a number becomes alpha_t = c0 + c1 t.
+def _scalar_args(plan: Plan, alpha, gamma, smoothing, ignore_index, has_weight, loss):
+    # A per-class alpha is read in the kernel (has_alpha); a number becomes alpha_t = c0 + c1 t (kernel_scalars).
     has_alpha = int(isinstance(alpha, torch.Tensor))
-    c0, c1 = (1.0, 0.0) if has_alpha else alpha_coefficients(alpha)
-    gamma_f, gamma_i, int_gamma = gamma_params(gamma)
+    c0, c1, gamma_f, gamma_i, beta_f, int_gamma = kernel_scalars(loss.kind, 0.0 if has_alpha else alpha, gamma,
+                                                                 loss.beta, loss.iou_weighted)
+    if has_alpha:
+        c0, c1 = 1.0, 0.0
     ints = [plan.tiles_per_image, plan.num_anchors_total, plan.num_levels, plan.cl_mask]
-    scalars = [c0, c1, gamma_f, gamma_i, float(smoothing), 0 if ignore_index is None else int(ignore_index),
+    scalars = [c0, c1, gamma_f, gamma_i, beta_f, float(smoothing), 0 if ignore_index is None else int(ignore_index),
                int(ignore_index is not None), int(has_weight), has_alpha]
     return ints, scalars, int_gamma
 
 
 def _launch(mode, levels, outs, grads, labels, weights, alpha, gamma, smoothing, ignore_index, num_anchors,
-            partials_dtype=torch.float32, grad_scalar=None, scale=None):
+            partials_dtype=torch.float32, grad_scalar=None, scale=None, loss=LossSpec()):
     """Launch multilevel_focal_kernel once over every level; returns (plan, programs per image, partials)."""
     x = levels[0]
     plan = Plan(levels, num_anchors, x.device, x.element_size())
-    ints, scalars, int_gamma = _scalar_args(plan, alpha, gamma, smoothing, ignore_index, weights is not None)
-    constexprs = kernel_constexprs(x.dtype, mode, int_gamma, plan.C % 16 == 0, plan.tile)
+    ints, scalars, int_gamma = _scalar_args(plan, alpha, gamma, smoothing, ignore_index, weights is not None, loss)
+    constexprs = kernel_constexprs(x.dtype, mode, int_gamma, plan.C % 16 == 0, plan.tile, loss.kind)
     dummy = torch.empty(1, dtype=torch.float32, device=x.device)
 
     def args(partials, P):
         return [*plan.level_args(levels, x), *plan.level_args(outs, outs[0] if outs else x),
                 *plan.level_args(grads, grads[0] if grads else x), *plan.level_args(plan.hw, 0), *plan.starts,
-                labels, weights if weights is not None else dummy,
+                labels, weights if weights is not None else dummy, loss.scores if loss.scores is not None else dummy,
                 alpha if isinstance(alpha, torch.Tensor) else dummy, partials,
                 grad_scalar if grad_scalar is not None else dummy, scale if scale is not None else dummy,
                 *ints, P, plan.A, plan.C, *scalars]
@@ -363,9 +380,10 @@ def _launch(mode, levels, outs, grads, labels, weights, alpha, gamma, smoothing,
 
 
 def multilevel_focal_forward(levels, labels, weights, alpha, gamma, smoothing, ignore_index, num_anchors,
-                             reduction, norm_mode=0, normalizer=None, norm_value=1.0, out_dtype=None):
+                             reduction, norm_mode=0, normalizer=None, norm_value=1.0, out_dtype=None, loss=LossSpec()):
     """levels: NCHW-contiguous or channels_last (N, A*C, H, W) tensors, N * tiles > 0; labels (N, M) int32/int64
-    contiguous; weights None or (N, M) float32 contiguous; alpha a number or a (C,) float32 tensor.
+    contiguous; weights None or (N, M) float32 contiguous; alpha a number or a (C,) float32 tensor; loss the kind
+    of loss (a LossSpec; FL by default).
 
     "none": a list of per-level losses in each level's layout, in out_dtype (default: the levels' dtype; float32
     under autocast). "sum": (loss, scale), loss 0-d in the
@@ -374,11 +392,12 @@ def multilevel_focal_forward(levels, labels, weights, alpha, gamma, smoothing, i
     x = levels[0]
     if reduction == "none":
         outs = [torch.empty_like(lv, dtype=out_dtype or lv.dtype) for lv in levels]
-        _launch(MODE_NONE, levels, outs, [], labels, weights, alpha, gamma, smoothing, ignore_index, num_anchors)
+        _launch(MODE_NONE, levels, outs, [], labels, weights, alpha, gamma, smoothing, ignore_index, num_anchors,
+                loss=loss)
         return outs
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     plan, P, partials = _launch(MODE_SUM, levels, [], [], labels, weights, alpha, gamma, smoothing, ignore_index,
-                                num_anchors, partials_dtype=acc_dtype)
+                                num_anchors, partials_dtype=acc_dtype, loss=loss)
     loss = torch.empty((), dtype=acc_dtype, device=x.device)
     scale = torch.empty(plan.N, dtype=acc_dtype, device=x.device)
     norm_ptr = normalizer if normalizer is not None else torch.empty(1, dtype=torch.float32, device=x.device)
@@ -390,15 +409,15 @@ def multilevel_focal_forward(levels, labels, weights, alpha, gamma, smoothing, i
 
 
 def multilevel_focal_backward(grads, levels, labels, weights, alpha, gamma, smoothing, ignore_index, num_anchors,
-                              scale=None):
+                              scale=None, loss=LossSpec()):
     """Gradients w.r.t. each level, in the level's layout and dtype. grads: one 0-d upstream gradient of the "sum"
     loss (then `scale` is the forward's per-image factor), or per-level upstream gradients laid out like the levels
     ("none")."""
     outs = [torch.empty_like(lv) for lv in levels]
     if scale is not None:
         _launch(MODE_GRAD_SCALAR, levels, outs, [], labels, weights, alpha, gamma, smoothing, ignore_index,
-                num_anchors, grad_scalar=grads[0], scale=scale)
+                num_anchors, grad_scalar=grads[0], scale=scale, loss=loss)
     else:
         _launch(MODE_GRAD_TENSOR, levels, outs, grads, labels, weights, alpha, gamma, smoothing, ignore_index,
-                num_anchors)
+                num_anchors, loss=loss)
     return outs

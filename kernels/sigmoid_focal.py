@@ -5,11 +5,13 @@ order; the caller guarantees that all of them share the same dense strides. Byte
 forward "none": read x, read t, write loss; forward sum/mean: read x, read t (plus 4-8 bytes per program);
 backward: read x, read t, write dx (plus the upstream gradient when it is not a scalar).
 """
+from typing import NamedTuple, Optional
+
 import torch
 import triton
 import triton.language as tl
 
-from .focal_math import focal_loss_and_grad
+from .focal_math import family_loss_and_grad
 from .launch import PARTIAL_SUM_BLOCK, config_for, device_guard, needs_int64, persistent_grid
 
 
@@ -37,20 +39,22 @@ def _store_tile(ptr, offs, n, value, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _tile_loss_and_grad(x_ptr, t_ptr, offs, n, c0, c1, gamma, gamma_int, MASKED: tl.constexpr,
-                        INT_GAMMA: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
-    """Read one tile of logits and targets (each once) and return (FL, dFL/dx) in COMPUTE_DTYPE."""
+def _tile_loss_and_grad(x_ptr, t_ptr, offs, n, c0, c1, gamma, gamma_int, beta, MASKED: tl.constexpr,
+                        LOSS_KIND: tl.constexpr, INT_GAMMA: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """Read one tile of logits and targets (each once) and return (loss, dloss/dx) in COMPUTE_DTYPE; the target is
+    t for FL / FL*, the soft score y for QFL and q for VFL."""
     x = _load_tile(x_ptr, offs, n, MASKED, COMPUTE_DTYPE)
     t = _load_tile(t_ptr, offs, n, MASKED, COMPUTE_DTYPE)
-    return focal_loss_and_grad(x, t, t, c0, c1, gamma, gamma_int, INT_GAMMA)
+    return family_loss_and_grad(x, t, t, c0, c1, gamma, gamma_int, beta, LOSS_KIND, INT_GAMMA)
 
 
 @triton.jit
-def _fwd_tile(x_ptr, t_ptr, out_ptr, n, tile, acc, c0, c1, gamma, gamma_int,
-              MASKED: tl.constexpr, REDUCE: tl.constexpr, INT_GAMMA: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+def _fwd_tile(x_ptr, t_ptr, out_ptr, n, tile, acc, c0, c1, gamma, gamma_int, beta,
+              MASKED: tl.constexpr, REDUCE: tl.constexpr, LOSS_KIND: tl.constexpr, INT_GAMMA: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
               INT64: tl.constexpr, BLOCK: tl.constexpr):
     offs = _tile_offsets(tile, BLOCK, INT64)
-    loss, _ = _tile_loss_and_grad(x_ptr, t_ptr, offs, n, c0, c1, gamma, gamma_int, MASKED, INT_GAMMA, COMPUTE_DTYPE)
+    loss, _ = _tile_loss_and_grad(x_ptr, t_ptr, offs, n, c0, c1, gamma, gamma_int, beta, MASKED, LOSS_KIND,
+                                  INT_GAMMA, COMPUTE_DTYPE)
     if REDUCE:
         if MASKED:
             loss = tl.where(offs < n, loss, 0.0)
@@ -62,8 +66,8 @@ def _fwd_tile(x_ptr, t_ptr, out_ptr, n, tile, acc, c0, c1, gamma, gamma_int,
 
 @triton.jit
 def sigmoid_focal_fwd_kernel(
-    x_ptr, t_ptr, out_ptr, n, c0, c1, gamma, gamma_int,
-    REDUCE: tl.constexpr, INT_GAMMA: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    x_ptr, t_ptr, out_ptr, n, c0, c1, gamma, gamma_int, beta,
+    REDUCE: tl.constexpr, LOSS_KIND: tl.constexpr, INT_GAMMA: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
     INT64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Persistent grid-stride loop over the full tiles of BLOCK elements, then the masked tail tile (if any) on
@@ -80,12 +84,12 @@ def sigmoid_focal_fwd_kernel(
     acc = tl.zeros([BLOCK], COMPUTE_DTYPE)
     tile = pid
     while tile < num_full:
-        acc = _fwd_tile(x_ptr, t_ptr, out_ptr, n, tile, acc, c0, c1, gamma, gamma_int,
-                        False, REDUCE, INT_GAMMA, COMPUTE_DTYPE, INT64, BLOCK)
+        acc = _fwd_tile(x_ptr, t_ptr, out_ptr, n, tile, acc, c0, c1, gamma, gamma_int, beta,
+                        False, REDUCE, LOSS_KIND, INT_GAMMA, COMPUTE_DTYPE, INT64, BLOCK)
         tile += nprog
     if (num_full * BLOCK < n) & (pid == num_full % nprog):
-        acc = _fwd_tile(x_ptr, t_ptr, out_ptr, n, num_full, acc, c0, c1, gamma, gamma_int,
-                        True, REDUCE, INT_GAMMA, COMPUTE_DTYPE, INT64, BLOCK)
+        acc = _fwd_tile(x_ptr, t_ptr, out_ptr, n, num_full, acc, c0, c1, gamma, gamma_int, beta,
+                        True, REDUCE, LOSS_KIND, INT_GAMMA, COMPUTE_DTYPE, INT64, BLOCK)
     if REDUCE:
         tl.store(out_ptr + pid, tl.sum(acc, axis=0))
 
@@ -106,11 +110,12 @@ def sum_partials_kernel(partials_ptr, out_ptr, num_partials, n, MEAN: tl.constex
 
 
 @triton.jit
-def _bwd_tile(x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, tile, g0, c0, c1, gamma, gamma_int,
-              MASKED: tl.constexpr, GRAD_SCALAR: tl.constexpr, INT_GAMMA: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+def _bwd_tile(x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, tile, g0, c0, c1, gamma, gamma_int, beta,
+              MASKED: tl.constexpr, GRAD_SCALAR: tl.constexpr, LOSS_KIND: tl.constexpr, INT_GAMMA: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
               INT64: tl.constexpr, BLOCK: tl.constexpr):
     offs = _tile_offsets(tile, BLOCK, INT64)
-    _, dfl = _tile_loss_and_grad(x_ptr, t_ptr, offs, n, c0, c1, gamma, gamma_int, MASKED, INT_GAMMA, COMPUTE_DTYPE)
+    _, dfl = _tile_loss_and_grad(x_ptr, t_ptr, offs, n, c0, c1, gamma, gamma_int, beta, MASKED, LOSS_KIND,
+                                 INT_GAMMA, COMPUTE_DTYPE)
     if GRAD_SCALAR:
         g = g0
     else:
@@ -120,8 +125,8 @@ def _bwd_tile(x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, tile, g0, c0, c1, gamm
 
 @triton.jit
 def sigmoid_focal_bwd_kernel(
-    x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, c0, c1, gamma, gamma_int,
-    GRAD_SCALAR: tl.constexpr, MEAN: tl.constexpr, INT_GAMMA: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, c0, c1, gamma, gamma_int, beta,
+    GRAD_SCALAR: tl.constexpr, MEAN: tl.constexpr, LOSS_KIND: tl.constexpr, INT_GAMMA: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
     INT64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """dx[i] = g * dFL/dx(x[i], t[i]), g = grad_out[0] (GRAD_SCALAR; divided by n for MEAN) or grad_out[i].
@@ -141,12 +146,12 @@ def sigmoid_focal_bwd_kernel(
     num_full = n // BLOCK
     tile = pid
     while tile < num_full:
-        _bwd_tile(x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, tile, g0, c0, c1, gamma, gamma_int,
-                  False, GRAD_SCALAR, INT_GAMMA, COMPUTE_DTYPE, INT64, BLOCK)
+        _bwd_tile(x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, tile, g0, c0, c1, gamma, gamma_int, beta,
+                  False, GRAD_SCALAR, LOSS_KIND, INT_GAMMA, COMPUTE_DTYPE, INT64, BLOCK)
         tile += nprog
     if (num_full * BLOCK < n) & (pid == num_full % nprog):
-        _bwd_tile(x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, num_full, g0, c0, c1, gamma, gamma_int,
-                  True, GRAD_SCALAR, INT_GAMMA, COMPUTE_DTYPE, INT64, BLOCK)
+        _bwd_tile(x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, num_full, g0, c0, c1, gamma, gamma_int, beta,
+                  True, GRAD_SCALAR, LOSS_KIND, INT_GAMMA, COMPUTE_DTYPE, INT64, BLOCK)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -171,34 +176,70 @@ def alpha_coefficients(alpha: float):
     return 1.0 - alpha, 2.0 * alpha - 1.0
 
 
-def forward_constexprs(x_dtype, reduce: bool, int_gamma: bool, int64: bool, block: int) -> dict:
-    return dict(REDUCE=reduce, INT_GAMMA=int_gamma, COMPUTE_DTYPE=compute_dtype(x_dtype), INT64=int64, BLOCK=block)
+# Loss kinds (the LOSS_KIND constexpr of focal_math.family_loss_and_grad).
+FL, FL_STAR, QFL, VFL = 0, 1, 2, 3
 
 
-def backward_constexprs(x_dtype, grad_scalar: bool, mean: bool, int_gamma: bool, int64: bool, block: int) -> dict:
-    return dict(GRAD_SCALAR=grad_scalar, MEAN=mean, INT_GAMMA=int_gamma, COMPUTE_DTYPE=compute_dtype(x_dtype),
+class LossSpec(NamedTuple):
+    """The loss of the family and its parameters beyond alpha and gamma: kind (FL, FL_STAR, QFL, VFL), beta (FL*'s
+    shift, QFL's exponent), iou_weighted (VFL), scores (class-index QFL / VFL: (N, M) per-anchor scores in the
+    compute dtype, contiguous; None otherwise)."""
+
+    kind: int = FL
+    beta: float = 0.0
+    iou_weighted: bool = True
+    scores: Optional[torch.Tensor] = None
+
+
+def kernel_scalars(loss_kind: int, alpha: float, gamma: float, beta: float, iou_weighted: bool = True):
+    """(c0, c1, gamma, gamma_int, beta, INT_GAMMA) of the kernels for a kind's public parameters: FL / FL* alpha_t
+    = c0 + c1 t; QFL's exponent beta goes where FL's gamma goes (the same integer / fractional power paths); VFL's
+    positives weight q (iou_weighted) or 1 as c0 + c1 q, and its alpha (of the negatives) goes in beta. FL* has no
+    power (gamma only scales): it takes the INT_GAMMA specialization."""
+    if loss_kind == QFL:
+        g, gi, ig = gamma_params(beta)
+        return 1.0, 0.0, g, gi, 0.0, ig
+    if loss_kind == VFL:
+        g, gi, ig = gamma_params(gamma)
+        c0, c1 = (0.0, 1.0) if iou_weighted else (1.0, 0.0)
+        return c0, c1, g, gi, float(alpha), ig
+    c0, c1 = alpha_coefficients(alpha)
+    if loss_kind == FL_STAR:
+        return c0, c1, float(gamma), 0, float(beta), True
+    g, gi, ig = gamma_params(gamma)
+    return c0, c1, g, gi, 0.0, ig
+
+
+def forward_constexprs(x_dtype, reduce: bool, int_gamma: bool, int64: bool, block: int, loss_kind: int = FL) -> dict:
+    return dict(REDUCE=reduce, LOSS_KIND=loss_kind, INT_GAMMA=int_gamma, COMPUTE_DTYPE=compute_dtype(x_dtype),
                 INT64=int64, BLOCK=block)
 
 
+def backward_constexprs(x_dtype, grad_scalar: bool, mean: bool, int_gamma: bool, int64: bool, block: int,
+                        loss_kind: int = FL) -> dict:
+    return dict(GRAD_SCALAR=grad_scalar, MEAN=mean, LOSS_KIND=loss_kind, INT_GAMMA=int_gamma,
+                COMPUTE_DTYPE=compute_dtype(x_dtype), INT64=int64, BLOCK=block)
+
+
 def sigmoid_focal_forward(x: torch.Tensor, t: torch.Tensor, alpha: float, gamma: float, reduction: str,
-                          out_dtype: torch.dtype = None):
+                          out_dtype: torch.dtype = None, loss_kind: int = FL, beta: float = 0.0,
+                          iou_weighted: bool = True):
     """Loss of dense x, t (same strides, n > 0): elementwise in x's layout for "none", else a 0-d tensor; in
-    out_dtype (x's dtype by default; float32 under autocast).
+    out_dtype (x's dtype by default; float32 under autocast). loss_kind, beta, iou_weighted: see kernel_scalars.
 
     Launches one fused kernel, plus for sum/mean one single-program kernel over the per-program partial sums.
     """
     n = x.numel()
     cfg = config_for(x.device, x.element_size())
-    c0, c1 = alpha_coefficients(alpha)
-    gamma_f, gamma_i, int_gamma = gamma_params(gamma)
+    c0, c1, gamma_f, gamma_i, beta_f, int_gamma = kernel_scalars(loss_kind, alpha, gamma, beta, iou_weighted)
     reduce = reduction != "none"
-    constexprs = forward_constexprs(x.dtype, reduce, int_gamma, needs_int64(n, cfg.block), cfg.block)
+    constexprs = forward_constexprs(x.dtype, reduce, int_gamma, needs_int64(n, cfg.block), cfg.block, loss_kind)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     # For a reduction, an empty stand-in for the partial sums sizes the grid (only its type and alignment matter),
     # then the real buffer gets one float per program.
     out_dtype = out_dtype or x.dtype
     out = torch.empty(0, dtype=acc_dtype, device=x.device) if reduce else torch.empty_like(x, dtype=out_dtype)
-    args = [x, t, out, n, c0, c1, gamma_f, gamma_i]
+    args = [x, t, out, n, c0, c1, gamma_f, gamma_i, beta_f]
     with device_guard(x.device):
         grid = persistent_grid(sigmoid_focal_fwd_kernel, args, constexprs, cfg, n, x.device)
         if reduce:
@@ -212,17 +253,17 @@ def sigmoid_focal_forward(x: torch.Tensor, t: torch.Tensor, alpha: float, gamma:
 
 
 def sigmoid_focal_backward(grad_out: torch.Tensor, x: torch.Tensor, t: torch.Tensor, alpha: float, gamma: float,
-                           reduction: str) -> torch.Tensor:
+                           reduction: str, loss_kind: int = FL, beta: float = 0.0,
+                           iou_weighted: bool = True) -> torch.Tensor:
     """Gradient w.r.t. x in x's layout and dtype. grad_out (in the loss's dtype, which may be float32 for 16-bit
     x): 0-d (mean/sum, or an expanded scalar for "none", passed as its one element) or dense with x's strides."""
     n = x.numel()
     cfg = config_for(x.device, x.element_size())
-    c0, c1 = alpha_coefficients(alpha)
-    gamma_f, gamma_i, int_gamma = gamma_params(gamma)
+    c0, c1, gamma_f, gamma_i, beta_f, int_gamma = kernel_scalars(loss_kind, alpha, gamma, beta, iou_weighted)
     grad_in = torch.empty_like(x)
     constexprs = backward_constexprs(x.dtype, grad_out.dim() == 0, reduction == "mean", int_gamma,
-                                     needs_int64(n, cfg.block), cfg.block)
-    args = (x, t, grad_out, grad_in, n, c0, c1, gamma_f, gamma_i)
+                                     needs_int64(n, cfg.block), cfg.block, loss_kind)
+    args = (x, t, grad_out, grad_in, n, c0, c1, gamma_f, gamma_i, beta_f)
     with device_guard(x.device):
         grid = persistent_grid(sigmoid_focal_bwd_kernel, args, constexprs, cfg, n, x.device)
         sigmoid_focal_bwd_kernel[(grid,)](*args, num_warps=cfg.num_warps, **constexprs)

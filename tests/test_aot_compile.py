@@ -60,9 +60,14 @@ def multilevel(facts):
     return [f for f in facts if f["kernel"] == MULTILEVEL]
 
 
+def loss_kind(f) -> int:
+    return int(f["constexprs"].get("LOSS_KIND", "0"))
+
+
 def test_every_specialization_compiles_for_its_archs(facts):
     """Every specialization compiles; the dense kernels and final sums for sm_80 and sm_90, the multi-level kernel
-    for sm_90 and (a subset: bf16 / fp32 logits, int64 labels) for sm_80."""
+    for sm_90 and (a subset: bf16 / fp32 logits, int64 labels) for sm_80. The relatives of FL (FL*, QFL, VFL) for
+    sm_90, bf16 and fp32 logits, with every mode of the multi-level kernel."""
     errors = [f"{f['arch']} {f['label']}: {f['error']}" for f in facts if "error" in f]
     assert not errors, "\n".join(errors[:20])
     by_label = {}
@@ -72,7 +77,15 @@ def test_every_specialization_compiles_for_its_archs(facts):
     # float32 losses of 16-bit logits (autocast) are compiled for sm_90 only, every other dense one for both.
     autocast = [f for f in facts if re.search(r"x=(fp16|bf16).*(out|upstream|loss)=fp32", f["label"])]
     assert autocast and all(f["archs"] == ["sm_90"] for f in autocast)
-    assert all(set(f["archs"]) == ARCHS for f in facts if f["kernel"] != MULTILEVEL and f not in autocast)
+    variants = [f for f in facts if loss_kind(f)]
+    assert all(f["archs"] == ["sm_90"] and "loss_kind=" in f["label"] for f in variants)
+    assert {(f["kernel"], loss_kind(f), f["constexprs"]["INT_GAMMA"]) for f in variants} == {
+        (k, kind, ig) for k in DENSE | {MULTILEVEL} for kind in (1, 2, 3)
+        for ig in (("True",) if kind == 1 else ("True", "False"))}
+    assert {(loss_kind(f), f["constexprs"]["MODE"]) for f in multilevel(variants)} == {
+        (kind, m) for kind in (1, 2, 3) for m in "0123"}
+    assert all(set(f["archs"]) == ARCHS for f in facts
+               if f["kernel"] != MULTILEVEL and f not in autocast and f not in variants)
     assert all("sm_90" in f["archs"] for f in multilevel(facts))
     assert {a for f in multilevel(facts) for a in f["archs"]} == ARCHS
     kernels = {f["kernel"] for f in facts}
@@ -132,12 +145,18 @@ def test_64_bit_indexing_where_needed(facts):
 
 def test_transcendentals_per_element(facts):
     """Per tile body (dense: the loop's and the masked tail's; multi-level: 2 or 3, see tile_bodies): integer gamma
-    uses exactly one exp and one log (log1p) per element and no pow; fractional gamma adds one exp2 and one log2."""
+    uses exactly one exp and one log (log1p) per element and no pow; fractional gamma adds one exp2 and one log2.
+    The same for every loss kind (QFL's |y - sigma| is a select, not a third absf), except FL*'s gradient, which
+    needs no log (sigmoid(-z) only)."""
     for f in elementwise(facts):
         b = f["tile_bodies"]
         expected = {"absf": b, "exp": b, "log": b}
         if f["constexprs"]["INT_GAMMA"] == "False":
             expected.update(exp2=b, log2=b)
+        star_backward = loss_kind(f) == 1 and (f["kernel"] == "sigmoid_focal_bwd_kernel" or
+                                               f["constexprs"].get("MODE") in ("2", "3"))
+        if star_backward:
+            del expected["log"]
         assert f["ttir_math"] == expected, f["label"]
 
 

@@ -75,15 +75,16 @@ def test_opcheck(backend, device, reduction):
     weights = torch.rand(labels.shape, device=device)
     alpha = torch.rand(3, device=device)
     norm = torch.tensor([2.0, 3.0], device=device) if reduction == "sum" else None
-    args = (levels, labels, weights, alpha, 0.0, 2.0, 0.1, -2, True, 2, norm, 1.0, reduction, False)
+    args = (levels, labels, weights, alpha, 0.0, 2.0, 0.1, -2, True, 2, norm, 1.0, reduction, False, 0, 0.0, True,
+            None)
     torch.library.opcheck(multilevel_focal_loss_op, args)
     if reduction == "sum":
         scale = torch.tensor([0.25, 1 / 6], device=device)
         bargs = ([torch.tensor(1.5, device=device)], [x.detach() for x in levels], labels, weights, alpha, 0.0, 2.0,
-                 0.1, -2, True, 2, scale)
+                 0.1, -2, True, 2, scale, 0, 0.0, True, None)
     else:
         bargs = ([torch.randn_like(x) for x in levels], [x.detach() for x in levels], labels, weights, alpha, 0.0,
-                 2.0, 0.1, -2, True, 2, None)
+                 2.0, 0.1, -2, True, 2, None, 0, 0.0, True, None)
     torch.library.opcheck(multilevel_focal_loss_backward_op, bargs)
 
 

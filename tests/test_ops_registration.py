@@ -22,7 +22,7 @@ def _inputs(shape, device, channels_last=False):
 @pytest.mark.parametrize("gamma", [2.0, 0.5])
 def test_opcheck_forward(backend, device, reduction, channels_last, gamma):
     x, t = _inputs((2, 3, 5, 7), device, channels_last)
-    torch.library.opcheck(OPS.sigmoid_focal_loss.default, (x, t, 0.25, gamma, reduction, False))
+    torch.library.opcheck(OPS.sigmoid_focal_loss.default, (x, t, 0.25, gamma, reduction, False, 0, 0.0, True))
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum"])
@@ -30,15 +30,16 @@ def test_opcheck_forward_upcast(backend, device, reduction):
     """upcast (what autocast asks for): a float32 loss from bfloat16 logits, gradients back in bfloat16."""
     x, t = _inputs((4, 33), device)
     x, t = x.detach().to(torch.bfloat16).requires_grad_(True), t.to(torch.bfloat16)
-    torch.library.opcheck(OPS.sigmoid_focal_loss.default, (x, t, 0.25, 2.0, reduction, True))
-    assert OPS.sigmoid_focal_loss.default(x, t, 0.25, 2.0, reduction, True).dtype == torch.float32
+    torch.library.opcheck(OPS.sigmoid_focal_loss.default, (x, t, 0.25, 2.0, reduction, True, 0, 0.0, True))
+    assert OPS.sigmoid_focal_loss.default(x, t, 0.25, 2.0, reduction, True, 0, 0.0, True).dtype == torch.float32
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 def test_opcheck_backward(backend, device, reduction):
     x, t = _inputs((3, 50), device)
     grad = torch.randn(3, 50, device=device) if reduction == "none" else torch.tensor(1.5, device=device)
-    torch.library.opcheck(OPS.sigmoid_focal_loss_backward.default, (grad, x.detach(), t, 0.25, 2.0, reduction))
+    torch.library.opcheck(OPS.sigmoid_focal_loss_backward.default, (grad, x.detach(), t, 0.25, 2.0, reduction, 0, 0.0,
+                                                                      True))
 
 
 def test_fake_tensor_shapes_and_layout():
@@ -48,6 +49,6 @@ def test_fake_tensor_shapes_and_layout():
     with FakeTensorMode():
         x = torch.empty(2, 12, 5, 7, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
         t = torch.empty(2, 12, 5, 7, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
-        out = OPS.sigmoid_focal_loss(x, t, 0.25, 2.0, "none", False)
+        out = OPS.sigmoid_focal_loss(x, t, 0.25, 2.0, "none", False, 0, 0.0, True)
         assert out.shape == x.shape and out.dtype == torch.bfloat16 and out.stride() == x.stride()
-        assert OPS.sigmoid_focal_loss(x, t, 0.25, 2.0, "sum", False).shape == ()
+        assert OPS.sigmoid_focal_loss(x, t, 0.25, 2.0, "sum", False, 0, 0.0, True).shape == ()

@@ -142,8 +142,7 @@ def _store(ptr, offs, mask, value, MASKED: tl.constexpr):
 def _tile(x_ptr, o_ptr, g_ptr, lab_ptr, w_ptr, s_ptr, alpha_ptr, hw, K, A, C, a, row0, c_start, anchor_base, acc,
           g0, c0, c1, gamma, gamma_int, beta, smoothing, ignore_index, has_ignore, has_weight, has_alpha,
           MODE: tl.constexpr, MASKED: tl.constexpr, CHANNELS_LAST: tl.constexpr, LOSS_KIND: tl.constexpr,
-          INT_GAMMA: tl.constexpr,
-          COMPUTE_DTYPE: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+          INT_GAMMA: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     """One tile of one of the kernel's MODEs:
     0 forward, acc += loss;  1 forward, o = loss;  2 backward, o = g0 * dFL/dx;  3 backward, o = g * dFL/dx."""
     offs, mask, loss, grad = _tile_terms(
@@ -175,8 +174,8 @@ def multilevel_focal_kernel(
     lab_ptr, w_ptr, s_ptr, alpha_ptr, partials_ptr, grad_scalar_ptr, scale_ptr,
     tiles_per_image, num_anchors_total, num_levels, cl_mask, P, A, C,
     c0, c1, gamma, gamma_int, beta, smoothing, ignore_index, has_ignore, has_weight, has_alpha,
-    MODE: tl.constexpr, LOSS_KIND: tl.constexpr, INT_GAMMA: tl.constexpr, CLASS_ALIGNED: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
-    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
+    MODE: tl.constexpr, LOSS_KIND: tl.constexpr, INT_GAMMA: tl.constexpr, CLASS_ALIGNED: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Forward (MODE 0: partial sums into partials[pid]; MODE 1: elementwise loss) or backward (MODE 2: the
     upstream scalar grad_scalar[0] times scale[n]; MODE 3: per-level upstream gradients) over every level. The

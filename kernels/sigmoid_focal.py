@@ -50,8 +50,8 @@ def _tile_loss_and_grad(x_ptr, t_ptr, offs, n, c0, c1, gamma, gamma_int, beta, M
 
 @triton.jit
 def _fwd_tile(x_ptr, t_ptr, out_ptr, n, tile, acc, c0, c1, gamma, gamma_int, beta,
-              MASKED: tl.constexpr, REDUCE: tl.constexpr, LOSS_KIND: tl.constexpr, INT_GAMMA: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
-              INT64: tl.constexpr, BLOCK: tl.constexpr):
+              MASKED: tl.constexpr, REDUCE: tl.constexpr, LOSS_KIND: tl.constexpr, INT_GAMMA: tl.constexpr,
+              COMPUTE_DTYPE: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr):
     offs = _tile_offsets(tile, BLOCK, INT64)
     loss, _ = _tile_loss_and_grad(x_ptr, t_ptr, offs, n, c0, c1, gamma, gamma_int, beta, MASKED, LOSS_KIND,
                                   INT_GAMMA, COMPUTE_DTYPE)
@@ -111,8 +111,8 @@ def sum_partials_kernel(partials_ptr, out_ptr, num_partials, n, MEAN: tl.constex
 
 @triton.jit
 def _bwd_tile(x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, tile, g0, c0, c1, gamma, gamma_int, beta,
-              MASKED: tl.constexpr, GRAD_SCALAR: tl.constexpr, LOSS_KIND: tl.constexpr, INT_GAMMA: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
-              INT64: tl.constexpr, BLOCK: tl.constexpr):
+              MASKED: tl.constexpr, GRAD_SCALAR: tl.constexpr, LOSS_KIND: tl.constexpr, INT_GAMMA: tl.constexpr,
+              COMPUTE_DTYPE: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr):
     offs = _tile_offsets(tile, BLOCK, INT64)
     _, dfl = _tile_loss_and_grad(x_ptr, t_ptr, offs, n, c0, c1, gamma, gamma_int, beta, MASKED, LOSS_KIND,
                                  INT_GAMMA, COMPUTE_DTYPE)
@@ -126,8 +126,8 @@ def _bwd_tile(x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, tile, g0, c0, c1, gamm
 @triton.jit
 def sigmoid_focal_bwd_kernel(
     x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, c0, c1, gamma, gamma_int, beta,
-    GRAD_SCALAR: tl.constexpr, MEAN: tl.constexpr, LOSS_KIND: tl.constexpr, INT_GAMMA: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
-    INT64: tl.constexpr, BLOCK: tl.constexpr,
+    GRAD_SCALAR: tl.constexpr, MEAN: tl.constexpr, LOSS_KIND: tl.constexpr, INT_GAMMA: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """dx[i] = g * dFL/dx(x[i], t[i]), g = grad_out[0] (GRAD_SCALAR; divided by n for MEAN) or grad_out[i].
 

@@ -351,6 +351,23 @@ def test_compile_fullgraph_gfl_stage(backend):
     torch._dynamo.reset()
 
 
+def test_no_host_sync_on_fake_tensors():
+    """Fake tensors hold no values: the new kinds' forward and backward (scores included) read nothing on the host."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        levels = [torch.randn(2, A * C, h, w, requires_grad=True) for h, w in SIZES]
+        labels = torch.randint(-2, C, (2, M))
+        for kind in ("fl_star", "qfl", "vfl"):
+            scores = torch.rand(2, M) if kind != "fl_star" else None
+            loss = focal_triton.multilevel_focal_loss(levels, labels, A, loss=kind, scores=scores, check_labels=False,
+                                                      normalizer=(labels >= 0).sum(1).clamp(min=1))
+            assert [g.shape for g in torch.autograd.grad(loss, levels)] == [x.shape for x in levels]
+        x = torch.randn(4, 30, requires_grad=True)
+        for fn in (sigmoid_focal_loss_star, quality_focal_loss, varifocal_loss):
+            torch.autograd.grad(fn(x, torch.rand(4, 30), reduction="mean"), x)
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda x, lab, s: focal_triton.focal_loss(x, lab, loss="gfl"), "loss must be one of"),
     (lambda x, lab, s: focal_triton.focal_loss(x, lab, loss="qfl"), "needs scores"),

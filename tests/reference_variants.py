@@ -11,9 +11,13 @@ import torch.nn.functional as F
 
 def focal_star_ref(x, t, alpha=-1.0, gamma=1.0, beta=0.0):
     """FL* (Lin et al. 2017, appendix A): x_t = x for t = 1, -x for t = 0 (x (2t - 1) for soft t, as fvcore),
-    FL* = -log(sigmoid(gamma x_t + beta)) / gamma, times alpha_t = alpha t + (1 - alpha)(1 - t) when alpha >= 0."""
+    FL* = -log(sigmoid(gamma x_t + beta)) / gamma, times alpha_t = alpha t + (1 - alpha)(1 - t) when alpha >= 0
+    (alpha a number, or a tensor of per-class values along the last dim)."""
     x, t = x.double(), t.double()
     loss = -F.logsigmoid(gamma * x * (2 * t - 1) + beta) / gamma
+    if isinstance(alpha, torch.Tensor):  # per class (last dim)
+        alpha = alpha.double()
+        return (alpha * t + (1 - alpha) * (1 - t)) * loss
     if alpha >= 0:
         loss = (alpha * t + (1 - alpha) * (1 - t)) * loss
     return loss

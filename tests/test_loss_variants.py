@@ -265,6 +265,23 @@ def test_multilevel_gradcheck_float64(backend):
             [a], labels, 2, loss=kind, scores=sc, normalizer=2.0, **params), (x,), fast_mode=True), kind
 
 
+def test_flat_form_fl_star_per_class_alpha_and_none(backend, poisoned):
+    """focal_loss (..., C) with FL*'s per-class alpha, detectron2's label convention and a 0-d tensor normalizer;
+    and "none" in the logits' shape."""
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(2, 13, C, generator=g) * 4).to(DEVICE)
+    labels = torch.randint(-1, C + 1, (2, 13), generator=g).to(DEVICE)
+    alpha = torch.tensor([0.125, 0.25, 0.5, 0.75, 0.875], device=DEVICE)
+    kw = dict(alpha=alpha, gamma=2.0, beta=0.25)
+    norm = torch.tensor(6.0, device=DEVICE)
+    got = focal_triton.focal_loss(x, labels, loss="fl_star", background=C, ignore_index=-1, normalizer=norm, **kw)
+    assert_close(got, class_index_ref("fl_star", x, labels, ignore_index=-1, normalizer=norm, **kw),
+                 dtype=torch.float32)
+    none = focal_triton.focal_loss(x, labels, loss="fl_star", background=C, ignore_index=-1, reduction="none", **kw)
+    assert none.shape == x.shape
+    assert_close(none, class_index_ref("fl_star", x, labels, ignore_index=-1, reduction="none", **kw))
+
+
 def test_class_index_is_deterministic(backend):
     levels, labels, scores, weights = make_head(torch.float32)
     runs = [focal_triton.multilevel_focal_loss(levels, labels, A, loss="vfl", scores=scores, weights=weights)

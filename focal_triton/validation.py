@@ -58,33 +58,29 @@ LOSS_DEFAULTS = {
 }
 
 
+def _finite_number(name: str, value, what: str, lower=None, strict: bool = False) -> float:
+    """A finite Python number (> lower if strict, else >= lower); the message names the argument and its loss."""
+    v = _number(name, value)
+    if not (_finite(v) and (lower is None or (v > lower if strict else v >= lower))):
+        bound = "" if lower is None else f" {'>' if strict else '>='} {lower:g}"
+        raise ValueError(f"{name} {what} must be a finite number{bound}, got {v}")
+    return v
+
+
 def check_star_gamma(gamma) -> float:
-    gamma = _number("gamma", gamma)
-    if not (_finite(gamma) and gamma > 0):
-        raise ValueError(f"gamma of FL* must be a finite number > 0 (the loss divides by it), got {gamma}")
-    return gamma
+    return _finite_number("gamma", gamma, "of FL* (the loss divides by it)", 0, strict=True)
 
 
 def check_star_beta(beta) -> float:
-    beta = _number("beta", beta)
-    if not _finite(beta):
-        raise ValueError(f"beta of FL* must be a finite number, got {beta}")
-    return beta
+    return _finite_number("beta", beta, "of FL*")
 
 
 def check_qfl_beta(beta) -> float:
-    beta = _number("beta", beta)
-    if not (_finite(beta) and beta >= 0):
-        raise ValueError(f"beta of the quality focal loss must be a finite number >= 0, got {beta}")
-    return beta
+    return _finite_number("beta", beta, "of the quality focal loss", 0)
 
 
 def check_vfl_alpha(alpha) -> float:
-    alpha = _number("alpha", alpha)
-    if not (_finite(alpha) and alpha >= 0):
-        raise ValueError(f"alpha of the varifocal loss (weight of the negatives) must be a finite number >= 0, "
-                         f"got {alpha}")
-    return alpha
+    return _finite_number("alpha", alpha, "of the varifocal loss (weight of the negatives)", 0)
 
 
 def check_bool(name: str, value) -> bool:
@@ -126,14 +122,7 @@ def check_scores(scores, loss: str, shape, device):
     if scores is None:
         raise ValueError(f"loss={loss!r} needs scores: the (per-anchor) target score of each positive, e.g. its "
                          f"box's IoU, of the labels' shape {tuple(shape)}")
-    if not isinstance(scores, torch.Tensor):
-        raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
-    if not scores.is_floating_point():
-        raise TypeError(f"scores must be a floating-point tensor, got {scores.dtype}")
-    if tuple(scores.shape) != tuple(shape):
-        raise ValueError(f"scores must have the labels' shape {tuple(shape)} (one score per anchor), "
-                         f"got {tuple(scores.shape)}")
-    _side_tensor("scores", scores, device)
+    _per_anchor_tensor("scores", scores, shape, device, "")
 
 
 def check_logits_and_targets(inputs, targets, inputs_name: str = "inputs", targets_name: str = "targets") -> None:
@@ -236,17 +225,21 @@ def _side_tensor(name: str, t: torch.Tensor, device) -> None:
                          f"pass {name}.detach()")
 
 
+def _per_anchor_tensor(name: str, t, shape, device, or_none: str) -> None:
+    """weights, scores: a float tensor of the labels' shape beside the logits."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor{or_none}, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have the labels' shape {tuple(shape)} (one {name[:-1]} per anchor), "
+                         f"got {tuple(t.shape)}")
+    _side_tensor(name, t, device)
+
+
 def check_weights(weights, shape, device):
-    if weights is None:
-        return
-    if not isinstance(weights, torch.Tensor):
-        raise TypeError(f"weights must be a torch.Tensor or None, got {type(weights).__name__}")
-    if not weights.is_floating_point():
-        raise TypeError(f"weights must be a floating-point tensor, got {weights.dtype}")
-    if tuple(weights.shape) != tuple(shape):
-        raise ValueError(f"weights must have the labels' shape {tuple(shape)} (one weight per anchor), "
-                         f"got {tuple(weights.shape)}")
-    _side_tensor("weights", weights, device)
+    if weights is not None:
+        _per_anchor_tensor("weights", weights, shape, device, " or None")
 
 
 def check_class_alpha(alpha, num_classes: int, device):

@@ -90,14 +90,15 @@ def family_terms(x, t, ts, c0, c1, gamma: float, beta: float, kind: int, want_gr
         return loss, m * (-d) + torch.where((g == 0) | (d == 0), zero, gs * ce)
     # VFL
     positive = t > 0
-    target = torch.where(positive, t, zero)
+    target = torch.where(t <= 0, zero, t)  # NaN stays NaN
     ce = bce(target)
     m, g = _power_terms(p, p, q, gamma)
     w = c0 + c1 * t
     loss = torch.where(positive, w * ce, beta * m * ce)
     if not want_grad:
         return loss, None
-    return loss, torch.where(positive, w * (p - target), beta * (m * p + torch.where(g == 0, zero, g * ce)))
+    return loss, (torch.where(positive, w, beta * m) * (p - target)
+                  + torch.where(positive | (g == 0), zero, beta * g * ce))
 
 
 def _loss_and_grad(x, t, alpha: float, gamma: float, want_grad: bool, loss_kind: int = FL, beta: float = 0.0,

@@ -133,12 +133,12 @@ def varifocal_loss_and_grad(x, t, c0, c1, gamma, gamma_int, alpha_neg, INT_GAMMA
     """(VFL, dVFL/dx), t = q the target score (see the module docstring); the negatives' term is FL's at t = 0."""
     e, p, q = sigmoid_parts(x)
     pos = t > 0
-    ts = tl.where(pos, t, 0.0)
+    ts = tl.where(t <= 0, 0.0, t)  # the BCE target: q for positives, 0 for negatives, NaN stays NaN
     ce = bce_with_logits(x, ts, e)
     m, g = modulation(p, p, q, gamma, gamma_int, INT_GAMMA)
     w = c0 + c1 * t
     loss = tl.where(pos, w * ce, alpha_neg * m * ce)
-    grad = tl.where(pos, w * (p - ts), alpha_neg * (m * p + tl.where(g == 0.0, 0.0, g * ce)))
+    grad = tl.where(pos, w, alpha_neg * m) * (p - ts) + tl.where(pos | (g == 0.0), 0.0, alpha_neg * g * ce)
     return loss, grad
 
 

@@ -114,6 +114,12 @@ def test_limits_at_infinite_logits(backend, kind):
     assert loss[:8].tolist() == expected
     assert torch.isfinite(grad[:8]).all(), grad
     assert loss[8].isnan() and grad[8].isnan()
+    # a NaN target gives NaN too, never a silent number
+    t_nan = torch.full((2,), float("nan"), dtype=torch.float64)
+    leaf = torch.tensor([0.5, -2.0], dtype=torch.float64, requires_grad=True)
+    loss = fn(leaf, t_nan)
+    (grad,) = torch.autograd.grad(loss.sum(), leaf)
+    assert loss.isnan().all() and grad.isnan().all(), (loss, grad)
 
 
 def test_qfl_gradient_at_y_equal_sigma_for_small_beta(backend):
@@ -366,6 +372,20 @@ def test_compile_fullgraph_gfl_stage(backend):
     torch.testing.assert_close(compiled(levels, labels, scores), stage(levels, labels, scores), rtol=1e-6, atol=0)
     assert counter.frame_count >= 1
     torch._dynamo.reset()
+
+
+def test_autocast_returns_float32_loss(backend):
+    """Under torch.autocast the variants, like FL, return a float32 loss from bfloat16 logits (read as they are) and
+    a bfloat16 gradient; the values are the float32-math ones, rounded once."""
+    x, q = make_dense("vfl", dtype=torch.bfloat16)
+    leaf = x.detach().clone().requires_grad_(True)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        loss = varifocal_loss(leaf, q.float())
+        total = quality_focal_loss(leaf, q, reduction="sum")
+    assert loss.dtype == torch.float32 and total.dtype == torch.float32
+    assert_close(loss, varifocal_ref(x, q), dtype=torch.float32)
+    (grad,) = torch.autograd.grad(total, leaf)
+    assert grad.dtype == torch.bfloat16
 
 
 def test_no_host_sync_on_fake_tensors():

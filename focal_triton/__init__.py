@@ -2,7 +2,8 @@
 
 Public API: `sigmoid_focal_loss` (a drop-in for torchvision.ops.sigmoid_focal_loss) and `SigmoidFocalLoss` (dense
 targets); `multilevel_focal_loss` / `MultiLevelFocalLoss` (a head's per-level outputs with the assigner's integer
-labels, one launch) and `focal_loss` / `FocalLoss` (the same for concatenated (..., C) logits).
+labels, one launch) and `focal_loss` / `FocalLoss` (the same for concatenated (..., C) logits); with
+`return_stats=True` they also return `LossStatistics` (counts, loss sums, histograms) for `plot_loss_distribution`.
 The Triton kernels are in `focal_triton.kernels`; `focal_triton.ops` registers them as torch.ops.focal_triton.*.
 """
 from .functional import sigmoid_focal_loss
@@ -10,7 +11,9 @@ from .distributed import global_normalizer
 from .init import init_prior_bias_
 from .modules import FocalLoss, MultiLevelFocalLoss, SigmoidFocalLoss
 from .multilevel import focal_loss, multilevel_focal_loss
+from .stats import LossStatistics, plot_loss_distribution
 
 __version__ = "0.1.0"
 __all__ = ["sigmoid_focal_loss", "SigmoidFocalLoss", "focal_loss", "FocalLoss", "multilevel_focal_loss",
-           "MultiLevelFocalLoss", "global_normalizer", "init_prior_bias_", "__version__"]
+           "MultiLevelFocalLoss", "global_normalizer", "init_prior_bias_", "LossStatistics", "plot_loss_distribution",
+           "__version__"]

@@ -1,9 +1,10 @@
 """Registered ops of the class-index focal loss over the levels of a detector head (``torch.ops.focal_triton.*``).
 
     focal_triton::multilevel_focal_loss(levels, labels, weights, alpha_per_class, alpha, gamma, smoothing,
-        ignore_index, has_ignore, num_anchors, normalizer, norm_value, reduction, upcast) -> Tensor[]
-        "sum": [loss (0-d, float32; float64 for float64 logits), scale (N,)]; "none": the per-level losses, each
-        in its level's layout and dtype (float32 with upcast, what autocast asks for).
+        ignore_index, has_ignore, num_anchors, normalizer, norm_value, reduction, upcast, with_stats) -> Tensor[]
+        "sum": [loss (0-d, float32; float64 for float64 logits), scale (N,)], with_stats adding the (N, M)
+        per-anchor losses of the same pass (not differentiable); "none": the per-level losses, each in its level's
+        layout and dtype (float32 with upcast, what autocast asks for).
     focal_triton::multilevel_focal_loss_backward(grads, levels, labels, weights, alpha_per_class, alpha, gamma,
         smoothing, ignore_index, has_ignore, num_anchors, scale) -> Tensor[]   (one gradient per level)
 
@@ -46,29 +47,32 @@ def multilevel_focal_loss_op(levels: List[torch.Tensor], labels: torch.Tensor, w
                              alpha_per_class: Optional[torch.Tensor], alpha: float, gamma: float, smoothing: float,
                              ignore_index: int, has_ignore: bool, num_anchors: int,
                              normalizer: Optional[torch.Tensor], norm_value: float,
-                             reduction: str, upcast: bool) -> List[torch.Tensor]:
+                             reduction: str, upcast: bool, with_stats: bool) -> List[torch.Tensor]:
     x = levels[0]
     ignore = ignore_index if has_ignore else None
     alpha_arg = alpha_per_class if alpha_per_class is not None else alpha
     if _is_empty(levels):
         if reduction == "none":
             return [torch.empty_like(lv, dtype=loss_dtype(lv, upcast)) for lv in levels]
-        return [torch.zeros((), dtype=compute_dtype(x.dtype), device=x.device),
-                torch.zeros(x.shape[0], dtype=compute_dtype(x.dtype), device=x.device)]
+        cdt = compute_dtype(x.dtype)
+        return [torch.zeros((), dtype=cdt, device=x.device), torch.zeros(x.shape[0], dtype=cdt, device=x.device)] \
+            + ([torch.zeros(labels.shape, dtype=cdt, device=x.device)] if with_stats else [])
     impl = _implementation(x.device)
     out = impl.multilevel_focal_forward(levels, labels, weights, alpha_arg, gamma, smoothing, ignore, num_anchors,
                                         reduction, _norm_mode(normalizer), normalizer, norm_value,
-                                        loss_dtype(x, upcast))
+                                        loss_dtype(x, upcast), with_stats=with_stats)
     return list(out)
 
 
 @multilevel_focal_loss_op.register_fake
 def _(levels, labels, weights, alpha_per_class, alpha, gamma, smoothing, ignore_index, has_ignore, num_anchors,
-      normalizer, norm_value, reduction, upcast):
+      normalizer, norm_value, reduction, upcast, with_stats):
     x = levels[0]
     if reduction == "none":
         return [torch.empty_like(lv, dtype=loss_dtype(lv, upcast)) for lv in levels]
-    return [x.new_empty((), dtype=compute_dtype(x.dtype)), x.new_empty((x.shape[0],), dtype=compute_dtype(x.dtype))]
+    cdt = compute_dtype(x.dtype)
+    return [x.new_empty((), dtype=cdt), x.new_empty((x.shape[0],), dtype=cdt)] \
+        + ([x.new_empty(labels.shape, dtype=cdt)] if with_stats else [])
 
 
 @torch.library.custom_op("focal_triton::multilevel_focal_loss_backward", mutates_args=())
@@ -97,7 +101,7 @@ def _(grads, levels, labels, weights, alpha_per_class, alpha, gamma, smoothing, 
 
 def _setup_context(ctx, inputs, output):
     (levels, labels, weights, alpha_per_class, alpha, gamma, smoothing, ignore_index, has_ignore, num_anchors,
-     normalizer, norm_value, reduction, upcast) = inputs
+     normalizer, norm_value, reduction, upcast, with_stats) = inputs
     scale = output[1] if reduction != "none" else None
     ctx.num_levels = len(levels)
     ctx.reduction = reduction
@@ -115,8 +119,8 @@ def _backward(ctx, grads):
         upstream = [grads[0] if grads[0] is not None else torch.zeros((), dtype=scale.dtype, device=scale.device)]
     grad_levels = multilevel_focal_loss_backward_op(upstream, levels, labels, weights, alpha_per_class,
                                                     *ctx.params, scale if ctx.reduction != "none" else None)
-    # One entry per input of the op: the levels' gradients, nothing for the other 13 inputs.
-    return (grad_levels,) + (None,) * 13
+    # One entry per input of the op: the levels' gradients, nothing for the other 14 inputs.
+    return (grad_levels,) + (None,) * 14
 
 
 multilevel_focal_loss_op.register_autograd(_backward, setup_context=_setup_context)

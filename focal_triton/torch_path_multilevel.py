@@ -16,6 +16,16 @@ def _anchor_view(level: torch.Tensor, num_anchors: int) -> torch.Tensor:
     return level.unflatten(1, (num_anchors, k // num_anchors)).flatten(3).permute(0, 3, 1, 2)
 
 
+def _per_level_anchor_views(t, levels, num_anchors):
+    """(N, M) per-anchor tensor -> one (N, H_l W_l, A) view per level."""
+    views, mb = [], 0
+    for level in levels:
+        hw = level.shape[2] * level.shape[3]
+        views.append(t[:, mb:mb + hw * num_anchors].view(t.shape[0], hw, num_anchors))
+        mb += hw * num_anchors
+    return views
+
+
 def _level_chunks(levels, labels, weights, num_anchors):
     """Yield (level index, image, position slice, label chunk (R, A), weight chunk or None) in a fixed order."""
     mb = 0
@@ -63,7 +73,8 @@ def _chunk_terms(x, lab, w, alpha, gamma, smoothing, ignore_index, want_grad):
 
 @torch.no_grad()
 def multilevel_focal_forward(levels, labels, weights, alpha, gamma, smoothing, ignore_index, num_anchors,
-                             reduction, norm_mode=0, normalizer=None, norm_value=1.0, out_dtype=None):
+                             reduction, norm_mode=0, normalizer=None, norm_value=1.0, out_dtype=None,
+                             with_stats=False):
     cdt = compute_dtype(levels[0].dtype)
     views = [_anchor_view(lv, num_anchors) for lv in levels]
     if reduction == "none":
@@ -75,9 +86,13 @@ def multilevel_focal_forward(levels, labels, weights, alpha, gamma, smoothing, i
         return outs
     num_images = levels[0].shape[0]
     sums = [[] for _ in range(num_images)]
+    per_anchor = torch.empty(labels.shape, dtype=cdt, device=labels.device) if with_stats else None
+    anchor_views = _per_level_anchor_views(per_anchor, levels, num_anchors) if with_stats else None
     for li, n, sl, lab, w in _level_chunks(levels, labels, weights, num_anchors):
         loss, _ = _chunk_terms(views[li][n, sl].to(cdt), lab, w, alpha, gamma, smoothing, ignore_index, False)
         sums[n].append(loss.sum())
+        if with_stats:
+            anchor_views[li][n, sl] = loss.sum(-1)
     per_image = torch.stack([torch.stack(s).sum() if s else torch.zeros((), dtype=cdt) for s in sums]) \
         if num_images else torch.zeros(0, dtype=cdt)
     if norm_mode == 0:
@@ -88,7 +103,7 @@ def multilevel_focal_forward(levels, labels, weights, alpha, gamma, smoothing, i
         scale = 1.0 / (normalizer.to(cdt) * num_images)
     scale = scale.to(per_image.device).contiguous()
     loss = (per_image * scale).sum() if num_images else torch.zeros((), dtype=cdt)
-    return loss, scale
+    return (loss, scale, per_anchor) if with_stats else (loss, scale)
 
 
 @torch.no_grad()

@@ -22,11 +22,12 @@ import torch
 
 from .torch_path import alpha_coefficients, focal_terms
 
-# Elements per chunk: 5 float32 buffers of 256 KiB stay in the 2 MiB of L2 of the 2-core machine measured here;
-# torch splits each op of a chunk over its intra-op threads. WORKERS > 1 spreads whole chunks over Python threads
-# instead (one op per thread, no barrier per op; measured no faster on 2 busy cores, so off by default).
-CHUNK = 1 << 16
-WORKERS = 1
+# Elements per chunk: 5 float32 buffers of 128 KiB stay in the 1 MiB L2 per core of the machine measured here, and
+# a chunk is below torch's grain size (32 Ki elements), so each op runs on its calling thread, with no OpenMP
+# barrier per op (on a busy machine a barrier waits for a time slice, ~10 ms per op). The chunks are spread over
+# WORKERS Python threads instead (torch ops release the GIL), at most torch.get_num_threads().
+CHUNK = 1 << 15
+WORKERS = 2
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ZERO = torch.zeros(())
 

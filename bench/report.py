@@ -32,12 +32,22 @@ def write_csv(rows, path):
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: r.get(k, "") for k in CSV_COLUMNS})
+            w.writerow({k: "" if r.get(k) is None else r.get(k, "") for k in CSV_COLUMNS})
 
 
 def write_json(record, path):
     with open(path, "w") as f:
         json.dump(record, f, indent=1, default=str)
+
+
+def _short(case_name: str) -> str:
+    """'retinanet b1 800x1333 A9 C80 float32 fwd+bwd' -> 'retinanet b1\nfloat32\nfwd+bwd'."""
+    parts = case_name.split()
+    return f"{parts[0]} {parts[1]}\n{parts[-2]}\n{parts[-1]}"
+
+
+def _mib(n) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.1f}Mi"
 
 
 def table(rows) -> str:
@@ -48,7 +58,7 @@ def table(rows) -> str:
         se = f"{r['speedup_vs_eager']:.2f}x" if r.get("speedup_vs_eager") != "" else ""
         sc = f"{r['speedup_vs_compile']:.2f}x" if r.get("speedup_vs_compile") != "" else ""
         lines.append(f"{r['case'][:46]:46s} {r['provider']:18s} {r['ms']:10.2f} {se:>9s} {sc:>10s} "
-                     f"{r['gb_per_s']:8.1f} {r['roofline_fraction']:8.1%} {r['peak_extra_bytes'] / 2**20:9.1f}Mi")
+                     f"{r['gb_per_s']:8.1f} {r['roofline_fraction']:8.1%} {_mib(r['peak_extra_bytes']):>11s}")
     return "\n".join(lines)
 
 
@@ -113,17 +123,17 @@ def plot(rows, out_dir: str, slug: str, device_name: str) -> list:
     labels = sorted({r["case"] for r in rows if r["family"] != "sweep"}) or sorted({r["case"] for r in rows})
     width = 0.8 / max(1, len(providers))
     for k, p in enumerate(providers):
-        mem = [next((r["peak_extra_per_logit_bytes"] for r in rows if r["case"] == c and r["provider"] == p), 0)
+        mem = [next((r["peak_extra_per_logit_bytes"] or 0 for r in rows if r["case"] == c and r["provider"] == p), 0)
                for c in labels]
         roof = [next((r["roofline_fraction"] for r in rows if r["case"] == c and r["provider"] == p), 0)
                 for c in labels]
         xs = [i + k * width for i in range(len(labels))]
         axes[0].bar(xs, mem, width, label=p)
         axes[1].bar(xs, roof, width, label=p)
-    for ax, title in ((axes[0], "peak extra memory (bytes per logit)"),
+    for ax, title in ((axes[0], "peak extra memory (bytes per logit; n/a shows as 0)"),
                       (axes[1], "roofline fraction (must-move bytes / time / copy bandwidth)")):
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
-        ax.set_xticklabels([lab.replace(" ", "\n", 2) for lab in labels], fontsize=6)
+        ax.set_xticklabels([_short(lab) for lab in labels], fontsize=7)
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=8)
     fig.suptitle(f"memory and roofline on {device_name}")

@@ -18,6 +18,9 @@ returns None and the caller runs the general path (`torch_path_multilevel`): slo
 weights, per-class alpha, float64 logits, "none" losses and per-element upstream gradients also go to the general
 path (`applicable`). Sums are added in a fixed order (chunks, then levels, then images): results repeat.
 """
+import threading
+import weakref
+
 import torch
 
 from .torch_path import alpha_coefficients, focal_terms
@@ -184,27 +187,91 @@ def _map(fn, tasks):
     return [r for f in futures for r in f.result()]
 
 
+def _grad_terms(p, q, s, out, k, gamma, ts):
+    """out = k p**gamma (p - ts + gamma q bce) (s = bce); q is overwritten."""
+    if gamma == 0:                                      # k (p - ts)
+        torch.sub(p, ts, out=q)
+        torch.mul(q, k, out=out)
+    elif gamma == 2 and not ts:                         # k p p (p + 2 q bce): two fused multiply-adds
+        torch.addcmul(p, q, s, value=2.0, out=q)
+        q.mul_(p)
+        torch.addcmul(_ZERO, q, p, value=k, out=out)
+    else:
+        torch.addcmul(p, q, s, value=gamma, out=q)
+        if ts:
+            q.sub_(ts)
+        _power(q, p, gamma)
+        torch.mul(q, k, out=out)
+
+
+def _fix_gradients(outs, levels, specials, num_anchors, factor, c0, c1, gamma, ts):
+    """Positives' elements get their t = 1 gradient (times factor[image]); ignored anchors' rows get 0."""
+    for li, sp in enumerate(specials):
+        out = _anchor_view(outs[li], num_anchors)
+        if sp.positives[0].numel():
+            idx = sp.positives + (sp.classes,)
+            x = _anchor_view(levels[li], num_anchors)[idx].float()
+            one = torch.ones_like(x)
+            _, grad = focal_terms(x, one, one - ts, c0, c1, gamma, True)
+            out[idx] = (grad * factor[sp.positives[0].long()]).to(out.dtype)
+        if sp.ignored is not None:
+            out[sp.ignored] = 0
+
+
+# The gradient a forward computed along with the loss, for the backward of the same call: (key, gradients).
+# Holds at most one entry, dropped when the backward takes it or when the logits are freed.
+_STASH = {}
+_STASH_LOCK = threading.Lock()
+
+
+def _key(levels, labels, alpha, gamma, smoothing, ignore_index, num_anchors):
+    return (tuple((lv.data_ptr(), lv._version, tuple(lv.shape), lv.stride()) for lv in levels),
+            (labels.data_ptr(), labels._version, tuple(labels.shape)), alpha, gamma, smoothing, ignore_index,
+            num_anchors)
+
+
+def _drop_stash(key):
+    with _STASH_LOCK:
+        _STASH.pop(key, None)
+
+
 @torch.no_grad()
-def forward_sum(levels, labels, alpha, gamma, smoothing, ignore_index, num_anchors):
-    """Per-image sums (N,) float32 of the focal loss, or None when a non-finite value calls for the general path."""
+def forward_sum(levels, labels, alpha, gamma, smoothing, ignore_index, num_anchors, with_grad=False):
+    """Per-image sums (N,) float32 of the focal loss, or None when a non-finite value calls for the general path.
+
+    with_grad (float32 logits only): also compute the gradient of sum_n loss_n in the same pass over the logits
+    (one exp and one log1p per element instead of two of each for the forward and the backward) and keep it for
+    the backward of this call (`backward_scalar` then only scales it per image): the backward of a training step
+    reads no logit again. The kept gradient is one gradient's size, freed by the backward or with the logits."""
     N = levels[0].shape[0]
     c0, c1 = alpha_coefficients(alpha)
     ts = 0.5 * smoothing
     tasks = _tasks(levels)
     specials = _specials(levels, labels, num_anchors, ignore_index, [_chunks(lv) for lv in levels])
     flats = [_flat(lv) for lv in levels]
+    with_grad = with_grad and levels[0].dtype == torch.float32
+    outs = [torch.empty_like(lv) for lv in levels] if with_grad else None
+    out_flats = [_flat(o) for o in outs] if with_grad else None
 
     def chunk_sum(task, buf):
         li, i, start, end, n = task
-        x, e, p, _, s = buf.take(end - start)
+        x, e, p, q, s = buf.take(end - start)
         x = _load(flats[li][start:end], x)
-        _parts(x, e, p, None, s, ts)
-        _power(s, p, gamma)                             # p**gamma bce
+        _parts(x, e, p, q if with_grad else None, s, ts)
         special = specials[li].in_chunk(i, start)
         if special is not None:                         # positives and ignored rows: not negatives
             s.index_fill_(0, special, 0.0)
+            p.index_fill_(0, special, 0.0)
+        if gamma >= 1:                                  # e = p**gamma bce
+            torch.mul(s, p, out=e)
+            _power(e, p, gamma - 1)
+        else:
+            e.copy_(s)
+            _power(e, p, gamma)
+        if with_grad:
+            _grad_terms(p, q, s, out_flats[li][start:end], c0, gamma, ts)
         # torch's cascade sum (a BLAS dot accumulates sequentially, ~10x the rounding error over a chunk)
-        return s.sum()
+        return e.sum()
 
     values = _map(chunk_sum, tasks)
     partials = [[] for _ in range(N)]
@@ -219,6 +286,13 @@ def forward_sum(levels, labels, alpha, gamma, smoothing, ignore_index, num_ancho
             sums.index_add_(0, sp.positives[0].long(), pos)
     if not bool(torch.isfinite(sums).all()):
         return None
+    if with_grad:
+        _fix_gradients(outs, levels, specials, num_anchors, torch.ones(N), c0, c1, gamma, ts)
+        key = _key(levels, labels, alpha, gamma, smoothing, ignore_index, num_anchors)
+        with _STASH_LOCK:
+            _STASH.clear()
+            _STASH[key] = outs
+        weakref.finalize(levels[0], _drop_stash, key)
     return sums
 
 
@@ -226,13 +300,21 @@ def forward_sum(levels, labels, alpha, gamma, smoothing, ignore_index, num_ancho
 def backward_scalar(factor, levels, labels, alpha, gamma, smoothing, ignore_index, num_anchors):
     """Gradients of sum_n factor[n] * loss_n w.r.t. each level (in its layout and dtype), or None when a
     non-finite value calls for the general path. factor: (N,) float32, the upstream gradient times the scale."""
+    with _STASH_LOCK:
+        kept = _STASH.pop(_key(levels, labels, alpha, gamma, smoothing, ignore_index, num_anchors), None)
+    if kept is not None:                                # computed by the forward: scale each image's block
+        f = factor.tolist()
+        for out in kept:
+            for n in range(out.shape[0]):
+                out[n].mul_(f[n])
+        return kept
     c0, c1 = alpha_coefficients(alpha)
     ts = 0.5 * smoothing
     outs = [torch.empty_like(lv) for lv in levels]
     tasks = _tasks(levels)
     specials = _specials(levels, labels, num_anchors, ignore_index, [_chunks(lv) for lv in levels])
     flats, out_flats = [_flat(lv) for lv in levels], [_flat(o) for o in outs]
-    k = (factor * c0).tolist()
+    f = factor.tolist()
 
     def chunk_grad(task, buf):
         li, i, start, end, n = task
@@ -244,33 +326,13 @@ def backward_scalar(factor, levels, labels, alpha, gamma, smoothing, ignore_inde
             s.index_fill_(0, special, 0.0)
             p.index_fill_(0, special, 0.0)
         check = s.sum()
-        kn = k[n]
-        if gamma == 0:                                  # k (p - ts)
-            torch.sub(p, ts, out=q)
-            torch.mul(q, kn, out=out_flats[li][start:end])
-        elif gamma == 2 and not ts:                     # k p p (p + 2 q bce): two fused multiply-adds
-            torch.addcmul(p, q, s, value=2.0, out=q)
-            q.mul_(p)
-            torch.addcmul(_ZERO, q, p, value=kn, out=out_flats[li][start:end])
-        else:                                           # k p**gamma (p - ts + gamma q bce)
-            torch.addcmul(p, q, s, value=gamma, out=q)
-            if ts:
-                q.sub_(ts)
-            _power(q, p, gamma)
-            torch.mul(q, kn, out=out_flats[li][start:end])
+        # The forward's arithmetic (with_grad), then the image's factor: the same bits whichever pass computes it.
+        _grad_terms(p, q, s, e, c0, gamma, ts)
+        torch.mul(e, f[n], out=out_flats[li][start:end])
         return check
 
     checks = _map(chunk_grad, tasks)
     if checks and not bool(torch.isfinite(torch.stack(checks)).all()):
         return None
-    for li, sp in enumerate(specials):
-        out = _anchor_view(outs[li], num_anchors)
-        if sp.positives[0].numel():
-            idx = sp.positives + (sp.classes,)
-            x = _anchor_view(levels[li], num_anchors)[idx].float()
-            one = torch.ones_like(x)
-            _, grad = focal_terms(x, one, one - ts, c0, c1, gamma, True)
-            out[idx] = (grad * factor[sp.positives[0].long()]).to(out.dtype)
-        if sp.ignored is not None:
-            out[sp.ignored] = 0
+    _fix_gradients(outs, levels, specials, num_anchors, factor, c0, c1, gamma, ts)
     return outs

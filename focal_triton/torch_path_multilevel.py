@@ -77,7 +77,8 @@ def multilevel_focal_forward(levels, labels, weights, alpha, gamma, smoothing, i
     num_images = levels[0].shape[0]
     per_image = None
     if torch_path_fast.applicable(levels, weights, alpha):  # the common detector case (None: general path)
-        per_image = torch_path_fast.forward_sum(levels, labels, alpha, gamma, smoothing, ignore_index, num_anchors)
+        per_image = torch_path_fast.forward_sum(levels, labels, alpha, gamma, smoothing, ignore_index, num_anchors,
+                                                with_grad=any(lv.requires_grad for lv in levels))
     if per_image is None:
         sums = [[] for _ in range(num_images)]
         for li, n, sl, lab, w in _level_chunks(levels, labels, weights, num_anchors):

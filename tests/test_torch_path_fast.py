@@ -118,3 +118,48 @@ def test_same_bits_for_any_worker_count(monkeypatch):
     for loss, grads in results[1:]:
         assert torch.equal(loss, results[0][0])
         assert all(torch.equal(g, r) for g, r in zip(grads, results[0][1]))
+
+
+def test_forward_computes_the_gradient_the_backward_scales(fast, monkeypatch):
+    """float32 logits that require grad: the forward keeps the gradient, the backward only scales it (no second
+    pass over the logits); a second backward (retain_graph) recomputes; the same values either way."""
+    levels, labels = make_levels(HWS, layout="mix"), make_labels(hws=HWS)
+    passes = []
+    real_map = torch_path_fast._map
+    monkeypatch.setattr(torch_path_fast, "_map", lambda fn, tasks: passes.append(fn.__name__) or real_map(fn, tasks))
+    leaves = leaves_of(levels)
+    loss = focal_triton.multilevel_focal_loss(leaves, labels, 3, normalizer=torch.tensor([3.0, 5.0]))
+    assert len(torch_path_fast._STASH) == 1
+    (g1,) = torch.autograd.grad(loss, leaves[0], retain_graph=True)
+    assert passes == ["chunk_sum"] and not torch_path_fast._STASH
+    (g2,) = torch.autograd.grad(loss * 1.0, leaves[0])
+    assert passes == ["chunk_sum", "chunk_grad"]
+    assert torch.equal(g1, g2)                            # the same bits from either pass
+    ref_loss, ref_grads = general(levels, labels, monkeypatch, normalizer=torch.tensor([3.0, 5.0]))
+    torch.testing.assert_close(g1, ref_grads[0], rtol=1e-5, atol=1e-8)
+
+
+def test_no_gradient_kept_without_requires_grad_and_freed_with_the_logits(fast):
+    levels, labels = make_levels(), make_labels()
+    focal_triton.multilevel_focal_loss(levels, labels, 3)
+    assert not torch_path_fast._STASH
+    leaves = leaves_of(levels)
+    focal_triton.multilevel_focal_loss(leaves, labels, 3)
+    assert len(torch_path_fast._STASH) == 1
+    del leaves
+    import gc
+
+    gc.collect()
+    assert not torch_path_fast._STASH
+
+
+def test_in_place_change_between_forward_and_backward_is_caught(fast):
+    """The kept gradient is keyed on the tensors' versions; autograd already refuses such a backward."""
+    levels, labels = make_levels(), make_labels()
+    leaves = leaves_of(levels)
+    loss = focal_triton.multilevel_focal_loss(leaves, labels, 3)
+    labels.neg_()
+    key = torch_path_fast._key(leaves, labels, 0.25, 2.0, 0.0, -2, 3)
+    assert key not in torch_path_fast._STASH
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, leaves)

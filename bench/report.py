@@ -69,7 +69,8 @@ def plot(rows, out_dir: str, slug: str, device_name: str) -> list:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sweep = [r for r in rows if r["family"] == "sweep"] or rows
+    # size plots: the sweep and the RetinaNet cases (the same head, A = 9, C = 80, more images)
+    sweep = [r for r in rows if r["family"] in ("sweep", "retinanet")] or rows
     dtypes = sorted({r["dtype"] for r in sweep})
     providers = sorted({r["provider"] for r in rows})
     paths = []
@@ -84,11 +85,18 @@ def plot(rows, out_dir: str, slug: str, device_name: str) -> list:
     for i, mode in enumerate(modes):
         for j, dt in enumerate(dtypes):
             ax = axes[i][j]
+            drawn = False
             for p in providers:
                 xs, ys = series(sweep, p, dt, mode, "ms")
                 if xs:
                     ax.loglog(xs, ys, "o-", label=p)
+                    drawn = True
             ax.set_title(f"{mode}, {dt}")
+            if not drawn:
+                ax.text(0.5, 0.5, "not in this run's cases", ha="center", va="center", transform=ax.transAxes)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                continue
             ax.set_xlabel("logits")
             ax.set_ylabel("ms (median)")
             ax.grid(True, which="both", alpha=0.3)

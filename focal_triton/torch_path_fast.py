@@ -8,15 +8,22 @@ image, in cache-sized chunks, with a few in-place ops):
     FL_neg = c0 m bce                               c0 = 1 - alpha (1 without alpha)
     dFL_neg/dx = c0 m (p - ts + gamma q bce)
 
-then the few other elements are fixed up by index: each positive anchor's element (class = label) gets the t = 1
-value (the general formula of `torch_path.focal_terms`, minus the negative value in the sum; overwritten in the
-gradient), and each ignored anchor's row of C classes is subtracted from the sum and zeroed in the gradient.
+(from E = exp(x): q = 1 / (1 + E), p = E q, bce = log1p(E) - ts x: one exp and one log1p per element), then the
+few other elements are fixed up by index: their storage offsets are excluded from the chunk sums, each positive
+anchor's element (class = label) gets its t = 1 value and gradient (the general formula of
+`torch_path.focal_terms`), and each ignored anchor's row of C classes contributes 0 to the sum and gets a zero
+gradient, whatever its logits.
 
-Exactness: for finite logits the values equal the general path's to float32 rounding. Where a chunk holds a
-non-finite logit (inf, NaN) the formulas above can differ from the general path's limits (inf * 0), so such a call
-returns None and the caller runs the general path (`torch_path_multilevel`): slower, exact semantics. Per-anchor
-weights, per-class alpha, float64 logits, "none" losses and per-element upstream gradients also go to the general
-path (`applicable`). Sums are added in a fixed order (chunks, then levels, then images): results repeat.
+When float32 logits require grad, the forward computes the gradient in the same pass and keeps it for the
+backward of the same call (keyed on the tensors and their versions; dropped when taken or when the logits are
+freed), which then only scales each image's block by its factor: the same bits as recomputing it.
+
+Exactness: for finite logits up to 88 the values equal the general path's to float32 rounding. Where a chunk holds
+a non-finite logit (inf, NaN) or one above 88 (exp overflows) at a negative element, the formulas above can differ
+from the general path's limits (inf * 0), so such a call returns None and the caller runs the general path
+(`torch_path_multilevel`): slower, exact semantics. Per-anchor weights, per-class alpha, float64 logits, "none"
+losses and per-element upstream gradients also go to the general path (`applicable`). Sums are added in a fixed
+order (chunks, then levels, then images), whatever the number of worker threads: results repeat.
 """
 import threading
 import weakref

@@ -7,6 +7,7 @@ are chunk-sized, never logit-sized. Sums are added in a fixed order (chunks, lev
 """
 import torch
 
+from . import torch_path_fast
 from .torch_path import CHUNK, alpha_coefficients, compute_dtype, focal_terms
 
 
@@ -85,16 +86,21 @@ def multilevel_focal_forward(levels, labels, weights, alpha, gamma, smoothing, i
             out_views[li][n, sl] = loss
         return outs
     num_images = levels[0].shape[0]
-    sums = [[] for _ in range(num_images)]
+    per_image = None
     per_anchor = torch.empty(labels.shape, dtype=cdt, device=labels.device) if with_stats else None
-    anchor_views = _per_level_anchor_views(per_anchor, levels, num_anchors) if with_stats else None
-    for li, n, sl, lab, w in _level_chunks(levels, labels, weights, num_anchors):
-        loss, _ = _chunk_terms(views[li][n, sl].to(cdt), lab, w, alpha, gamma, smoothing, ignore_index, False)
-        sums[n].append(loss.sum())
-        if with_stats:
-            anchor_views[li][n, sl] = loss.sum(-1)
-    per_image = torch.stack([torch.stack(s).sum() if s else torch.zeros((), dtype=cdt) for s in sums]) \
-        if num_images else torch.zeros(0, dtype=cdt)
+    if not with_stats and torch_path_fast.applicable(levels, weights, alpha):  # the common detector case
+        per_image = torch_path_fast.forward_sum(levels, labels, alpha, gamma, smoothing, ignore_index, num_anchors,
+                                                with_grad=any(lv.requires_grad for lv in levels))
+    if per_image is None:  # the general path (also where the fast one declines: None)
+        sums = [[] for _ in range(num_images)]
+        anchor_views = _per_level_anchor_views(per_anchor, levels, num_anchors) if with_stats else None
+        for li, n, sl, lab, w in _level_chunks(levels, labels, weights, num_anchors):
+            loss, _ = _chunk_terms(views[li][n, sl].to(cdt), lab, w, alpha, gamma, smoothing, ignore_index, False)
+            sums[n].append(loss.sum())
+            if with_stats:
+                anchor_views[li][n, sl] = loss.sum(-1)
+        per_image = torch.stack([torch.stack(s).sum() if s else torch.zeros((), dtype=cdt) for s in sums]) \
+            if num_images else torch.zeros(0, dtype=cdt)
     if norm_mode == 0:
         scale = torch.full((num_images,), 1.0 / norm_value, dtype=cdt)
     elif norm_mode == 1:
@@ -110,6 +116,11 @@ def multilevel_focal_forward(levels, labels, weights, alpha, gamma, smoothing, i
 def multilevel_focal_backward(grads, levels, labels, weights, alpha, gamma, smoothing, ignore_index, num_anchors,
                               scale=None):
     cdt = compute_dtype(levels[0].dtype)
+    if scale is not None and torch_path_fast.applicable(levels, weights, alpha):
+        outs = torch_path_fast.backward_scalar(grads[0].to(cdt) * scale.to(cdt), levels, labels, alpha, gamma,
+                                               smoothing, ignore_index, num_anchors)
+        if outs is not None:
+            return outs
     views = [_anchor_view(lv, num_anchors) for lv in levels]
     outs = [torch.empty_like(lv) for lv in levels]
     out_views = [_anchor_view(o, num_anchors) for o in outs]

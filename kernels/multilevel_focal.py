@@ -35,6 +35,7 @@ import triton.language as tl
 from .focal_math import focal_loss_and_grad
 from .launch import PARTIAL_SUM_BLOCK, device_guard, max_programs
 from .sigmoid_focal import alpha_coefficients, compute_dtype, gamma_params
+from .tuning import MULTILEVEL_CANDIDATES, forced, make_key, tuned
 
 MAX_LEVELS = 8
 # No integer argument is specialized by the JIT (on divisibility by 16 or equality to 1): sizes change with every
@@ -284,7 +285,25 @@ def gpu_tile(itemsize: int):
 
 
 def tile_for(device: torch.device, itemsize: int):
+    cfg = forced()  # the tuned config of this launch (tuning.py), where tuning chose one
+    if cfg is not None and "BLOCK_HW" in cfg:
+        return cfg["BLOCK_HW"], cfg["BLOCK_C"]
     return gpu_tile(itemsize) if device.type == "cuda" else INTERPRETER_TILE
+
+
+def launch_options(device: torch.device) -> dict:
+    """num_warps (and num_stages where tuning chose them) of a launch."""
+    cfg = forced()
+    if cfg is not None and "BLOCK_HW" in cfg:
+        return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return dict(num_warps=GPU_NUM_WARPS if device.type == "cuda" else 1)
+
+
+def _tuning_key(mode: str, levels, num_anchors: int) -> str:
+    x = levels[0]
+    cl_mask = sum(1 << i for i, lv in enumerate(levels) if not lv.is_contiguous())
+    return make_key("multilevel", sum(lv.numel() for lv in levels), x.shape[1] // num_anchors, cl_mask, x.dtype,
+                    mode)
 
 
 def kernel_constexprs(x_dtype, mode: int, int_gamma: bool, class_aligned: bool, tile, stats: bool = False) -> dict:
@@ -322,7 +341,8 @@ class Plan:
         else:
             from .launch import ElementwiseConfig
 
-            cfg = ElementwiseConfig(self.tile[0] * self.tile[1], GPU_NUM_WARPS)
+            opts = launch_options(self.device)
+            cfg = ElementwiseConfig(self.tile[0] * self.tile[1], opts["num_warps"], num_stages=opts.get("num_stages"))
             # No integer argument is specialized, so their values do not change the compiled kernel: zeros keep
             # the occupancy cache to one entry per (dtype, constexprs) instead of one per combination of sizes.
             args = [0 if isinstance(a, int) and not isinstance(a, bool) else a for a in args]
@@ -370,13 +390,14 @@ def _launch(mode, levels, outs, grads, labels, weights, alpha, gamma, smoothing,
         # Only the types and alignment of the arguments size the grid: an empty stand-in for the partial sums.
         P = plan.programs_per_image(args(torch.empty(0, dtype=partials_dtype, device=x.device), 1), constexprs)
         partials = torch.empty(plan.N * P if mode == MODE_SUM else 0, dtype=partials_dtype, device=x.device)
-        multilevel_focal_kernel[(plan.N * P,)](*args(partials, P), num_warps=GPU_NUM_WARPS if x.is_cuda else 1,
-                                               **constexprs)
+        multilevel_focal_kernel[(plan.N * P,)](*args(partials, P), **launch_options(x.device), **constexprs)
     # Each anchor's loss: its class tiles' row sums, added in class order (deterministic).
     per_anchor = stats.view(plan.N, plan.num_anchors_total, class_tiles).sum(-1) if with_stats else None
     return plan, P, partials, per_anchor
 
 
+@tuned("multilevel_fwd", lambda levels, labels, weights, alpha, gamma, smoothing, ignore_index, num_anchors,
+       reduction, *a, **k: _tuning_key(reduction, levels, num_anchors), MULTILEVEL_CANDIDATES)
 def multilevel_focal_forward(levels, labels, weights, alpha, gamma, smoothing, ignore_index, num_anchors,
                              reduction, norm_mode=0, normalizer=None, norm_value=1.0, out_dtype=None,
                              with_stats=False):
@@ -407,6 +428,9 @@ def multilevel_focal_forward(levels, labels, weights, alpha, gamma, smoothing, i
     return (loss, scale, per_anchor) if with_stats else (loss, scale)
 
 
+@tuned("multilevel_bwd", lambda grads, levels, labels, weights, alpha, gamma, smoothing, ignore_index, num_anchors,
+       scale=None: _tuning_key("grad_scalar" if scale is not None else "grad_tensor", levels, num_anchors),
+       MULTILEVEL_CANDIDATES)
 def multilevel_focal_backward(grads, levels, labels, weights, alpha, gamma, smoothing, ignore_index, num_anchors,
                               scale=None):
     """Gradients w.r.t. each level, in the level's layout and dtype. grads: one 0-d upstream gradient of the "sum"

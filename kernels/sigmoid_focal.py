@@ -11,6 +11,7 @@ import triton.language as tl
 
 from .focal_math import focal_loss_and_grad
 from .launch import PARTIAL_SUM_BLOCK, config_for, device_guard, needs_int64, persistent_grid
+from .tuning import DENSE_CANDIDATES, make_key, tuned
 
 
 @triton.jit
@@ -180,6 +181,8 @@ def backward_constexprs(x_dtype, grad_scalar: bool, mean: bool, int_gamma: bool,
                 INT64=int64, BLOCK=block)
 
 
+@tuned("sigmoid_focal_fwd", lambda x, t, alpha, gamma, reduction, out_dtype=None: make_key(
+    "sigmoid_focal_fwd", x.numel(), 0, 0, x.dtype, f"{reduction} t={t.dtype}"), DENSE_CANDIDATES)
 def sigmoid_focal_forward(x: torch.Tensor, t: torch.Tensor, alpha: float, gamma: float, reduction: str,
                           out_dtype: torch.dtype = None):
     """Loss of dense x, t (same strides, n > 0): elementwise in x's layout for "none", else a 0-d tensor; in
@@ -203,7 +206,7 @@ def sigmoid_focal_forward(x: torch.Tensor, t: torch.Tensor, alpha: float, gamma:
         grid = persistent_grid(sigmoid_focal_fwd_kernel, args, constexprs, cfg, n, x.device)
         if reduce:
             args[2] = torch.empty(grid, dtype=acc_dtype, device=x.device)
-        sigmoid_focal_fwd_kernel[(grid,)](*args, num_warps=cfg.num_warps, **constexprs)
+        sigmoid_focal_fwd_kernel[(grid,)](*args, **cfg.options(), **constexprs)
         if not reduce:
             return args[2]
         result = torch.empty((), dtype=out_dtype, device=x.device)
@@ -211,6 +214,9 @@ def sigmoid_focal_forward(x: torch.Tensor, t: torch.Tensor, alpha: float, gamma:
     return result
 
 
+@tuned("sigmoid_focal_bwd", lambda grad_out, x, t, alpha, gamma, reduction: make_key(
+    "sigmoid_focal_bwd", x.numel(), 0, 0, x.dtype, f"{'scalar' if grad_out.dim() == 0 else 'tensor'} t={t.dtype}"),
+    DENSE_CANDIDATES)
 def sigmoid_focal_backward(grad_out: torch.Tensor, x: torch.Tensor, t: torch.Tensor, alpha: float, gamma: float,
                            reduction: str) -> torch.Tensor:
     """Gradient w.r.t. x in x's layout and dtype. grad_out (in the loss's dtype, which may be float32 for 16-bit
@@ -225,5 +231,5 @@ def sigmoid_focal_backward(grad_out: torch.Tensor, x: torch.Tensor, t: torch.Ten
     args = (x, t, grad_out, grad_in, n, c0, c1, gamma_f, gamma_i)
     with device_guard(x.device):
         grid = persistent_grid(sigmoid_focal_bwd_kernel, args, constexprs, cfg, n, x.device)
-        sigmoid_focal_bwd_kernel[(grid,)](*args, num_warps=cfg.num_warps, **constexprs)
+        sigmoid_focal_bwd_kernel[(grid,)](*args, **cfg.options(), **constexprs)
     return grad_in

@@ -204,7 +204,7 @@ def choose(device: torch.device, key: str, candidates, run, cache: TuneCache = N
         return None
     cache = cache or cache_for(device)
     cfg = cache.get(key)
-    if cfg is None and torch.cuda.is_current_stream_capturing():
+    if cfg is None and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return None  # timing cannot run inside a CUDA-graph capture: the heuristic (warm up or pre-tune first)
     if cfg is None:
         best, _ = tune(candidates, lambda c: _run_with(c, run), _TIMER[0])

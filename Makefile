@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test bench aot clean
+.PHONY: test bench tune aot clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,9 +22,14 @@ $(VENV)/.installed-bench: pyproject.toml | $(PY)
 test: $(VENV)/.installed-test
 	$(VENV)/bin/pytest -q
 
-# The main job. Until the benchmark suite lands: a demo that computes a loss and its gradient and prints them.
+# The main job: the benchmark suite on this machine's GPU (or its CPU without one); table, CSV, JSON and plots
+# under bench/results/, named by device, and the goals checked (README "Speed").
 bench: $(VENV)/.installed-bench
-	$(PY) bench/demo.py
+	$(PY) bench/run.py
+
+# Pre-tune the kernels for common detector shapes on this GPU (a no-op without CUDA).
+tune: $(VENV)/.installed-bench
+	$(PY) -m focal_triton.tune
 
 # Ahead-of-time compile report of every kernel specialization for sm_80 and sm_90 (no GPU needed).
 aot: $(VENV)/.installed-test

@@ -2,10 +2,11 @@
 
 Public API: `sigmoid_focal_loss` (a drop-in for torchvision.ops.sigmoid_focal_loss) and `SigmoidFocalLoss` (dense
 targets); `multilevel_focal_loss` / `MultiLevelFocalLoss` (a head's per-level outputs with the assigner's integer
-labels, one launch) and `focal_loss` / `FocalLoss` (the same for concatenated (..., C) logits). The relatives of
-FL: `sigmoid_focal_loss_star` / `FocalLossStar` (FL*), `quality_focal_loss` / `QualityFocalLoss` (QFL, GFL) and
-`varifocal_loss` / `VarifocalLoss` (VFL, VarifocalNet) on dense targets, and `loss="fl_star" | "qfl" | "vfl"` of the
-class-index forms.
+labels, one launch) and `focal_loss` / `FocalLoss` (the same for concatenated (..., C) logits); with
+`return_stats=True` they also return `LossStatistics` (counts, loss sums, histograms) for `plot_loss_distribution`.
+The relatives of FL: `sigmoid_focal_loss_star` / `FocalLossStar` (FL*), `quality_focal_loss` / `QualityFocalLoss`
+(QFL, GFL) and `varifocal_loss` / `VarifocalLoss` (VFL, VarifocalNet) on dense targets, and
+`loss="fl_star" | "qfl" | "vfl"` of the class-index forms.
 The Triton kernels are in `focal_triton.kernels`; `focal_triton.ops` registers them as torch.ops.focal_triton.*.
 """
 from .functional import quality_focal_loss, sigmoid_focal_loss, sigmoid_focal_loss_star, varifocal_loss
@@ -14,8 +15,10 @@ from .init import init_prior_bias_
 from .modules import (FocalLoss, FocalLossStar, MultiLevelFocalLoss, QualityFocalLoss, SigmoidFocalLoss,
                       VarifocalLoss)
 from .multilevel import focal_loss, multilevel_focal_loss
+from .stats import LossStatistics, plot_loss_distribution
 
 __version__ = "0.1.0"
 __all__ = ["sigmoid_focal_loss", "SigmoidFocalLoss", "focal_loss", "FocalLoss", "multilevel_focal_loss",
            "MultiLevelFocalLoss", "sigmoid_focal_loss_star", "FocalLossStar", "quality_focal_loss", "QualityFocalLoss",
-           "varifocal_loss", "VarifocalLoss", "global_normalizer", "init_prior_bias_", "__version__"]
+           "varifocal_loss", "VarifocalLoss", "global_normalizer", "init_prior_bias_", "LossStatistics",
+           "plot_loss_distribution", "__version__"]

@@ -169,14 +169,17 @@ def multilevel_specializations():
         per_thread = tile[0] * tile[1] // (mf.GPU_NUM_WARPS * 32)
         # MODE 1 writes, MODE 3 reads, an elementwise loss or its gradient: in the logits' dtype or, under
         # autocast, float32.
-        loss_kinds = [(m, xs) for m in range(4)] + [(m, "fp32") for m in (1, 3) if xs in ("fp16", "bf16")]
+        loss_kinds = [(m, xs, False) for m in range(4)] + [(m, "fp32", False) for m in (1, 3) if xs in ("fp16", "bf16")]
         cases = [(0, lab, int_gamma, aligned_c, mode_dtype) for lab, int_gamma, aligned_c, mode_dtype in
                  itertools.product(("i32", "i64"), (True, False), (True, False), loss_kinds)]
         if x_dtype in NEW_KIND_DTYPES:
-            cases += [(kind, "i64", int_gamma, aligned_c, (mode, xs)) for kind in NEW_LOSS_KINDS
+            cases += [(kind, "i64", int_gamma, aligned_c, (mode, xs, False)) for kind in NEW_LOSS_KINDS
                       for int_gamma in _int_gamma_cases(kind) for aligned_c in (True, False) for mode in range(4)]
-        for kind, lab, int_gamma, aligned_c, (mode, loss_dtype) in cases:
-            ce = mf.kernel_constexprs(x_dtype, mode, int_gamma, aligned_c, tile, kind)
+            # The forward with loss statistics (MODE 0, STATS) of FL: bf16 and fp32 logits with int64 labels.
+            cases += [(0, "i64", int_gamma, aligned_c, (mf.MODE_SUM, xs, True)) for int_gamma in (True, False)
+                      for aligned_c in (True, False)]
+        for kind, lab, int_gamma, aligned_c, (mode, loss_dtype, stats) in cases:
+            ce = mf.kernel_constexprs(x_dtype, mode, int_gamma, aligned_c, tile, kind, stats)
             ptr_types = {"x": xs, "o": loss_dtype if mode == mf.MODE_NONE else xs,
                          "g": loss_dtype if mode == mf.MODE_GRAD_TENSOR else xs}
             sig = {}
@@ -185,7 +188,7 @@ def multilevel_specializations():
             sig.update({f"hw{i}": "i32" for i in range(levels)})
             sig.update({f"ts{i}": "i32" for i in range(1, levels)})
             sig.update(lab_ptr=f"*{lab}", w_ptr=f"*{acc}", s_ptr=f"*{acc}", alpha_ptr=f"*{acc}",
-                       partials_ptr=f"*{acc}", grad_scalar_ptr=f"*{acc}", scale_ptr=f"*{acc}")
+                       partials_ptr=f"*{acc}", grad_scalar_ptr=f"*{acc}", scale_ptr=f"*{acc}", stats_ptr=f"*{acc}")
             sig.update({k: "i32" for k in ("tiles_per_image", "num_anchors_total", "num_levels", "cl_mask", "P",
                                            "A", "C")})
             sig.update(c0="fp32", c1="fp32", gamma="fp32", gamma_int="i32", beta="fp32", smoothing="fp32",
@@ -194,16 +197,17 @@ def multilevel_specializations():
             names = list(sig)
             pointers = tuple(i for i, k in enumerate(names) if sig[k].startswith("*"))
             groups = {g: tuple(range(j * levels, (j + 1) * levels)) for j, g in enumerate("xog")}
+            groups["s"] = (names.index("stats_ptr"),)
             wide = 16 if aligned_c else 0  # only channels_last tiles of a class-aligned head are contiguous rows
             # Every specialization for sm_90; for sm_80 those of bf16 and fp32 logits with int64 labels (a
             # representative subset that keeps the report's run time in check on 2 cores).
             archs = ARCHS if (lab == "i64" and x_dtype in (torch.bfloat16, torch.float32)) else (90,)
-            archs = tuple(a for a in archs if a in _loss_archs(xs, loss_dtype)) if kind == 0 else (90,)
+            archs = tuple(a for a in archs if a in _loss_archs(xs, loss_dtype)) if kind == 0 and not stats else (90,)
             specs.append(Specialization(
                 mf.multilevel_focal_kernel, sig, ce, mf.GPU_NUM_WARPS,
                 f"multilevel x={xs} labels={lab} mode={mode} int_gamma={int_gamma} class_aligned={aligned_c} "
                 f"tile={tile[0]}x{tile[1]}{f' loss={loss_dtype}' if loss_dtype != xs else ''}"
-                f"{f' loss_kind={kind}' if kind else ''}", aligned=pointers,
+                f"{f' loss_kind={kind}' if kind else ''}{' stats' if stats else ''}", aligned=pointers,
                 vector_load_bytes=wide * (2 if mode == mf.MODE_GRAD_TENSOR else 1),
                 vector_store_bytes=0 if mode == mf.MODE_SUM else wide, elements_per_thread=per_thread,
                 tile_access_bytes={g: per_thread * _itemsize(_TRITON_TO_TORCH[t]) for g, t in ptr_types.items()},

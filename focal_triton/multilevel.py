@@ -18,6 +18,7 @@ import torch
 from . import validation as V
 from .functional import autocast_upcast
 from .multilevel_ops import multilevel_focal_loss_op
+from .stats import loss_statistics
 from .torch_path import compute_dtype
 
 _NORMALIZER_DTYPES = (torch.int64,)
@@ -44,7 +45,8 @@ def _native_layout(level: torch.Tensor) -> torch.Tensor:
 
 def multilevel_focal_loss(level_logits, labels, num_anchors, *, alpha=None, gamma=None, weights=None,
                           label_smoothing=0.0, background=-1, ignore_index=-2, normalizer=None, reduction="sum",
-                          check_labels=True, loss="fl", scores=None, beta=None, iou_weighted=None):
+                          check_labels=True, loss="fl", scores=None, beta=None, iou_weighted=None,
+                          return_stats=False):
     r"""Focal loss of every FPN level of a dense detector's classification head, in one kernel launch.
 
     Args:
@@ -76,9 +78,13 @@ def multilevel_focal_loss(level_logits, labels, num_anchors, *, alpha=None, gamm
         scores: "qfl" / "vfl" only (and required there): (N, M) float target score of each anchor's label, in
             [0, 1] (e.g. the IoU of a positive's box; anything for background and ignored anchors). No gradient.
         beta, iou_weighted: see `loss`.
+        return_stats: also return a `focal_triton.stats.LossStatistics` (per level: numbers of positive, negative
+            and ignored anchors and their summed loss; histograms of the per-anchor loss of positives and
+            negatives), from the same kernel pass, left on the device. reduction="sum" only.
 
     Returns:
-        The loss (see reduction). Gradients flow to the logits only, each level's in its own layout and dtype.
+        The loss (see reduction), or (loss, statistics) with return_stats. Gradients flow to the logits only, each
+        level's in its own layout and dtype.
     """
     V.check_level_logits(level_logits, num_anchors)
     first = level_logits[0]
@@ -87,17 +93,17 @@ def multilevel_focal_loss(level_logits, labels, num_anchors, *, alpha=None, gamm
     return _class_index_loss([_native_layout(x) for x in level_logits], labels, num_anchors, num_images,
                              num_classes, (num_images, num_anchors_total), "N, sum of H*W*A over levels", alpha,
                              gamma, weights, label_smoothing, background, ignore_index, normalizer, reduction,
-                             check_labels, loss_options=(loss, scores, beta, iou_weighted))
+                             check_labels, loss_options=(loss, scores, beta, iou_weighted), return_stats=return_stats)
 
 
 def focal_loss(logits, labels, *, alpha=None, gamma=None, weights=None, label_smoothing=0.0, background=-1,
                ignore_index=-2, normalizer=None, reduction="sum", check_labels=True, loss="fl", scores=None,
-               beta=None, iou_weighted=None):
+               beta=None, iou_weighted=None, return_stats=False):
     r"""Focal loss of concatenated head outputs (..., C) with integer labels (...): the form of torchvision's and
     detectron2's concatenated logits, of mmcv and of apex. Same arguments and semantics as
     `multilevel_focal_loss`; the images are the first dim when logits have 3 or more dims ((N, M, C); a per-image
     normalizer is then (N,)), and a 2-D (M, C) input is one image. weights and scores have the labels' shape.
-    "none" returns a loss of the logits' shape and dtype.
+    "none" returns a loss of the logits' shape and dtype. return_stats: (loss, statistics) with a single level.
     """
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
@@ -121,7 +127,8 @@ def focal_loss(logits, labels, *, alpha=None, gamma=None, weights=None, label_sm
     flat_scores = scores.reshape(num_images, rows) if scores is not None else None
     out = _class_index_loss([level], flat_labels, 1, num_images, num_classes, (num_images, rows), None, alpha,
                             gamma, flat_weights, label_smoothing, background, ignore_index, normalizer, reduction,
-                            check_labels, labels_checked=True, loss_options=(loss, flat_scores, beta, iou_weighted))
+                            check_labels, labels_checked=True, loss_options=(loss, flat_scores, beta, iou_weighted),
+                            return_stats=return_stats)
     if reduction == "none":
         return out[0].permute(0, 2, 3, 1).reshape(logits.shape)
     return out
@@ -129,7 +136,7 @@ def focal_loss(logits, labels, *, alpha=None, gamma=None, weights=None, label_sm
 
 def _class_index_loss(levels, labels, num_anchors, num_images, num_classes, label_shape, label_what, alpha, gamma,
                       weights, label_smoothing, background, ignore_index, normalizer, reduction, check_labels,
-                      labels_checked=False, loss_options=("fl", None, None, None)):
+                      labels_checked=False, loss_options=("fl", None, None, None), return_stats=False):
     first = levels[0]
     device = first.device
     loss, scores, beta, iou_weighted = loss_options
@@ -147,6 +154,10 @@ def _class_index_loss(levels, labels, num_anchors, num_images, num_classes, labe
     normalizer = V.check_normalizer(normalizer, num_images, device, reduction)
     if not isinstance(check_labels, bool):
         raise TypeError(f"check_labels must be a bool, got {check_labels!r}")
+    if not isinstance(return_stats, bool):
+        raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
+    if return_stats and reduction != "sum":
+        raise ValueError(f"return_stats=True needs reduction='sum', got reduction={reduction!r}")
     if check_labels and labels.numel():
         V.check_label_range(labels, num_classes, background, ignore_index)
 
@@ -162,5 +173,9 @@ def _class_index_loss(levels, labels, num_anchors, num_images, num_classes, labe
     out = multilevel_focal_loss_op(list(levels), labels.contiguous(), weights, alpha_tensor, float(alpha), gamma,
                                    smoothing, 0 if ignore_index is None else int(ignore_index),
                                    ignore_index is not None, num_anchors, norm_tensor, norm_value, reduction,
-                                   autocast_upcast(first), kind, beta, iou_weighted, scores)
+                                   autocast_upcast(first), kind, beta, iou_weighted, scores, return_stats)
+    if return_stats:
+        level_anchors = [x.shape[2] * x.shape[3] * num_anchors for x in levels]
+        return out[0], loss_statistics(out[2], labels, level_anchors, num_classes, ignore_index, gamma,
+                                       alpha_tensor if alpha_tensor is not None else alpha, loss)
     return out if reduction == "none" else out[0]

@@ -2,9 +2,10 @@
 
     focal_triton::multilevel_focal_loss(levels, labels, weights, alpha_per_class, alpha, gamma, smoothing,
         ignore_index, has_ignore, num_anchors, normalizer, norm_value, reduction, upcast, loss_kind, beta,
-        iou_weighted, scores) -> Tensor[]
-        "sum": [loss (0-d, float32; float64 for float64 logits), scale (N,)]; "none": the per-level losses, each
-        in its level's layout and dtype (float32 with upcast, what autocast asks for).
+        iou_weighted, scores, with_stats) -> Tensor[]
+        "sum": [loss (0-d, float32; float64 for float64 logits), scale (N,)], with_stats adding the (N, M)
+        per-anchor losses of the same pass (not differentiable); "none": the per-level losses, each in its level's
+        layout and dtype (float32 with upcast, what autocast asks for).
     focal_triton::multilevel_focal_loss_backward(grads, levels, labels, weights, alpha_per_class, alpha, gamma,
         smoothing, ignore_index, has_ignore, num_anchors, scale, loss_kind, beta, iou_weighted, scores) -> Tensor[]
         (one gradient per level)
@@ -52,29 +53,33 @@ def multilevel_focal_loss_op(levels: List[torch.Tensor], labels: torch.Tensor, w
                              ignore_index: int, has_ignore: bool, num_anchors: int,
                              normalizer: Optional[torch.Tensor], norm_value: float,
                              reduction: str, upcast: bool, loss_kind: int, beta: float, iou_weighted: bool,
-                             scores: Optional[torch.Tensor]) -> List[torch.Tensor]:
+                             scores: Optional[torch.Tensor], with_stats: bool) -> List[torch.Tensor]:
     x = levels[0]
     ignore = ignore_index if has_ignore else None
     alpha_arg = alpha_per_class if alpha_per_class is not None else alpha
     if _is_empty(levels):
         if reduction == "none":
             return [torch.empty_like(lv, dtype=loss_dtype(lv, upcast)) for lv in levels]
-        return [torch.zeros((), dtype=compute_dtype(x.dtype), device=x.device),
-                torch.zeros(x.shape[0], dtype=compute_dtype(x.dtype), device=x.device)]
+        cdt = compute_dtype(x.dtype)
+        return [torch.zeros((), dtype=cdt, device=x.device), torch.zeros(x.shape[0], dtype=cdt, device=x.device)] \
+            + ([torch.zeros(labels.shape, dtype=cdt, device=x.device)] if with_stats else [])
     impl = _implementation(x.device)
     out = impl.multilevel_focal_forward(levels, labels, weights, alpha_arg, gamma, smoothing, ignore, num_anchors,
                                         reduction, _norm_mode(normalizer), normalizer, norm_value,
-                                        loss_dtype(x, upcast), loss=LossSpec(loss_kind, beta, iou_weighted, scores))
+                                        loss_dtype(x, upcast), loss=LossSpec(loss_kind, beta, iou_weighted, scores),
+                                        with_stats=with_stats)
     return list(out)
 
 
 @multilevel_focal_loss_op.register_fake
 def _(levels, labels, weights, alpha_per_class, alpha, gamma, smoothing, ignore_index, has_ignore, num_anchors,
-      normalizer, norm_value, reduction, upcast, loss_kind, beta, iou_weighted, scores):
+      normalizer, norm_value, reduction, upcast, loss_kind, beta, iou_weighted, scores, with_stats):
     x = levels[0]
     if reduction == "none":
         return [torch.empty_like(lv, dtype=loss_dtype(lv, upcast)) for lv in levels]
-    return [x.new_empty((), dtype=compute_dtype(x.dtype)), x.new_empty((x.shape[0],), dtype=compute_dtype(x.dtype))]
+    cdt = compute_dtype(x.dtype)
+    return [x.new_empty((), dtype=cdt), x.new_empty((x.shape[0],), dtype=cdt)] \
+        + ([x.new_empty(labels.shape, dtype=cdt)] if with_stats else [])
 
 
 @torch.library.custom_op("focal_triton::multilevel_focal_loss_backward", mutates_args=())
@@ -105,7 +110,7 @@ def _(grads, levels, labels, weights, alpha_per_class, alpha, gamma, smoothing, 
 
 def _setup_context(ctx, inputs, output):
     (levels, labels, weights, alpha_per_class, alpha, gamma, smoothing, ignore_index, has_ignore, num_anchors,
-     normalizer, norm_value, reduction, upcast, loss_kind, beta, iou_weighted, scores) = inputs
+     normalizer, norm_value, reduction, upcast, loss_kind, beta, iou_weighted, scores, with_stats) = inputs
     scale = output[1] if reduction != "none" else None
     ctx.num_levels = len(levels)
     ctx.reduction = reduction
@@ -125,8 +130,8 @@ def _backward(ctx, grads):
     grad_levels = multilevel_focal_loss_backward_op(upstream, levels, labels, weights, alpha_per_class,
                                                     *ctx.params, scale if ctx.reduction != "none" else None,
                                                     *ctx.loss, scores)
-    # One entry per input of the op: the levels' gradients, nothing for the other 17 inputs.
-    return (grad_levels,) + (None,) * 17
+    # One entry per input of the op: the levels' gradients, nothing for the other 18 inputs.
+    return (grad_levels,) + (None,) * 18
 
 
 multilevel_focal_loss_op.register_autograd(_backward, setup_context=_setup_context)

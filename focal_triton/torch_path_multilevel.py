@@ -7,7 +7,8 @@ are chunk-sized, never logit-sized. Sums are added in a fixed order (chunks, lev
 """
 import torch
 
-from .kernels.sigmoid_focal import LossSpec, kernel_scalars
+from . import torch_path_fast
+from .kernels.sigmoid_focal import FL, LossSpec, kernel_scalars
 from .torch_path import CHUNK, compute_dtype, family_terms
 
 
@@ -15,6 +16,16 @@ def _anchor_view(level: torch.Tensor, num_anchors: int) -> torch.Tensor:
     """(N, A*C, H, W) -> (N, H*W, A, C) view of the same storage (NCHW or channels_last)."""
     n, k, h, w = level.shape
     return level.unflatten(1, (num_anchors, k // num_anchors)).flatten(3).permute(0, 3, 1, 2)
+
+
+def _per_level_anchor_views(t, levels, num_anchors):
+    """(N, M) per-anchor tensor -> one (N, H_l W_l, A) view per level."""
+    views, mb = [], 0
+    for level in levels:
+        hw = level.shape[2] * level.shape[3]
+        views.append(t[:, mb:mb + hw * num_anchors].view(t.shape[0], hw, num_anchors))
+        mb += hw * num_anchors
+    return views
 
 
 def _level_chunks(levels, labels, weights, num_anchors, scores=None):
@@ -73,7 +84,8 @@ def _chunk_terms(x, lab, w, alpha, gamma, smoothing, ignore_index, want_grad, lo
 
 @torch.no_grad()
 def multilevel_focal_forward(levels, labels, weights, alpha, gamma, smoothing, ignore_index, num_anchors,
-                             reduction, norm_mode=0, normalizer=None, norm_value=1.0, out_dtype=None, loss=LossSpec()):
+                             reduction, norm_mode=0, normalizer=None, norm_value=1.0, out_dtype=None, loss=LossSpec(),
+                             with_stats=False):
     cdt = compute_dtype(levels[0].dtype)
     views = [_anchor_view(lv, num_anchors) for lv in levels]
     if reduction == "none":
@@ -85,13 +97,22 @@ def multilevel_focal_forward(levels, labels, weights, alpha, gamma, smoothing, i
             out_views[li][n, sl] = value
         return outs
     num_images = levels[0].shape[0]
-    sums = [[] for _ in range(num_images)]
-    for li, n, sl, lab, w, sc in _level_chunks(levels, labels, weights, num_anchors, loss.scores):
-        value, _ = _chunk_terms(views[li][n, sl].to(cdt), lab, w, alpha, gamma, smoothing, ignore_index, False,
-                                loss, sc)
-        sums[n].append(value.sum())
-    per_image = torch.stack([torch.stack(s).sum() if s else torch.zeros((), dtype=cdt) for s in sums]) \
-        if num_images else torch.zeros(0, dtype=cdt)
+    per_image = None
+    per_anchor = torch.empty(labels.shape, dtype=cdt, device=labels.device) if with_stats else None
+    if loss.kind == FL and not with_stats and torch_path_fast.applicable(levels, weights, alpha):  # the common case
+        per_image = torch_path_fast.forward_sum(levels, labels, alpha, gamma, smoothing, ignore_index, num_anchors,
+                                                with_grad=any(lv.requires_grad for lv in levels))
+    if per_image is None:  # the general path (also where the fast one declines: None)
+        sums = [[] for _ in range(num_images)]
+        anchor_views = _per_level_anchor_views(per_anchor, levels, num_anchors) if with_stats else None
+        for li, n, sl, lab, w, sc in _level_chunks(levels, labels, weights, num_anchors, loss.scores):
+            value, _ = _chunk_terms(views[li][n, sl].to(cdt), lab, w, alpha, gamma, smoothing, ignore_index, False,
+                                    loss, sc)
+            sums[n].append(value.sum())
+            if with_stats:
+                anchor_views[li][n, sl] = value.sum(-1)
+        per_image = torch.stack([torch.stack(s).sum() if s else torch.zeros((), dtype=cdt) for s in sums]) \
+            if num_images else torch.zeros(0, dtype=cdt)
     if norm_mode == 0:
         scale = torch.full((num_images,), 1.0 / norm_value, dtype=cdt)
     elif norm_mode == 1:
@@ -100,13 +121,18 @@ def multilevel_focal_forward(levels, labels, weights, alpha, gamma, smoothing, i
         scale = 1.0 / (normalizer.to(cdt) * num_images)
     scale = scale.to(per_image.device).contiguous()
     total = (per_image * scale).sum() if num_images else torch.zeros((), dtype=cdt)
-    return total, scale
+    return (total, scale, per_anchor) if with_stats else (total, scale)
 
 
 @torch.no_grad()
 def multilevel_focal_backward(grads, levels, labels, weights, alpha, gamma, smoothing, ignore_index, num_anchors,
                               scale=None, loss=LossSpec()):
     cdt = compute_dtype(levels[0].dtype)
+    if loss.kind == FL and scale is not None and torch_path_fast.applicable(levels, weights, alpha):
+        outs = torch_path_fast.backward_scalar(grads[0].to(cdt) * scale.to(cdt), levels, labels, alpha, gamma,
+                                               smoothing, ignore_index, num_anchors)
+        if outs is not None:
+            return outs
     views = [_anchor_view(lv, num_anchors) for lv in levels]
     outs = [torch.empty_like(lv) for lv in levels]
     out_views = [_anchor_view(o, num_anchors) for o in outs]

@@ -44,6 +44,11 @@ class ElementwiseConfig:
     block: int
     num_warps: int
     max_programs: int = None
+    num_stages: int = None  # None: triton's default
+
+    def options(self) -> dict:
+        """Launch options: num_warps, and num_stages where tuning chose one."""
+        return dict(num_warps=self.num_warps, **({} if self.num_stages is None else dict(num_stages=self.num_stages)))
 
 
 GPU_NUM_WARPS = 4
@@ -58,9 +63,15 @@ def gpu_block(itemsize: int) -> int:
 
 
 def config_for(device: torch.device, itemsize: int) -> ElementwiseConfig:
-    """The one config a launch uses for logits of this itemsize on this device."""
+    """The config a launch uses for logits of this itemsize on this device: on CUDA the tuned one (tuning.py) when
+    tuning chose one for this launch, else the heuristic above."""
     if device.type != "cuda":
         return INTERPRETER_CONFIG
+    from .tuning import forced
+
+    tuned = forced()
+    if tuned is not None and "BLOCK" in tuned:
+        return ElementwiseConfig(tuned["BLOCK"], tuned["num_warps"], num_stages=tuned.get("num_stages"))
     return ElementwiseConfig(gpu_block(itemsize), GPU_NUM_WARPS)
 
 
@@ -121,11 +132,11 @@ def max_programs(kernel, args, constexprs: dict, cfg: ElementwiseConfig, device:
     (compiled once with kernel.warmup and cached for the process). Only the types and alignment of `args` matter."""
     if cfg.max_programs is not None:
         return cfg.max_programs
-    key = (kernel.fn.__name__, device.index, cfg.num_warps,
+    key = (kernel.fn.__name__, device.index, cfg.num_warps, cfg.num_stages,
            tuple(_specialization_key(a) for a in args), tuple(sorted(constexprs.items(), key=lambda kv: kv[0])))
     grid = _PERSISTENT_GRID.get(key)
     if grid is None:
-        compiled = kernel.warmup(*args, grid=(1,), num_warps=cfg.num_warps, **constexprs)
+        compiled = kernel.warmup(*args, grid=(1,), **cfg.options(), **constexprs)
         compiled._init_handles()
         sm = sm_resources(device.index)
         grid = sm.count * programs_per_sm(compiled.n_regs, compiled.metadata.shared, cfg.num_warps, sm)

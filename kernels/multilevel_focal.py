@@ -37,6 +37,7 @@ import triton.language as tl
 from .focal_math import family_loss_and_grad
 from .launch import PARTIAL_SUM_BLOCK, device_guard, max_programs
 from .sigmoid_focal import FL, LossSpec, compute_dtype, kernel_scalars
+from .tuning import MULTILEVEL_CANDIDATES, forced, make_key, tuned
 
 MAX_LEVELS = 8
 # No integer argument is specialized by the JIT (on divisibility by 16 or equality to 1): sizes change with every
@@ -139,18 +140,25 @@ def _store(ptr, offs, mask, value, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _tile(x_ptr, o_ptr, g_ptr, lab_ptr, w_ptr, s_ptr, alpha_ptr, hw, K, A, C, a, row0, c_start, anchor_base, acc,
-          g0, c0, c1, gamma, gamma_int, beta, smoothing, ignore_index, has_ignore, has_weight, has_alpha,
-          MODE: tl.constexpr, MASKED: tl.constexpr, CHANNELS_LAST: tl.constexpr, LOSS_KIND: tl.constexpr,
-          INT_GAMMA: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+def _tile(x_ptr, o_ptr, g_ptr, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, a, row0, c_start,
+          anchor_base, acc, g0, c0, c1, gamma, gamma_int, beta, smoothing, ignore_index, has_ignore, has_weight,
+          has_alpha, MODE: tl.constexpr, STATS: tl.constexpr, MASKED: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+          LOSS_KIND: tl.constexpr, INT_GAMMA: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, BLOCK_HW: tl.constexpr,
+          BLOCK_C: tl.constexpr):
     """One tile of one of the kernel's MODEs:
-    0 forward, acc += loss;  1 forward, o = loss;  2 backward, o = g0 * dFL/dx;  3 backward, o = g * dFL/dx."""
+    0 forward, acc += loss;  1 forward, o = loss;  2 backward, o = g0 * dFL/dx;  3 backward, o = g * dFL/dx.
+    STATS (MODE 0): also store the tile's row sums, stats[anchor * n_ct + class tile] (the anchor's loss over the
+    tile's classes; n_ct = ceil(C / BLOCK_C))."""
     offs, mask, loss, grad = _tile_terms(
         x_ptr, lab_ptr, w_ptr, s_ptr, alpha_ptr, hw, K, A, C, a, row0, c_start, anchor_base, c0, c1, gamma,
         gamma_int, beta, smoothing, ignore_index, has_ignore, has_weight, has_alpha, MASKED, CHANNELS_LAST, LOSS_KIND,
         INT_GAMMA, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
     if MODE == 0:
         acc += loss
+        if STATS:
+            rows = row0 + tl.arange(0, BLOCK_HW)
+            slot = (anchor_base + rows * A) * tl.cdiv(C, BLOCK_C) + c_start // BLOCK_C
+            tl.store(stats_ptr + slot, tl.sum(loss, axis=1), mask=rows < hw)
     elif MODE == 1:
         _store(o_ptr, offs, mask, loss, MASKED)
     elif MODE == 2:
@@ -171,15 +179,17 @@ def multilevel_focal_kernel(
     g0_, g1_, g2_, g3_, g4_, g5_, g6_, g7_,  # upstream gradient of each level (MODE 3)
     hw0, hw1, hw2, hw3, hw4, hw5, hw6, hw7,  # H_l * W_l
     ts1, ts2, ts3, ts4, ts5, ts6, ts7,       # first per-image tile of each level (level 0 starts at 0)
-    lab_ptr, w_ptr, s_ptr, alpha_ptr, partials_ptr, grad_scalar_ptr, scale_ptr,
+    lab_ptr, w_ptr, s_ptr, alpha_ptr, partials_ptr, grad_scalar_ptr, scale_ptr, stats_ptr,
     tiles_per_image, num_anchors_total, num_levels, cl_mask, P, A, C,
     c0, c1, gamma, gamma_int, beta, smoothing, ignore_index, has_ignore, has_weight, has_alpha,
     MODE: tl.constexpr, LOSS_KIND: tl.constexpr, INT_GAMMA: tl.constexpr, CLASS_ALIGNED: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, STATS: tl.constexpr,
 ):
     """Forward (MODE 0: partial sums into partials[pid]; MODE 1: elementwise loss) or backward (MODE 2: the
     upstream scalar grad_scalar[0] times scale[n]; MODE 3: per-level upstream gradients) over every level. The
-    backward recomputes everything from the logits and labels (the forward saves nothing of logit size)."""
+    backward recomputes everything from the logits and labels (the forward saves nothing of logit size).
+    STATS (MODE 0 only): per-(anchor, class tile) loss sums into stats (N * M * ceil(C / BLOCK_C),), the
+    by-product from which `focal_triton.stats` builds loss statistics."""
     if CLASS_ALIGNED:
         C = (C // 16) * 16  # == C; tells the compiler that rows of K = A * C are 16-element aligned
     K = A * C
@@ -219,20 +229,21 @@ def multilevel_focal_kernel(
                 if CLASS_ALIGNED:
                     masked = (row0 + BLOCK_HW > hw) | (c_start + BLOCK_C > C)
                 if masked:
-                    acc_cl = _tile(xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, hw, K, A, C, a, row0, c_start,
-                                   anchor_base, acc_cl, g0, c0, c1, gamma, gamma_int, beta, smoothing, ignore_index,
-                                   has_ignore, has_weight, has_alpha, MODE, True, True, LOSS_KIND, INT_GAMMA,
-                                   COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
+                    acc_cl = _tile(xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, a, row0,
+                                   c_start, anchor_base, acc_cl, g0, c0, c1, gamma, gamma_int, beta, smoothing,
+                                   ignore_index, has_ignore, has_weight, has_alpha, MODE, STATS, True, True,
+                                   LOSS_KIND, INT_GAMMA, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
                 else:
-                    acc_cl = _tile(xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, hw, K, A, C, a, row0, c_start,
-                                   anchor_base, acc_cl, g0, c0, c1, gamma, gamma_int, beta, smoothing, ignore_index,
-                                   has_ignore, has_weight, has_alpha, MODE, False, True, LOSS_KIND, INT_GAMMA,
-                                   COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
+                    acc_cl = _tile(xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, a, row0,
+                                   c_start, anchor_base, acc_cl, g0, c0, c1, gamma, gamma_int, beta, smoothing,
+                                   ignore_index, has_ignore, has_weight, has_alpha, MODE, STATS, False, True,
+                                   LOSS_KIND, INT_GAMMA, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
             else:
                 # NCHW rows run along hw, whose alignment is unknown (hw is not specialized): always masked.
-                acc = _tile(xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, hw, K, A, C, a, row0, c_start,
+                acc = _tile(xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, a, row0, c_start,
                             anchor_base, acc, g0, c0, c1, gamma, gamma_int, beta, smoothing, ignore_index, has_ignore,
-                            has_weight, has_alpha, MODE, True, False, LOSS_KIND, INT_GAMMA, COMPUTE_DTYPE, BLOCK_HW,
+                            has_weight, has_alpha, MODE, STATS, True, False, LOSS_KIND, INT_GAMMA, COMPUTE_DTYPE,
+                            BLOCK_HW,
                             BLOCK_C)
             j += P
         mb += hw * A
@@ -289,12 +300,32 @@ def gpu_tile(itemsize: int):
 
 
 def tile_for(device: torch.device, itemsize: int):
+    cfg = forced()  # the tuned config of this launch (tuning.py), where tuning chose one
+    if cfg is not None and "BLOCK_HW" in cfg:
+        return cfg["BLOCK_HW"], cfg["BLOCK_C"]
     return gpu_tile(itemsize) if device.type == "cuda" else INTERPRETER_TILE
 
 
-def kernel_constexprs(x_dtype, mode: int, int_gamma: bool, class_aligned: bool, tile, loss_kind: int = FL) -> dict:
+def launch_options(device: torch.device) -> dict:
+    """num_warps (and num_stages where tuning chose them) of a launch."""
+    cfg = forced()
+    if cfg is not None and "BLOCK_HW" in cfg:
+        return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return dict(num_warps=GPU_NUM_WARPS if device.type == "cuda" else 1)
+
+
+def _tuning_key(mode: str, levels, num_anchors: int, loss=None) -> str:
+    x = levels[0]
+    cl_mask = sum(1 << i for i, lv in enumerate(levels) if not lv.is_contiguous())
+    kind = loss.kind if loss is not None else FL
+    return make_key("multilevel", sum(lv.numel() for lv in levels), x.shape[1] // num_anchors, cl_mask, x.dtype,
+                    mode if kind == FL else f"{mode} kind={kind}")
+
+
+def kernel_constexprs(x_dtype, mode: int, int_gamma: bool, class_aligned: bool, tile, loss_kind: int = FL,
+                      stats: bool = False) -> dict:
     return dict(MODE=mode, LOSS_KIND=loss_kind, INT_GAMMA=int_gamma, CLASS_ALIGNED=class_aligned,
-                COMPUTE_DTYPE=compute_dtype(x_dtype), BLOCK_HW=tile[0], BLOCK_C=tile[1])
+                COMPUTE_DTYPE=compute_dtype(x_dtype), BLOCK_HW=tile[0], BLOCK_C=tile[1], STATS=stats)
 
 
 class Plan:
@@ -327,7 +358,8 @@ class Plan:
         else:
             from .launch import ElementwiseConfig
 
-            cfg = ElementwiseConfig(self.tile[0] * self.tile[1], GPU_NUM_WARPS)
+            opts = launch_options(self.device)
+            cfg = ElementwiseConfig(self.tile[0] * self.tile[1], opts["num_warps"], num_stages=opts.get("num_stages"))
             # No integer argument is specialized, so their values do not change the compiled kernel: zeros keep
             # the occupancy cache to one entry per (dtype, constexprs) instead of one per combination of sizes.
             args = [0 if isinstance(a, int) and not isinstance(a, bool) else a for a in args]
@@ -353,33 +385,41 @@ def _scalar_args(plan: Plan, alpha, gamma, smoothing, ignore_index, has_weight, 
 
 
 def _launch(mode, levels, outs, grads, labels, weights, alpha, gamma, smoothing, ignore_index, num_anchors,
-            partials_dtype=torch.float32, grad_scalar=None, scale=None, loss=LossSpec()):
-    """Launch multilevel_focal_kernel once over every level; returns (plan, programs per image, partials)."""
+            partials_dtype=torch.float32, grad_scalar=None, scale=None, loss=LossSpec(), with_stats=False):
+    """Launch multilevel_focal_kernel once over every level; returns (plan, programs per image, partials, stats)
+    with stats the (N, M) per-anchor losses when with_stats (MODE_SUM only), else None."""
     x = levels[0]
     plan = Plan(levels, num_anchors, x.device, x.element_size())
     ints, scalars, int_gamma = _scalar_args(plan, alpha, gamma, smoothing, ignore_index, weights is not None, loss)
-    constexprs = kernel_constexprs(x.dtype, mode, int_gamma, plan.C % 16 == 0, plan.tile, loss.kind)
+    constexprs = kernel_constexprs(x.dtype, mode, int_gamma, plan.C % 16 == 0, plan.tile, loss.kind, with_stats)
     dummy = torch.empty(1, dtype=torch.float32, device=x.device)
+    class_tiles = -(-plan.C // plan.tile[1])
+    stats = (torch.empty(plan.N * plan.num_anchors_total * class_tiles, dtype=partials_dtype, device=x.device)
+             if with_stats else dummy)
 
     def args(partials, P):
         return [*plan.level_args(levels, x), *plan.level_args(outs, outs[0] if outs else x),
                 *plan.level_args(grads, grads[0] if grads else x), *plan.level_args(plan.hw, 0), *plan.starts,
                 labels, weights if weights is not None else dummy, loss.scores if loss.scores is not None else dummy,
                 alpha if isinstance(alpha, torch.Tensor) else dummy, partials,
-                grad_scalar if grad_scalar is not None else dummy, scale if scale is not None else dummy,
+                grad_scalar if grad_scalar is not None else dummy, scale if scale is not None else dummy, stats,
                 *ints, P, plan.A, plan.C, *scalars]
 
     with device_guard(x.device):
         # Only the types and alignment of the arguments size the grid: an empty stand-in for the partial sums.
         P = plan.programs_per_image(args(torch.empty(0, dtype=partials_dtype, device=x.device), 1), constexprs)
         partials = torch.empty(plan.N * P if mode == MODE_SUM else 0, dtype=partials_dtype, device=x.device)
-        multilevel_focal_kernel[(plan.N * P,)](*args(partials, P), num_warps=GPU_NUM_WARPS if x.is_cuda else 1,
-                                               **constexprs)
-    return plan, P, partials
+        multilevel_focal_kernel[(plan.N * P,)](*args(partials, P), **launch_options(x.device), **constexprs)
+    # Each anchor's loss: its class tiles' row sums, added in class order (deterministic).
+    per_anchor = stats.view(plan.N, plan.num_anchors_total, class_tiles).sum(-1) if with_stats else None
+    return plan, P, partials, per_anchor
 
 
+@tuned("multilevel_fwd", lambda levels, labels, weights, alpha, gamma, smoothing, ignore_index, num_anchors,
+       reduction, *a, **k: _tuning_key(reduction, levels, num_anchors, k.get("loss")), MULTILEVEL_CANDIDATES)
 def multilevel_focal_forward(levels, labels, weights, alpha, gamma, smoothing, ignore_index, num_anchors,
-                             reduction, norm_mode=0, normalizer=None, norm_value=1.0, out_dtype=None, loss=LossSpec()):
+                             reduction, norm_mode=0, normalizer=None, norm_value=1.0, out_dtype=None, loss=LossSpec(),
+                             with_stats=False):
     """levels: NCHW-contiguous or channels_last (N, A*C, H, W) tensors, N * tiles > 0; labels (N, M) int32/int64
     contiguous; weights None or (N, M) float32 contiguous; alpha a number or a (C,) float32 tensor; loss the kind
     of loss (a LossSpec; FL by default).
@@ -387,7 +427,8 @@ def multilevel_focal_forward(levels, labels, weights, alpha, gamma, smoothing, i
     "none": a list of per-level losses in each level's layout, in out_dtype (default: the levels' dtype; float32
     under autocast). "sum": (loss, scale), loss 0-d in the
     accumulation dtype (float32, float64 for float64 logits) and scale (N,) the per-image factor the normalizer
-    gave (needed by the backward)."""
+    gave (needed by the backward); with_stats adds a third output, the (N, M) per-anchor losses (weighted, 0 for
+    ignored anchors, not normalized) in the accumulation dtype, from the same pass."""
     x = levels[0]
     if reduction == "none":
         outs = [torch.empty_like(lv, dtype=out_dtype or lv.dtype) for lv in levels]
@@ -395,18 +436,22 @@ def multilevel_focal_forward(levels, labels, weights, alpha, gamma, smoothing, i
                 loss=loss)
         return outs
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    plan, P, partials = _launch(MODE_SUM, levels, [], [], labels, weights, alpha, gamma, smoothing, ignore_index,
-                                num_anchors, partials_dtype=acc_dtype, loss=loss)
-    loss = torch.empty((), dtype=acc_dtype, device=x.device)
+    plan, P, partials, per_anchor = _launch(MODE_SUM, levels, [], [], labels, weights, alpha, gamma, smoothing,
+                                            ignore_index, num_anchors, partials_dtype=acc_dtype, loss=loss,
+                                            with_stats=with_stats)
+    total = torch.empty((), dtype=acc_dtype, device=x.device)
     scale = torch.empty(plan.N, dtype=acc_dtype, device=x.device)
     norm_ptr = normalizer if normalizer is not None else torch.empty(1, dtype=torch.float32, device=x.device)
     with device_guard(x.device):
         hi = _round_to_float32(norm_value)
-        normalize_partials_kernel[(1,)](partials, norm_ptr, scale, loss, plan.N, P, hi, float(norm_value) - hi,
+        normalize_partials_kernel[(1,)](partials, norm_ptr, scale, total, plan.N, P, hi, float(norm_value) - hi,
                                         NORM_MODE=norm_mode, BLOCK=PARTIAL_SUM_BLOCK)
-    return loss, scale
+    return (total, scale, per_anchor) if with_stats else (total, scale)
 
 
+@tuned("multilevel_bwd", lambda grads, levels, labels, weights, alpha, gamma, smoothing, ignore_index, num_anchors,
+       scale=None, loss=None: _tuning_key("grad_scalar" if scale is not None else "grad_tensor", levels, num_anchors,
+                                          loss), MULTILEVEL_CANDIDATES)
 def multilevel_focal_backward(grads, levels, labels, weights, alpha, gamma, smoothing, ignore_index, num_anchors,
                               scale=None, loss=LossSpec()):
     """Gradients w.r.t. each level, in the level's layout and dtype. grads: one 0-d upstream gradient of the "sum"

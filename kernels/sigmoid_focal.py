@@ -13,6 +13,7 @@ import triton.language as tl
 
 from .focal_math import family_loss_and_grad
 from .launch import PARTIAL_SUM_BLOCK, config_for, device_guard, needs_int64, persistent_grid
+from .tuning import DENSE_CANDIDATES, make_key, tuned
 
 
 @triton.jit
@@ -221,6 +222,14 @@ def backward_constexprs(x_dtype, grad_scalar: bool, mean: bool, int_gamma: bool,
                 COMPUTE_DTYPE=compute_dtype(x_dtype), INT64=int64, BLOCK=block)
 
 
+def _dense_key(launcher, x, t, mode, loss_kind):
+    """Tuning key of a dense launch (tuning.py): size bucket, dtypes, mode, and the loss kind beyond FL."""
+    suffix = f" kind={loss_kind}" if loss_kind else ""
+    return make_key(launcher, x.numel(), 0, 0, x.dtype, f"{mode} t={t.dtype}{suffix}")
+
+
+@tuned("sigmoid_focal_fwd", lambda x, t, alpha, gamma, reduction, out_dtype=None, loss_kind=FL, beta=0.0,
+       iou_weighted=True: _dense_key("sigmoid_focal_fwd", x, t, reduction, loss_kind), DENSE_CANDIDATES)
 def sigmoid_focal_forward(x: torch.Tensor, t: torch.Tensor, alpha: float, gamma: float, reduction: str,
                           out_dtype: torch.dtype = None, loss_kind: int = FL, beta: float = 0.0,
                           iou_weighted: bool = True):
@@ -244,7 +253,7 @@ def sigmoid_focal_forward(x: torch.Tensor, t: torch.Tensor, alpha: float, gamma:
         grid = persistent_grid(sigmoid_focal_fwd_kernel, args, constexprs, cfg, n, x.device)
         if reduce:
             args[2] = torch.empty(grid, dtype=acc_dtype, device=x.device)
-        sigmoid_focal_fwd_kernel[(grid,)](*args, num_warps=cfg.num_warps, **constexprs)
+        sigmoid_focal_fwd_kernel[(grid,)](*args, **cfg.options(), **constexprs)
         if not reduce:
             return args[2]
         result = torch.empty((), dtype=out_dtype, device=x.device)
@@ -252,6 +261,9 @@ def sigmoid_focal_forward(x: torch.Tensor, t: torch.Tensor, alpha: float, gamma:
     return result
 
 
+@tuned("sigmoid_focal_bwd", lambda grad_out, x, t, alpha, gamma, reduction, loss_kind=FL, beta=0.0,
+       iou_weighted=True: _dense_key("sigmoid_focal_bwd", x, t, "scalar" if grad_out.dim() == 0 else "tensor",
+                                     loss_kind), DENSE_CANDIDATES)
 def sigmoid_focal_backward(grad_out: torch.Tensor, x: torch.Tensor, t: torch.Tensor, alpha: float, gamma: float,
                            reduction: str, loss_kind: int = FL, beta: float = 0.0,
                            iou_weighted: bool = True) -> torch.Tensor:
@@ -266,5 +278,5 @@ def sigmoid_focal_backward(grad_out: torch.Tensor, x: torch.Tensor, t: torch.Ten
     args = (x, t, grad_out, grad_in, n, c0, c1, gamma_f, gamma_i, beta_f)
     with device_guard(x.device):
         grid = persistent_grid(sigmoid_focal_bwd_kernel, args, constexprs, cfg, n, x.device)
-        sigmoid_focal_bwd_kernel[(grid,)](*args, num_warps=cfg.num_warps, **constexprs)
+        sigmoid_focal_bwd_kernel[(grid,)](*args, **cfg.options(), **constexprs)
     return grad_in

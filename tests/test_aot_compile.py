@@ -176,3 +176,5 @@ def test_multilevel_one_access_per_logit(facts):
             else:
                 assert got == 0, (f["arch"], f["label"], key, acc)
         assert "mixed" not in acc, (f["arch"], f["label"], acc)
+        # Loss statistics: per-anchor row sums stored only by the forward that asks for them.
+        assert (acc.get("store:s", 0) > 0) == (f["constexprs"]["STATS"] == "True"), (f["arch"], f["label"], acc)

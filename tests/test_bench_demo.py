@@ -19,6 +19,7 @@ def test_demo_runs_and_matches_torchvision():
     assert float(theirs.split()[-1]) < 1e-6  # max |grad difference|
     assert any(line.startswith("forward + backward") for line in lines)
     ml = next(line for line in lines if line.startswith("multilevel loss = ")).split()
-    assert ml[3] == ml[7]  # the detector form prints the same loss as torchvision's RetinaNet head
+    # the detector form gives torchvision's RetinaNet head's loss (to float32 rounding of a sum of 1.2M terms)
+    assert abs(float(ml[3]) - float(ml[7])) <= 1e-6 * abs(float(ml[7]))
     assert float(ml[-1]) < 1e-6
     assert any(line.startswith("detector loss forward + backward") for line in lines)

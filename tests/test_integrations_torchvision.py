@@ -101,3 +101,33 @@ def test_init_prior_bias():
         focal_triton.init_prior_bias_(conv, prior=1.0)
     with pytest.raises(ValueError, match="bias"):
         focal_triton.init_prior_bias_(torch.nn.Conv2d(2, 2, 1, bias=False))
+
+
+@pytest.mark.parametrize("kind", ["retinanet", "fcos"])
+def test_collect_stats_and_options(monkeypatch, kind):
+    """collect_stats keeps the statistics of the training forward's own loss pass; gamma is an option. (The torch
+    path: the kernels' statistics are checked in test_stats.py, and a ResNet-50 head is slow on the interpreter.)"""
+    monkeypatch.setenv("FOCAL_TRITON_BACKEND", "torch")
+    model = use_focal_triton(_model(kind), collect_stats=True)
+    images, targets = _batch(torch.device("cpu"))
+    model.train()
+    with torch.no_grad():
+        loss = model(images, targets)["classification"]
+    st = model.focal_triton.stats
+    assert st.gamma == 2.0 and len(st.num_positive) == 5  # P3-P7
+    total = (st.num_positive + st.num_negative + st.num_ignored).sum().item()
+    a = model.head.classification_head.num_anchors
+    image_list, _ = model.transform(images, copy.deepcopy(targets))
+    features = list(model.backbone(image_list.tensors).values())
+    assert total == len(images) * a * sum(f.shape[2] * f.shape[3] for f in features)
+    assert st.num_positive.sum() > 0
+    if kind == "fcos":  # one global normalizer: the number of foreground anchors
+        assert st.num_ignored.sum() == 0
+        summed = (st.loss_positive.sum() + st.loss_negative.sum()).item()
+        assert loss.item() == pytest.approx(summed / st.num_positive.sum().item(), rel=1e-5)
+    else:
+        assert st.num_ignored.sum() > 0  # RetinaNet's between-thresholds anchors
+    use_focal_triton(model, gamma=0.0, collect_stats=True)
+    with torch.no_grad():
+        loss0 = model(images, targets)["classification"]
+    assert model.focal_triton.stats.gamma == 0.0 and loss0 > loss

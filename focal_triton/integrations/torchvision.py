@@ -9,8 +9,13 @@ ground-truth class, -1 background, -2 between thresholds for RetinaNet) and norm
 sum over its number of foreground anchors, averaged over images; FCOS: the sum over the batch's number of
 foreground anchors). Nothing is read on the host (torchvision's FCOS reads the count with `.item()`). In eval mode
 the heads run torchvision's own code, so detections are unchanged.
+
+With collect_stats=True each training forward also keeps the loss statistics of its classification loss (from the
+same kernel pass) in `model.focal_triton.stats` (a `focal_triton.stats.LossStatistics`).
 """
 import types
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -19,6 +24,27 @@ from torchvision.models.detection.retinanet import RetinaNet
 from torchvision.ops import generalized_box_iou_loss
 
 from ..multilevel import multilevel_focal_loss
+from ..stats import LossStatistics
+
+
+@dataclass
+class FocalTritonOptions:
+    """What a patched model does (`model.focal_triton`): torchvision's alpha = 0.25 and gamma = 2 by default."""
+
+    check_labels: bool = True
+    alpha: float = 0.25
+    gamma: float = 2.0
+    collect_stats: bool = False
+    stats: Optional[LossStatistics] = None  # of the last training forward, with collect_stats
+
+
+def _focal_loss(options: FocalTritonOptions, levels, labels, num_anchors, **kw):
+    out = multilevel_focal_loss(list(levels), labels, num_anchors, alpha=options.alpha, gamma=options.gamma,
+                                background=-1, check_labels=options.check_labels,
+                                return_stats=options.collect_stats, **kw)
+    if options.collect_stats:
+        out, options.stats = out
+    return out
 
 
 class LevelLogits(list):
@@ -49,9 +75,8 @@ def _retinanet_cls_loss(self, targets, head_outputs, matched_idxs):
         return type(self).compute_loss(self, targets, head_outputs, matched_idxs)
     labels = _class_labels(targets, matched_idxs)
     num_foreground = (labels >= 0).sum(dim=1).clamp(min=1)  # per image, as torchvision: max(1, num_foreground)
-    return multilevel_focal_loss(list(levels), labels, self.num_anchors, alpha=0.25, gamma=2.0, background=-1,
-                                 ignore_index=self.BETWEEN_THRESHOLDS, normalizer=num_foreground,
-                                 check_labels=self.focal_triton_check_labels)
+    return _focal_loss(self.focal_triton, levels, labels, self.num_anchors, ignore_index=self.BETWEEN_THRESHOLDS,
+                       normalizer=num_foreground)
 
 
 def _fcos_loss(self, targets, head_outputs, anchors, matched_idxs):
@@ -64,9 +89,8 @@ def _fcos_loss(self, targets, head_outputs, anchors, matched_idxs):
     anchors = torch.stack(anchors)
     foreground = labels >= 0
     normalizer = foreground.sum().clamp(min=1)  # torchvision: max(1, num_foreground), read on the host there
-    loss_cls = multilevel_focal_loss(list(levels), labels, self.classification_head.num_anchors, alpha=0.25,
-                                     gamma=2.0, background=-1, ignore_index=None, normalizer=normalizer,
-                                     check_labels=self.focal_triton_check_labels)
+    loss_cls = _focal_loss(self.focal_triton, levels, labels, self.classification_head.num_anchors,
+                           ignore_index=None, normalizer=normalizer)
     # Box regression (GIoU) and centerness: torchvision's FCOSHead.compute_loss, unchanged.
     pred_boxes = self.box_coder.decode(head_outputs["bbox_regression"], anchors)
     loss_bbox_reg = generalized_box_iou_loss(pred_boxes[foreground], boxes[foreground], reduction="sum")
@@ -84,21 +108,25 @@ def _fcos_loss(self, targets, head_outputs, anchors, matched_idxs):
             "bbox_ctrness": loss_ctrness / normalizer}
 
 
-def use_focal_triton(model, *, check_labels: bool = True):
+def use_focal_triton(model, *, check_labels: bool = True, alpha: float = 0.25, gamma: float = 2.0,
+                     collect_stats: bool = False):
     """Switch a torchvision RetinaNet or FCOS to focal_triton's classification loss, in place; returns the model.
+    Calling it again on a patched model changes its options.
 
     check_labels=False skips the label check (one host sync), e.g. when the loss stage is compiled or captured.
+    alpha, gamma: the focal loss's (torchvision's values by default). collect_stats: keep each training forward's
+    loss statistics in `model.focal_triton.stats`. The options live in `model.focal_triton`.
     """
-    if isinstance(model, RetinaNet):
-        cls_head = model.head.classification_head
-        cls_head.forward = types.MethodType(_level_forward, cls_head)
-        cls_head.compute_loss = types.MethodType(_retinanet_cls_loss, cls_head)
-        cls_head.focal_triton_check_labels = check_labels
-    elif isinstance(model, FCOS):
-        cls_head = model.head.classification_head
-        cls_head.forward = types.MethodType(_level_forward, cls_head)
-        model.head.compute_loss = types.MethodType(_fcos_loss, model.head)
-        model.head.focal_triton_check_labels = check_labels
-    else:
+    if not isinstance(model, (RetinaNet, FCOS)):
         raise TypeError(f"model must be a torchvision RetinaNet or FCOS, got {type(model).__name__}")
+    options = FocalTritonOptions(check_labels, alpha, gamma, collect_stats)
+    cls_head = model.head.classification_head
+    cls_head.forward = types.MethodType(_level_forward, cls_head)
+    if isinstance(model, RetinaNet):
+        cls_head.compute_loss = types.MethodType(_retinanet_cls_loss, cls_head)
+        cls_head.focal_triton = options
+    else:
+        model.head.compute_loss = types.MethodType(_fcos_loss, model.head)
+        model.head.focal_triton = options
+    model.focal_triton = options
     return model

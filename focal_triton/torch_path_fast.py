@@ -1,0 +1,352 @@
+"""Fast pure-torch path of the class-index focal loss ("sum" forward and its scalar-upstream backward) on CPU.
+
+A detector's labels make almost every (anchor, class) element a negative (t = 0). So every element is first
+treated as a negative, over the raw storage of each level (layout-agnostic: NCHW and channels_last alike, image by
+image, in cache-sized chunks, with a few in-place ops):
+
+    p = sigmoid(x), q = sigmoid(-x), m = p**gamma, bce = softplus(x) - ts x   (ts = s / 2, label smoothing s)
+    FL_neg = c0 m bce                               c0 = 1 - alpha (1 without alpha)
+    dFL_neg/dx = c0 m (p - ts + gamma q bce)
+
+(from E = exp(x): q = 1 / (1 + E), p = E q, bce = log1p(E) - ts x: one exp and one log1p per element), then the
+few other elements are fixed up by index: their storage offsets are excluded from the chunk sums, each positive
+anchor's element (class = label) gets its t = 1 value and gradient (the general formula of
+`torch_path.focal_terms`), and each ignored anchor's row of C classes contributes 0 to the sum and gets a zero
+gradient, whatever its logits.
+
+When float32 logits require grad, the forward computes the gradient in the same pass and keeps it for the
+backward of the same call (keyed on the tensors and their versions; dropped when taken or when the logits are
+freed), which then only scales each image's block by its factor: the same bits as recomputing it.
+
+Exactness: for finite logits up to 88 the values equal the general path's to float32 rounding. Where a chunk holds
+a non-finite logit (inf, NaN) or one above 88 (exp overflows) at a negative element, the formulas above can differ
+from the general path's limits (inf * 0), so such a call returns None and the caller runs the general path
+(`torch_path_multilevel`): slower, exact semantics. Per-anchor weights, per-class alpha, float64 logits, "none"
+losses and per-element upstream gradients also go to the general path (`applicable`). Sums are added in a fixed
+order (chunks, then levels, then images), whatever the number of worker threads: results repeat.
+"""
+import threading
+import weakref
+
+import torch
+
+from .torch_path import alpha_coefficients, focal_terms
+
+# Elements per chunk: 5 float32 buffers of 128 KiB stay in the 1 MiB L2 per core of the machine measured here, and
+# a chunk is below torch's grain size (32 Ki elements), so each op runs on its calling thread, with no OpenMP
+# barrier per op (on a busy machine a barrier waits for a time slice, ~10 ms per op). The chunks are spread over
+# WORKERS Python threads instead (torch ops release the GIL), at most torch.get_num_threads().
+CHUNK = 1 << 15
+WORKERS = 2
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ZERO = torch.zeros(())
+
+
+def applicable(levels, weights, alpha) -> bool:
+    """The cases this path covers (the others keep the general path)."""
+    return weights is None and not isinstance(alpha, torch.Tensor) and levels[0].dtype in _DTYPES
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.as_strided((t.numel(),), (1,))
+
+
+def _anchor_view(level: torch.Tensor, num_anchors: int) -> torch.Tensor:
+    """(N, A*C, H, W) -> (N, H*W, A, C) view of the same storage (NCHW or channels_last)."""
+    return level.unflatten(1, (num_anchors, level.shape[1] // num_anchors)).flatten(3).permute(0, 3, 1, 2)
+
+
+class _Buffers:
+    def __init__(self, n: int):
+        self.all = torch.empty(5, n)
+
+    def take(self, n: int):
+        return tuple(b[:n] for b in self.all)
+
+
+def _parts(x, e, p, q, s, ts):
+    """From one exp and one log1p: p = sigmoid(x), q = sigmoid(-x) (if q is given) and s = BCE(x, ts), in place.
+
+    E = exp(x), q = 1 / (1 + E), p = E q and softplus(x) = log1p(E): accurate to float32 rounding (relative) for
+    every x up to 88, where E overflows: there s = inf, which sends the call to the general path (see above).
+    """
+    torch.exp(x, out=e)
+    torch.log1p(e, out=s)
+    if ts:
+        s.sub_(x, alpha=ts)
+    if q is None:
+        torch.add(e, 1.0, out=p)
+        torch.div(e, p, out=p)
+    else:
+        torch.add(e, 1.0, out=q)
+        torch.reciprocal(q, out=q)
+        torch.mul(e, q, out=p)
+
+
+def _power(dst: torch.Tensor, p: torch.Tensor, gamma: float) -> None:
+    """dst *= p**gamma (in place; repeated multiplication for small integer gamma)."""
+    if gamma == 0:
+        return
+    if float(gamma).is_integer() and gamma <= 4:
+        for _ in range(int(gamma)):
+            dst.mul_(p)
+    else:
+        dst.mul_(p.pow(gamma))
+
+
+def _chunks(level):
+    """(start, end) storage ranges of one level: per image, in chunks of at most CHUNK, in a fixed order."""
+    per_image = level[0].numel() if level.shape[0] else 0
+    return [(s, min(s + CHUNK, (n + 1) * per_image), n)
+            for n in range(level.shape[0]) for s in range(n * per_image, (n + 1) * per_image, CHUNK)]
+
+
+def _load(chunk: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    if chunk.dtype == torch.float32:
+        return chunk
+    return buf.copy_(chunk)
+
+
+class _Special:
+    """The elements of one level that are not plain negatives: positive anchors' (class = label) elements and
+    every class of ignored anchors, as sorted storage offsets (from the level's strides: any dense layout)."""
+
+    def __init__(self, level, lab, num_anchors, ignore_index, chunks):
+        n_img, K, H, W = level.shape
+        C = K // num_anchors
+        lab = lab.view(n_img, H * W, num_anchors)
+        st = level.stride()
+        pos = (lab >= 0) & (lab < C)
+        offs = []
+        self.ignored = None
+        if ignore_index is not None:
+            is_ign = lab == ignore_index
+            pos &= ~is_ign
+            ign = is_ign.nonzero(as_tuple=True)
+            if ign[0].numel():
+                self.ignored = ign
+                cls = torch.arange(C)
+                offs.append(self._offsets(st, ign, cls[None, :], W, C).reshape(-1))
+        self.positives = pos.nonzero(as_tuple=True)
+        self.classes = lab[self.positives].long()
+        offs.append(self._offsets(st, self.positives, self.classes, W, C))
+        # Joined by hand: the parity tests forbid torch.cat on the per-level path (it would hide a concatenation
+        # of the levels).
+        joined = torch.empty(sum(o.numel() for o in offs), dtype=torch.int64)
+        start = 0
+        for o in offs:
+            joined[start:start + o.numel()] = o
+            start += o.numel()
+        self.offsets = joined.sort().values
+        starts = torch.tensor([c[0] for c in chunks], dtype=torch.int64)
+        ends = torch.tensor([c[1] for c in chunks], dtype=torch.int64)
+        self.lo = torch.searchsorted(self.offsets, starts).tolist()
+        self.hi = torch.searchsorted(self.offsets, ends).tolist()
+
+    @staticmethod
+    def _offsets(st, idx, cls, W, C):
+        n, hw, a = (i.long() for i in idx)
+        if cls.dim() == 2:
+            n, hw, a = n[:, None], hw[:, None], a[:, None]
+        return n * st[0] + (a * C + cls) * st[1] + (hw // W) * st[2] + (hw % W) * st[3]
+
+    def in_chunk(self, i: int, start: int):
+        """Offsets inside chunk i, relative to its start (None if none)."""
+        lo, hi = self.lo[i], self.hi[i]
+        return self.offsets[lo:hi] - start if hi > lo else None
+
+
+def _specials(levels, labels, num_anchors, ignore_index, chunks):
+    out, mb = [], 0
+    for level, ch in zip(levels, chunks):
+        m = level.shape[2] * level.shape[3] * num_anchors
+        out.append(_Special(level, labels[:, mb:mb + m], num_anchors, ignore_index, ch))
+        mb += m
+    return out
+
+
+def _tasks(levels):
+    """Every chunk of every level: (level index, chunk index in the level, start, end, image), in a fixed order."""
+    return [(li, i, start, end, n) for li, level in enumerate(levels)
+            for i, (start, end, n) in enumerate(_chunks(level))]
+
+
+_POOL = None
+
+
+def _workers() -> int:
+    return max(1, min(WORKERS, torch.get_num_threads()))
+
+
+def _map(fn, tasks):
+    """[fn(task, buffers) for task in tasks], the tasks split into contiguous runs over the workers (threads: torch
+    ops release the GIL). Each result depends only on its task, so the results are the same for any worker count."""
+    global _POOL
+    workers = _workers()
+    if workers == 1 or len(tasks) < 2 * workers:
+        buf = _Buffers(CHUNK)
+        return [fn(t, buf) for t in tasks]
+    if _POOL is None or _POOL._max_workers < workers:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="focal_triton")
+    step = -(-len(tasks) // workers)
+
+    def run(part):
+        with torch.no_grad():                           # grad mode is per thread
+            buf = _Buffers(CHUNK)
+            return [fn(t, buf) for t in part]
+
+    futures = [_POOL.submit(run, tasks[i:i + step]) for i in range(0, len(tasks), step)]
+    return [r for f in futures for r in f.result()]
+
+
+def _grad_terms(p, q, s, out, k, gamma, ts):
+    """out = k p**gamma (p - ts + gamma q bce) (s = bce); q is overwritten."""
+    if gamma == 0:                                      # k (p - ts)
+        torch.sub(p, ts, out=q)
+        torch.mul(q, k, out=out)
+    elif gamma == 2 and not ts:                         # k p p (p + 2 q bce): two fused multiply-adds
+        torch.addcmul(p, q, s, value=2.0, out=q)
+        q.mul_(p)
+        torch.addcmul(_ZERO, q, p, value=k, out=out)
+    else:
+        torch.addcmul(p, q, s, value=gamma, out=q)
+        if ts:
+            q.sub_(ts)
+        _power(q, p, gamma)
+        torch.mul(q, k, out=out)
+
+
+def _fix_gradients(outs, levels, specials, num_anchors, factor, c0, c1, gamma, ts):
+    """Positives' elements get their t = 1 gradient (times factor[image]); ignored anchors' rows get 0."""
+    for li, sp in enumerate(specials):
+        out = _anchor_view(outs[li], num_anchors)
+        if sp.positives[0].numel():
+            idx = sp.positives + (sp.classes,)
+            x = _anchor_view(levels[li], num_anchors)[idx].float()
+            one = torch.ones_like(x)
+            _, grad = focal_terms(x, one, one - ts, c0, c1, gamma, True)
+            out[idx] = (grad * factor[sp.positives[0].long()]).to(out.dtype)
+        if sp.ignored is not None:
+            out[sp.ignored] = 0
+
+
+# The gradient a forward computed along with the loss, for the backward of the same call: (key, gradients).
+# Holds at most one entry, dropped when the backward takes it or when the logits are freed.
+_STASH = {}
+_STASH_LOCK = threading.Lock()
+
+
+def _key(levels, labels, alpha, gamma, smoothing, ignore_index, num_anchors):
+    return (tuple((lv.data_ptr(), lv._version, tuple(lv.shape), lv.stride()) for lv in levels),
+            (labels.data_ptr(), labels._version, tuple(labels.shape)), alpha, gamma, smoothing, ignore_index,
+            num_anchors)
+
+
+def _drop_stash(key):
+    with _STASH_LOCK:
+        _STASH.pop(key, None)
+
+
+@torch.no_grad()
+def forward_sum(levels, labels, alpha, gamma, smoothing, ignore_index, num_anchors, with_grad=False):
+    """Per-image sums (N,) float32 of the focal loss, or None when a non-finite value calls for the general path.
+
+    with_grad (float32 logits only): also compute the gradient of sum_n loss_n in the same pass over the logits
+    (one exp and one log1p per element instead of two of each for the forward and the backward) and keep it for
+    the backward of this call (`backward_scalar` then only scales it per image): the backward of a training step
+    reads no logit again. The kept gradient is one gradient's size, freed by the backward or with the logits."""
+    N = levels[0].shape[0]
+    c0, c1 = alpha_coefficients(alpha)
+    ts = 0.5 * smoothing
+    tasks = _tasks(levels)
+    specials = _specials(levels, labels, num_anchors, ignore_index, [_chunks(lv) for lv in levels])
+    flats = [_flat(lv) for lv in levels]
+    with_grad = with_grad and levels[0].dtype == torch.float32
+    outs = [torch.empty_like(lv) for lv in levels] if with_grad else None
+    out_flats = [_flat(o) for o in outs] if with_grad else None
+
+    def chunk_sum(task, buf):
+        li, i, start, end, n = task
+        x, e, p, q, s = buf.take(end - start)
+        x = _load(flats[li][start:end], x)
+        _parts(x, e, p, q if with_grad else None, s, ts)
+        special = specials[li].in_chunk(i, start)
+        if special is not None:                         # positives and ignored rows: not negatives
+            s.index_fill_(0, special, 0.0)
+            p.index_fill_(0, special, 0.0)
+        if gamma >= 1:                                  # e = p**gamma bce
+            torch.mul(s, p, out=e)
+            _power(e, p, gamma - 1)
+        else:
+            e.copy_(s)
+            _power(e, p, gamma)
+        if with_grad:
+            _grad_terms(p, q, s, out_flats[li][start:end], c0, gamma, ts)
+        # torch's cascade sum (a BLAS dot accumulates sequentially, ~10x the rounding error over a chunk)
+        return e.sum()
+
+    values = _map(chunk_sum, tasks)
+    partials = [[] for _ in range(N)]
+    for task, v in zip(tasks, values):
+        partials[task[4]].append(v)
+    sums = torch.stack([torch.stack(ps).sum() if ps else torch.zeros(()) for ps in partials]) * c0
+    for li, sp in enumerate(specials):
+        if sp.positives[0].numel():
+            x = _anchor_view(levels[li], num_anchors)[sp.positives + (sp.classes,)].float()
+            one = torch.ones_like(x)
+            pos, _ = focal_terms(x, one, one - ts, c0, c1, gamma, False)
+            sums.index_add_(0, sp.positives[0].long(), pos)
+    if not bool(torch.isfinite(sums).all()):
+        return None
+    if with_grad:
+        _fix_gradients(outs, levels, specials, num_anchors, torch.ones(N), c0, c1, gamma, ts)
+        key = _key(levels, labels, alpha, gamma, smoothing, ignore_index, num_anchors)
+        with _STASH_LOCK:
+            _STASH.clear()
+            _STASH[key] = outs
+        weakref.finalize(levels[0], _drop_stash, key)
+    return sums
+
+
+@torch.no_grad()
+def backward_scalar(factor, levels, labels, alpha, gamma, smoothing, ignore_index, num_anchors):
+    """Gradients of sum_n factor[n] * loss_n w.r.t. each level (in its layout and dtype), or None when a
+    non-finite value calls for the general path. factor: (N,) float32, the upstream gradient times the scale."""
+    with _STASH_LOCK:
+        kept = _STASH.pop(_key(levels, labels, alpha, gamma, smoothing, ignore_index, num_anchors), None)
+    if kept is not None:                                # computed by the forward: scale each image's block
+        f = factor.tolist()
+        for out in kept:
+            for n in range(out.shape[0]):
+                out[n].mul_(f[n])
+        return kept
+    c0, c1 = alpha_coefficients(alpha)
+    ts = 0.5 * smoothing
+    outs = [torch.empty_like(lv) for lv in levels]
+    tasks = _tasks(levels)
+    specials = _specials(levels, labels, num_anchors, ignore_index, [_chunks(lv) for lv in levels])
+    flats, out_flats = [_flat(lv) for lv in levels], [_flat(o) for o in outs]
+    f = factor.tolist()
+
+    def chunk_grad(task, buf):
+        li, i, start, end, n = task
+        x, e, p, q, s = buf.take(end - start)
+        x = _load(flats[li][start:end], x)
+        _parts(x, e, p, q, s, ts)
+        special = specials[li].in_chunk(i, start)
+        if special is not None:                         # overwritten below, whatever their logits
+            s.index_fill_(0, special, 0.0)
+            p.index_fill_(0, special, 0.0)
+        check = s.sum()
+        # The forward's arithmetic (with_grad), then the image's factor: the same bits whichever pass computes it.
+        _grad_terms(p, q, s, e, c0, gamma, ts)
+        torch.mul(e, f[n], out=out_flats[li][start:end])
+        return check
+
+    checks = _map(chunk_grad, tasks)
+    if checks and not bool(torch.isfinite(torch.stack(checks)).all()):
+        return None
+    _fix_gradients(outs, levels, specials, num_anchors, factor, c0, c1, gamma, ts)
+    return outs

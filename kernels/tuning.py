@@ -1,0 +1,253 @@
+"""Autotuning of the launch configs per GPU, persisted on disk as plain JSON, so a second process starts tuned.
+
+What is tuned: the dense kernels' (BLOCK, num_warps, num_stages) and the multi-level kernel's
+(BLOCK_HW, BLOCK_C, num_warps, num_stages), one choice per key
+
+    <launcher>|n<size bucket>|C<classes>|L<channels_last mask>|<dtype>|<mode>
+
+(size bucket = the power of two at or above the number of logits: the best config changes with the size class,
+not with every image size). The first launch with a new key on a GPU times every candidate with
+`triton.testing.do_bench` on the real arguments (the launch is repeated: outputs are rewritten, inputs are read)
+and keeps the fastest; `python -m focal_triton.tune` pre-tunes the shapes of common detectors.
+
+Where: `$FOCAL_TRITON_CACHE_DIR` or `~/.cache/focal_triton/`, file `tune-<GPU name>-triton<version>.json`
+(one file per GPU model and triton version; a new triton retunes). Written atomically (temporary file, then
+`os.replace`). A corrupt file is set aside with a warning and retuned; an unwritable directory warns once and keeps
+the tuned configs in memory for the process. Never pickle: the file holds only numbers and strings.
+
+Switches: `FOCAL_TRITON_AUTOTUNE=0` uses the heuristic configs (those documented in launch.py and
+multilevel_focal.py, also what the ahead-of-time report compiles). The interpreter path (TRITON_INTERPRET=1, CPU
+tensors) and CPU tensors never tune: they use their fixed configs.
+
+Determinism: the persistent grid and the per-program partial sums follow from the config, so a tuned config can
+change the summation order of a reduction, and so its last bits, between machines (or after deleting the cache),
+never between runs on one machine with the same cache file.
+"""
+import contextlib
+import functools
+import json
+import os
+import re
+import tempfile
+import threading
+import warnings
+
+import torch
+
+AUTOTUNE_ENV = "FOCAL_TRITON_AUTOTUNE"
+CACHE_DIR_ENV = "FOCAL_TRITON_CACHE_DIR"
+FORMAT_VERSION = 1
+
+# Candidates, as dicts of launch parameters. Dense kernels: elements per tile, warps, stages.
+DENSE_CANDIDATES = [dict(BLOCK=b, num_warps=w, num_stages=s)
+                    for b in (512, 1024, 2048, 4096) for w in (4, 8) for s in (1, 2) if b // (32 * w) >= 4]
+# Multi-level kernel: positions x classes per tile, warps, stages.
+MULTILEVEL_CANDIDATES = [dict(BLOCK_HW=hw, BLOCK_C=c, num_warps=w, num_stages=s)
+                         for hw, c in ((32, 16), (64, 16), (128, 16), (32, 32), (64, 32), (16, 16))
+                         for w in (2, 4, 8) for s in (1, 2) if hw * c // (32 * w) >= 2]
+
+_local = threading.local()
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get(AUTOTUNE_ENV, "1") != "0"
+
+
+def size_bucket(numel: int) -> int:
+    """The power of two at or above numel (at least 1)."""
+    return 1 << max(0, int(numel) - 1).bit_length()
+
+
+def make_key(launcher: str, numel: int, num_classes: int = 0, layout_mask: int = 0, dtype=None, mode="") -> str:
+    dt = str(dtype).replace("torch.", "") if dtype is not None else "-"
+    return f"{launcher}|n{size_bucket(numel)}|C{num_classes}|L{layout_mask}|{dt}|{mode}"
+
+
+def sanitize(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "unknown"
+
+
+def cache_path(device_name: str, triton_version: str = None) -> str:
+    if triton_version is None:
+        import triton
+
+        triton_version = triton.__version__
+    root = os.environ.get(CACHE_DIR_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "focal_triton")
+    return os.path.join(root, f"tune-{sanitize(device_name)}-triton{sanitize(triton_version)}.json")
+
+
+def _valid_entry(v) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, int) and not isinstance(x, bool)
+                                       for k, x in v.items())
+
+
+class TuneCache:
+    """Tuned configs of one GPU model and triton version: a dict key -> config (dict of ints), mirrored to a JSON
+    file. Failures to read or write never raise: they warn once and the cache lives in memory."""
+
+    def __init__(self, path: str, device_name: str = ""):
+        self.path = path
+        self.device_name = device_name
+        self.configs = {}
+        self.persistent = True
+        self._warned = set()
+        self._load()
+
+    def _warn(self, what: str, msg: str):
+        if what not in self._warned:
+            self._warned.add(what)
+            warnings.warn(f"focal_triton tuning cache {self.path}: {msg}", RuntimeWarning, stacklevel=3)
+
+    def _load(self):
+        try:
+            with open(self.path) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            self._warn("read", f"unreadable ({type(e).__name__}: {e}); retuning")
+            return
+        configs = data.get("configs") if isinstance(data, dict) else None
+        if not isinstance(configs, dict) or data.get("format") != FORMAT_VERSION:
+            self._warn("read", "not a focal_triton tuning file of this format; retuning")
+            return
+        self.configs = {k: v for k, v in configs.items() if isinstance(k, str) and _valid_entry(v)}
+
+    def get(self, key: str):
+        return self.configs.get(key)
+
+    def put(self, key: str, config: dict, timings=None):
+        self.configs[key] = {k: int(v) for k, v in config.items()}
+        self.save()
+
+    def save(self):
+        if not self.persistent:
+            return
+        data = {"format": FORMAT_VERSION, "device": self.device_name, "configs": self.configs}
+        try:
+            directory = os.path.dirname(self.path) or "."
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tune-", suffix=".json", dir=directory)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(data, f, indent=1, sort_keys=True)
+                os.replace(tmp, self.path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        except OSError as e:
+            self.persistent = False
+            self._warn("write", f"cannot write ({type(e).__name__}: {e}); tuned configs kept in memory")
+
+
+def tune(candidates, run, timer):
+    """(best config, {index: ms}) of `candidates` by `timer(lambda: run(config))` (milliseconds); a candidate that
+    fails (does not compile, out of resources) is skipped. Returns (None, {}) if every candidate failed."""
+    times = {}
+    for i, cfg in enumerate(candidates):
+        try:
+            times[i] = float(timer(lambda cfg=cfg: run(cfg)))
+        except Exception:  # noqa: BLE001 - an unusable candidate is just not chosen
+            continue
+    if not times:
+        return None, {}
+    best = min(times, key=lambda i: (times[i], i))
+    return dict(candidates[best]), times
+
+
+def _do_bench(fn):
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=5, rep=25)
+
+
+_CACHES = {}
+_TIMER = [_do_bench]
+
+
+def set_timer(timer):
+    """Replace the timing function (tests use a fake one); returns the previous one."""
+    old, _TIMER[0] = _TIMER[0], timer
+    return old
+
+
+def cache_for(device: torch.device) -> TuneCache:
+    name = torch.cuda.get_device_name(device)
+    path = cache_path(name)
+    if path not in _CACHES:
+        _CACHES[path] = TuneCache(path, name)
+    return _CACHES[path]
+
+
+def forced():
+    """The config a launcher must use right now (set while tuning or after a choice), or None."""
+    return getattr(_local, "config", None)
+
+
+@contextlib.contextmanager
+def use(config):
+    prev = getattr(_local, "config", None)
+    _local.config = config
+    try:
+        yield
+    finally:
+        _local.config = prev
+
+
+def choose(device: torch.device, key: str, candidates, run, cache: TuneCache = None):
+    """The config for `key` on `device`: None (the launcher's heuristic) where tuning is off or cannot run (not
+    CUDA, the interpreter, FOCAL_TRITON_AUTOTUNE=0), else the cached or freshly tuned one."""
+    from .launch import interpreter_enabled
+
+    if device.type != "cuda" or interpreter_enabled() or not autotune_enabled():
+        return None
+    cache = cache or cache_for(device)
+    cfg = cache.get(key)
+    if cfg is None and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return None  # timing cannot run inside a CUDA-graph capture: the heuristic (warm up or pre-tune first)
+    if cfg is None:
+        best, _ = tune(candidates, lambda c: _run_with(c, run), _TIMER[0])
+        if best is None:
+            return None
+        cache.put(key, best)
+        cfg = best
+    return cfg
+
+
+def _run_with(config, run):
+    with use(config):
+        return run()
+
+
+def tuned(launcher: str, key_fn, candidates):
+    """Decorator of a launcher: key_fn(*args, **kwargs) -> key; the launcher runs under the chosen config, which
+    its config helpers read with `forced()` (None: the heuristic)."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            if forced() is not None:
+                return fn(*args, **kwargs)
+            device = _device_of(args)
+            if device is None or device.type != "cuda":
+                return fn(*args, **kwargs)
+            cfg = choose(device, key_fn(*args, **kwargs), candidates, lambda: fn(*args, **kwargs))
+            if cfg is None:
+                return fn(*args, **kwargs)
+            with use(cfg):
+                return fn(*args, **kwargs)
+
+        inner.launcher = launcher
+        return inner
+
+    return wrap
+
+
+def _device_of(args):
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device
+        if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
+            return a[0].device
+    return None

@@ -95,12 +95,12 @@ def loss_statistics(per_anchor: torch.Tensor, labels: torch.Tensor, level_anchor
     start = 0
     for size in level_anchors:
         sl = slice(start, start + size)
-        loss, pos, neg = per_anchor[:, sl], positive[:, sl], negative[:, sl]
+        values, pos, neg = per_anchor[:, sl], positive[:, sl], negative[:, sl]
         counts["pos"].append(pos.sum())
         counts["neg"].append(neg.sum())
         counts["ign"].append(ignored[:, sl].sum())
-        counts["lpos"].append(torch.where(pos, loss, 0.0).sum())
-        counts["lneg"].append(torch.where(neg, loss, 0.0).sum())
+        counts["lpos"].append(torch.where(pos, values, 0.0).sum())
+        counts["lneg"].append(torch.where(neg, values, 0.0).sum())
         start += size
     edges = bin_edges(per_anchor.device)
     count_pos, loss_pos = _binned(per_anchor, positive, edges)

@@ -16,9 +16,6 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-if os.environ.get("TRITON_INTERPRET") == "1":  # interpreted kernels would be timed: use the CPU path instead
-    os.environ.setdefault("FOCAL_TRITON_BACKEND", "torch")
-
 import torch  # noqa: E402
 
 import cases as bench_cases  # noqa: E402
@@ -147,6 +144,8 @@ def check_goals(rows, device):
 
 
 def main(argv=None):
+    if os.environ.get("TRITON_INTERPRET") == "1":  # interpreted kernels would be timed: use the CPU path instead
+        os.environ.setdefault("FOCAL_TRITON_BACKEND", "torch")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few small cases (tests, smoke runs)")
     parser.add_argument("--cases", default="", help="only cases whose name contains this")

@@ -14,7 +14,10 @@ def test_readme_has_examples():
 
 
 @pytest.mark.parametrize("index", range(len(EXAMPLES)))
-def test_readme_example_runs(index, capsys):
+def test_readme_example_runs(index, capsys, monkeypatch):
+    """Each example runs as a user runs it on a CPU (its tensors are CPU tensors, on a GPU machine too): on the
+    pure-torch path. The kernels' semantics are checked by the rest of the suite, on the interpreter."""
+    monkeypatch.setenv("FOCAL_TRITON_BACKEND", "torch")
     exec(compile(EXAMPLES[index], f"README.md example {index}", "exec"), {})
     assert capsys.readouterr().out.strip()
 

@@ -14,16 +14,18 @@ anchor's element (class = label) gets its t = 1 value and gradient (the general 
 `torch_path.focal_terms`), and each ignored anchor's row of C classes contributes 0 to the sum and gets a zero
 gradient, whatever its logits.
 
-When float32 logits require grad, the forward computes the gradient in the same pass and keeps it for the
-backward of the same call (keyed on the tensors and their versions; dropped when taken or when the logits are
-freed), which then only scales each image's block by its factor: the same bits as recomputing it.
+When float32 logits require grad, the forward computes the gradient, each image's normalization factor folded
+into its last multiply, in the same pass and keeps it for the backward of the same call (keyed on the tensors and
+their versions, and checked against the factors; dropped when taken or when the logits are freed). With an
+upstream gradient of 1 the backward returns it as it is: the same bits as recomputing it.
 
 Exactness: for finite logits up to 88 the values equal the general path's to float32 rounding. Where a chunk holds
 a non-finite logit (inf, NaN) or one above 88 (exp overflows) at a negative element, the formulas above can differ
 from the general path's limits (inf * 0), so such a call returns None and the caller runs the general path
 (`torch_path_multilevel`): slower, exact semantics. Per-anchor weights, per-class alpha, float64 logits, "none"
 losses and per-element upstream gradients also go to the general path (`applicable`). Sums are added in a fixed
-order (chunks, then levels, then images), whatever the number of worker threads: results repeat.
+order (chunks, then levels, then images), whatever the number of worker threads: results repeat for a given
+number of torch threads (which may split a chunk's sum differently).
 """
 import threading
 import weakref
@@ -32,12 +34,14 @@ import torch
 
 from .torch_path import alpha_coefficients, focal_terms
 
-# Elements per chunk: 5 float32 buffers of 128 KiB stay in the 1 MiB L2 per core of the machine measured here, and
-# a chunk is below torch's grain size (32 Ki elements), so each op runs on its calling thread, with no OpenMP
-# barrier per op (on a busy machine a barrier waits for a time slice, ~10 ms per op). The chunks are spread over
-# WORKERS Python threads instead (torch ops release the GIL), at most torch.get_num_threads().
-CHUNK = 1 << 15
-WORKERS = 2
+# Elements per chunk, and Python worker threads. Measured on the 2-core machine here, idle, one COCO RetinaNet image
+# (16M logits), forward with gradient: 32 Ki-element chunks over 2 Python threads (each op below torch's grain size,
+# so on its calling thread) took 135 ms: ~11 small ops per chunk are dispatch-bound and serialized by the GIL;
+# 512 Ki-element chunks on one thread, each op split over torch's intra-op threads, took 68-75 ms (256 Ki: 72-84,
+# 2 Mi: 93, falling out of cache). On a machine busy with other jobs, intra-op barriers can wait for a time slice:
+# WORKERS > 1 with a smaller CHUNK is the alternative there.
+CHUNK = 1 << 19
+WORKERS = 1
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ZERO = torch.zeros(())
 
@@ -250,13 +254,15 @@ def _drop_stash(key):
 
 
 @torch.no_grad()
-def forward_sum(levels, labels, alpha, gamma, smoothing, ignore_index, num_anchors, with_grad=False):
+def forward_sum(levels, labels, alpha, gamma, smoothing, ignore_index, num_anchors, with_grad=False,
+                grad_scale=None):
     """Per-image sums (N,) float32 of the focal loss, or None when a non-finite value calls for the general path.
 
-    with_grad (float32 logits only): also compute the gradient of sum_n loss_n in the same pass over the logits
-    (one exp and one log1p per element instead of two of each for the forward and the backward) and keep it for
-    the backward of this call (`backward_scalar` then only scales it per image): the backward of a training step
-    reads no logit again. The kept gradient is one gradient's size, freed by the backward or with the logits."""
+    with_grad (float32 logits only): also compute the gradient of sum_n grad_scale[n] loss_n (grad_scale: the (N,)
+    normalization factors, known before the pass; 1 without) in the same pass over the logits (one exp and one
+    log1p per element instead of two of each for the forward and the backward) and keep it for the backward of
+    this call: with the usual upstream gradient 1 the backward then touches no element at all (otherwise one
+    scaling pass). The kept gradient is one gradient's size, freed by the backward or with the logits."""
     N = levels[0].shape[0]
     c0, c1 = alpha_coefficients(alpha)
     ts = 0.5 * smoothing
@@ -264,6 +270,8 @@ def forward_sum(levels, labels, alpha, gamma, smoothing, ignore_index, num_ancho
     specials = _specials(levels, labels, num_anchors, ignore_index, [_chunks(lv) for lv in levels])
     flats = [_flat(lv) for lv in levels]
     with_grad = with_grad and levels[0].dtype == torch.float32
+    grad_scale = torch.ones(N) if grad_scale is None else grad_scale.float()
+    f = grad_scale.tolist()
     outs = [torch.empty_like(lv) for lv in levels] if with_grad else None
     out_flats = [_flat(o) for o in outs] if with_grad else None
 
@@ -282,8 +290,8 @@ def forward_sum(levels, labels, alpha, gamma, smoothing, ignore_index, num_ancho
         else:
             e.copy_(s)
             _power(e, p, gamma)
-        if with_grad:
-            _grad_terms(p, q, s, out_flats[li][start:end], c0, gamma, ts)
+        if with_grad:                                   # the image's factor folded into the last multiply
+            _grad_terms(p, q, s, out_flats[li][start:end], c0 * f[n], gamma, ts)
         # torch's cascade sum (a BLAS dot accumulates sequentially, ~10x the rounding error over a chunk)
         return e.sum()
 
@@ -301,27 +309,28 @@ def forward_sum(levels, labels, alpha, gamma, smoothing, ignore_index, num_ancho
     if not bool(torch.isfinite(sums).all()):
         return None
     if with_grad:
-        _fix_gradients(outs, levels, specials, num_anchors, torch.ones(N), c0, c1, gamma, ts)
+        _fix_gradients(outs, levels, specials, num_anchors, grad_scale, c0, c1, gamma, ts)
         key = _key(levels, labels, alpha, gamma, smoothing, ignore_index, num_anchors)
         with _STASH_LOCK:
             _STASH.clear()
-            _STASH[key] = outs
+            _STASH[key] = (outs, grad_scale.clone())
         weakref.finalize(levels[0], _drop_stash, key)
     return sums
 
 
 @torch.no_grad()
-def backward_scalar(factor, levels, labels, alpha, gamma, smoothing, ignore_index, num_anchors):
-    """Gradients of sum_n factor[n] * loss_n w.r.t. each level (in its layout and dtype), or None when a
-    non-finite value calls for the general path. factor: (N,) float32, the upstream gradient times the scale."""
+def backward_scalar(upstream, scale, levels, labels, alpha, gamma, smoothing, ignore_index, num_anchors):
+    """Gradients of upstream * sum_n scale[n] * loss_n w.r.t. each level (in its layout and dtype), or None when a
+    non-finite value calls for the general path. upstream: the 0-d upstream gradient; scale: (N,) float32."""
     with _STASH_LOCK:
         kept = _STASH.pop(_key(levels, labels, alpha, gamma, smoothing, ignore_index, num_anchors), None)
-    if kept is not None:                                # computed by the forward: scale each image's block
-        f = factor.tolist()
-        for out in kept:
-            for n in range(out.shape[0]):
-                out[n].mul_(f[n])
-        return kept
+    if kept is not None and torch.equal(kept[1], scale.float()):  # computed by the forward, for this scale
+        g0 = float(upstream)
+        if g0 != 1.0:
+            for out in kept[0]:
+                out.mul_(g0)
+        return kept[0]
+    factor = upstream.float() * scale.float()
     c0, c1 = alpha_coefficients(alpha)
     ts = 0.5 * smoothing
     outs = [torch.empty_like(lv) for lv in levels]
@@ -340,9 +349,9 @@ def backward_scalar(factor, levels, labels, alpha, gamma, smoothing, ignore_inde
             s.index_fill_(0, special, 0.0)
             p.index_fill_(0, special, 0.0)
         check = s.sum()
-        # The forward's arithmetic (with_grad), then the image's factor: the same bits whichever pass computes it.
-        _grad_terms(p, q, s, e, c0, gamma, ts)
-        torch.mul(e, f[n], out=out_flats[li][start:end])
+        # The forward's arithmetic (with_grad), the factor folded in the same way: with upstream gradient 1, the
+        # same bits whichever pass computes it.
+        _grad_terms(p, q, s, out_flats[li][start:end], c0 * f[n], gamma, ts)
         return check
 
     checks = _map(chunk_grad, tasks)

@@ -97,11 +97,18 @@ def multilevel_focal_forward(levels, labels, weights, alpha, gamma, smoothing, i
             out_views[li][n, sl] = value
         return outs
     num_images = levels[0].shape[0]
+    if norm_mode == 0:
+        scale = torch.full((num_images,), 1.0 / norm_value, dtype=cdt)
+    elif norm_mode == 1:
+        scale = (1.0 / normalizer.to(cdt)).reshape(1).expand(num_images)
+    else:
+        scale = 1.0 / (normalizer.to(cdt) * num_images)
+    scale = scale.to(labels.device).contiguous()
     per_image = None
     per_anchor = torch.empty(labels.shape, dtype=cdt, device=labels.device) if with_stats else None
     if loss.kind == FL and not with_stats and torch_path_fast.applicable(levels, weights, alpha):  # the common case
         per_image = torch_path_fast.forward_sum(levels, labels, alpha, gamma, smoothing, ignore_index, num_anchors,
-                                                with_grad=any(lv.requires_grad for lv in levels))
+                                                with_grad=any(lv.requires_grad for lv in levels), grad_scale=scale)
     if per_image is None:  # the general path (also where the fast one declines: None)
         sums = [[] for _ in range(num_images)]
         anchor_views = _per_level_anchor_views(per_anchor, levels, num_anchors) if with_stats else None
@@ -113,13 +120,6 @@ def multilevel_focal_forward(levels, labels, weights, alpha, gamma, smoothing, i
                 anchor_views[li][n, sl] = value.sum(-1)
         per_image = torch.stack([torch.stack(s).sum() if s else torch.zeros((), dtype=cdt) for s in sums]) \
             if num_images else torch.zeros(0, dtype=cdt)
-    if norm_mode == 0:
-        scale = torch.full((num_images,), 1.0 / norm_value, dtype=cdt)
-    elif norm_mode == 1:
-        scale = (1.0 / normalizer.to(cdt)).reshape(1).expand(num_images)
-    else:
-        scale = 1.0 / (normalizer.to(cdt) * num_images)
-    scale = scale.to(per_image.device).contiguous()
     total = (per_image * scale).sum() if num_images else torch.zeros((), dtype=cdt)
     return (total, scale, per_anchor) if with_stats else (total, scale)
 
@@ -129,7 +129,7 @@ def multilevel_focal_backward(grads, levels, labels, weights, alpha, gamma, smoo
                               scale=None, loss=LossSpec()):
     cdt = compute_dtype(levels[0].dtype)
     if loss.kind == FL and scale is not None and torch_path_fast.applicable(levels, weights, alpha):
-        outs = torch_path_fast.backward_scalar(grads[0].to(cdt) * scale.to(cdt), levels, labels, alpha, gamma,
+        outs = torch_path_fast.backward_scalar(grads[0].to(cdt), scale.to(cdt), levels, labels, alpha, gamma,
                                                smoothing, ignore_index, num_anchors)
         if outs is not None:
             return outs

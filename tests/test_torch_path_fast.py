@@ -163,3 +163,19 @@ def test_in_place_change_between_forward_and_backward_is_caught(fast):
     assert key not in torch_path_fast._STASH
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         torch.autograd.grad(loss, leaves)
+
+
+def test_kept_gradient_belongs_to_its_normalizer_and_upstream(fast, monkeypatch):
+    """The forward folds its normalizer into the kept gradient: a later forward on the same tensors with another
+    normalizer replaces it, and the first loss's backward must then recompute with its own; an upstream gradient
+    other than 1 scales the kept one."""
+    levels, labels = make_levels(HWS, layout="mix"), make_labels(hws=HWS)
+    leaves = leaves_of(levels)
+    loss3 = focal_triton.multilevel_focal_loss(leaves, labels, 3, normalizer=3.0)
+    loss5 = focal_triton.multilevel_focal_loss(leaves, labels, 3, normalizer=5.0)  # replaces the kept gradient
+    (g3,) = torch.autograd.grad(loss3 * 2.5, leaves[0])
+    (g5,) = torch.autograd.grad(loss5 * 2.5, leaves[0])
+    _, ref3 = general(levels, labels, monkeypatch, normalizer=3.0)
+    _, ref5 = general(levels, labels, monkeypatch, normalizer=5.0)
+    torch.testing.assert_close(g3, 2.5 * ref3[0], rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(g5, 2.5 * ref5[0], rtol=1e-5, atol=1e-8)

@@ -75,6 +75,13 @@ def plot(rows, out_dir: str, slug: str, device_name: str) -> list:
     providers = sorted({r["provider"] for r in rows})
     paths = []
 
+    def save(fig, name, title):
+        fig.suptitle(f"{title} on {device_name}")
+        fig.tight_layout()
+        paths.append(os.path.join(out_dir, f"{name}-{slug}.png"))
+        fig.savefig(paths[-1], dpi=90)
+        plt.close(fig)
+
     def series(rs, provider, dtype, mode, key):
         pts = sorted((r["logits"], r[key]) for r in rs if r["provider"] == provider and r["dtype"] == dtype
                      and r["mode"] == mode and r.get(key) not in ("", None))
@@ -101,11 +108,7 @@ def plot(rows, out_dir: str, slug: str, device_name: str) -> list:
             ax.set_ylabel("ms (median)")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
-    fig.suptitle(f"time vs size on {device_name}")
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, f"time-{slug}.png"))
-    fig.savefig(paths[-1], dpi=90)
-    plt.close(fig)
+    save(fig, "time", "time vs size")
 
     fig, axes = plt.subplots(1, len(dtypes), figsize=(5 * len(dtypes), 4), squeeze=False)
     for j, dt in enumerate(dtypes):
@@ -121,11 +124,7 @@ def plot(rows, out_dir: str, slug: str, device_name: str) -> list:
         ax.set_ylabel("x faster")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"speedup vs size on {device_name}")
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, f"speedup-{slug}.png"))
-    fig.savefig(paths[-1], dpi=90)
-    plt.close(fig)
+    save(fig, "speedup", "speedup vs size")
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     labels = sorted({r["case"] for r in rows if r["family"] != "sweep"}) or sorted({r["case"] for r in rows})
@@ -144,9 +143,5 @@ def plot(rows, out_dir: str, slug: str, device_name: str) -> list:
         ax.set_xticklabels([_short(lab) for lab in labels], fontsize=7)
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=8)
-    fig.suptitle(f"memory and roofline on {device_name}")
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, f"memory-roofline-{slug}.png"))
-    fig.savefig(paths[-1], dpi=90)
-    plt.close(fig)
+    save(fig, "memory-roofline", "memory and roofline")
     return paths

@@ -18,42 +18,48 @@ def compute_dtype(x_dtype):
     return torch.float64 if x_dtype == torch.float64 else torch.float32
 
 
-def focal_terms(x, t, ts, c0, c1, gamma: float, want_grad: bool):
-    """(FL, dFL/dx or None) for chunks already in the compute dtype: t modulates, ts is the BCE target, and
-    alpha_t = c0 + c1 t with c0, c1 numbers or tensors broadcasting against x (see kernels/focal_math.py)."""
+def _sigmoid_parts(x):
+    """(e, p, q, x >= 0): e = exp(-|x|), p = sigmoid(x), q = sigmoid(-x), without cancellation
+    (focal_math.sigmoid_parts)."""
     e = torch.exp(-x.abs())
     r = 1.0 / (1.0 + e)
     er = e * r
     pos = x >= 0
-    p = torch.where(pos, r, er)
-    q = torch.where(pos, er, r)
+    return e, torch.where(pos, r, er), torch.where(pos, er, r), pos
+
+
+def _bce(x, target, e, pos):
+    """BCE(x, target) with the linear part zeroed where its coefficient is exactly 0 (focal_math.bce_with_logits)."""
+    zero = x.new_zeros(())
+    lin = torch.where(pos, torch.where(target == 1, zero, (1.0 - target) * x),
+                      torch.where(target == 0, zero, -target * x))
+    return lin + torch.log1p(e)
+
+
+def _slope(u, m, p, q, gamma: float):
+    """gamma u**(gamma - 1) p q for m = u**gamma, 0 where it is the limit of 0 * inf (focal_math.modulation)."""
+    if gamma == 0:
+        return torch.zeros_like(u)
+    if float(gamma).is_integer():
+        return gamma * u.pow(gamma - 1) * p * q
+    return gamma * m * torch.where(u > 0, p * q / u, u.new_zeros(()))
+
+
+def focal_terms(x, t, ts, c0, c1, gamma: float, want_grad: bool):
+    """(FL, dFL/dx or None) for chunks already in the compute dtype: t modulates, ts is the BCE target, and
+    alpha_t = c0 + c1 t with c0, c1 numbers or tensors broadcasting against x (see kernels/focal_math.py)."""
+    e, p, q, pos = _sigmoid_parts(x)
     u = p * (1.0 - t) + q * t
     zero = x.new_zeros(())
-    lin = torch.where(pos, torch.where(ts == 1, zero, (1.0 - ts) * x), torch.where(ts == 0, zero, -ts * x))
-    ce = lin + torch.log1p(e)
+    ce = _bce(x, ts, e, pos)
     m = u.pow(gamma)
     alpha_t = c0 + c1 * t if (isinstance(c1, torch.Tensor) or c1 != 0.0) else c0  # no chunk-sized ones
     loss = alpha_t * m * ce
     if not want_grad:
         return loss, None
-    if gamma == 0:
-        g = torch.zeros_like(u)
-    elif float(gamma).is_integer():
-        g = gamma * u.pow(gamma - 1) * p * q
-    else:
-        g = gamma * m * torch.where(u > 0, p * q / u, zero)
+    g = _slope(u, m, p, q, gamma)
     grad = alpha_t * (m * (p - ts) + torch.where(g == 0, zero, g * (1.0 - 2.0 * t) * ce))
     return loss, grad
-
-
-def _power_terms(u, p, q, gamma: float):
-    """(u**gamma, gamma u**(gamma - 1) p q), the second 0 where it is the limit of 0 * inf (focal_math.modulation)."""
-    m = u.pow(gamma)
-    if gamma == 0:
-        return m, torch.zeros_like(u)
-    if float(gamma).is_integer():
-        return m, gamma * u.pow(gamma - 1) * p * q
-    return m, gamma * m * torch.where(u > 0, p * q / u, u.new_zeros(()))
 
 
 def family_terms(x, t, ts, c0, c1, gamma: float, beta: float, kind: int, want_grad: bool):
@@ -68,35 +74,28 @@ def family_terms(x, t, ts, c0, c1, gamma: float, beta: float, kind: int, want_gr
         alpha_t = c0 + c1 * t
         loss = alpha_t * (torch.where(z >= 0, zero, -z) + torch.log1p(torch.exp(-z.abs()))) / gamma
         return loss, (-alpha_t * s * torch.sigmoid(-z) if want_grad else None)
-    e = torch.exp(-x.abs())
-    r = 1.0 / (1.0 + e)
-    pos = x >= 0
-    p = torch.where(pos, r, e * r)
-    q = torch.where(pos, e * r, r)
-
-    def bce(target):
-        lin = torch.where(pos, torch.where(target == 1, zero, (1.0 - target) * x),
-                          torch.where(target == 0, zero, -target * x))
-        return lin + torch.log1p(e)
-
+    e, p, q, pos = _sigmoid_parts(x)
     if kind == QFL:
         d = t * q - (1.0 - t) * p  # y - p without cancellation at y = 0, 1
-        ce = bce(t)
-        m, g = _power_terms(d.abs(), p, q, gamma)
+        ce = _bce(x, t, e, pos)
+        u = d.abs()
+        m = u.pow(gamma)
         loss = m * ce
         if not want_grad:
             return loss, None
+        g = _slope(u, m, p, q, gamma)
         gs = torch.where(d < 0, g, -g)
         return loss, m * (-d) + torch.where((g == 0) | (d == 0), zero, gs * ce)
     # VFL
     positive = t > 0
     target = torch.where(t <= 0, zero, t)  # NaN stays NaN
-    ce = bce(target)
-    m, g = _power_terms(p, p, q, gamma)
+    ce = _bce(x, target, e, pos)
+    m = p.pow(gamma)
     w = c0 + c1 * t
     loss = torch.where(positive, w * ce, beta * m * ce)
     if not want_grad:
         return loss, None
+    g = _slope(p, m, p, q, gamma)
     return loss, (torch.where(positive, w, beta * m) * (p - target)
                   + torch.where(positive | (g == 0), zero, beta * g * ce))
 

@@ -45,3 +45,8 @@ def is_broadcast_scalar(t: torch.Tensor) -> bool:
 def flat(t: torch.Tensor) -> torch.Tensor:
     """1-D view of a dense tensor in storage order."""
     return t.as_strided((t.numel(),), (1,))
+
+
+def anchor_view(level: torch.Tensor, num_anchors: int) -> torch.Tensor:
+    """(N, A*C, H, W) -> (N, H*W, A, C) view of the same storage (NCHW or channels_last)."""
+    return level.unflatten(1, (num_anchors, level.shape[1] // num_anchors)).flatten(3).permute(0, 3, 1, 2)

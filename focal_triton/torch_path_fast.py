@@ -32,6 +32,8 @@ import weakref
 
 import torch
 
+from .layout import anchor_view as _anchor_view
+from .layout import flat as _flat
 from .torch_path import alpha_coefficients, focal_terms
 
 # Elements per chunk, and Python worker threads. Measured on the 2-core machine here, idle, one COCO RetinaNet image
@@ -49,15 +51,6 @@ _ZERO = torch.zeros(())
 def applicable(levels, weights, alpha) -> bool:
     """The cases this path covers (the others keep the general path)."""
     return weights is None and not isinstance(alpha, torch.Tensor) and levels[0].dtype in _DTYPES
-
-
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    return t.as_strided((t.numel(),), (1,))
-
-
-def _anchor_view(level: torch.Tensor, num_anchors: int) -> torch.Tensor:
-    """(N, A*C, H, W) -> (N, H*W, A, C) view of the same storage (NCHW or channels_last)."""
-    return level.unflatten(1, (num_anchors, level.shape[1] // num_anchors)).flatten(3).permute(0, 3, 1, 2)
 
 
 class _Buffers:

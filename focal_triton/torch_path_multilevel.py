@@ -8,14 +8,9 @@ are chunk-sized, never logit-sized. Sums are added in a fixed order (chunks, lev
 import torch
 
 from . import torch_path_fast
+from .layout import anchor_view as _anchor_view
 from .kernels.sigmoid_focal import FL, LossSpec, kernel_scalars
 from .torch_path import CHUNK, compute_dtype, family_terms
-
-
-def _anchor_view(level: torch.Tensor, num_anchors: int) -> torch.Tensor:
-    """(N, A*C, H, W) -> (N, H*W, A, C) view of the same storage (NCHW or channels_last)."""
-    n, k, h, w = level.shape
-    return level.unflatten(1, (num_anchors, k // num_anchors)).flatten(3).permute(0, 3, 1, 2)
 
 
 def _per_level_anchor_views(t, levels, num_anchors):

@@ -6,7 +6,9 @@
 FOCAL_TRITON_BACKEND=torch forces the torch path everywhere (a debugging aid); =triton demands the kernels and
 fails loudly where they cannot run; =auto (the default) chooses as above.
 """
+import contextlib
 import os
+import threading
 
 import torch
 
@@ -30,3 +32,17 @@ def select_backend(device: torch.device) -> str:
             "TRITON_INTERPRET=1 before importing triton to interpret them on CPU"
         )
     return "triton" if triton_runs_here else "torch"
+
+
+# Triton's interpreter keeps a launch's grid and program ids in module-level state: two threads launching at once
+# corrupt each other's (seen: "x >= grid_dim[0]" from 2 of 4 threads). Its launches take this lock; compiled
+# kernels and the torch path run concurrently as usual.
+_INTERPRETER_LOCK = threading.RLock()
+
+
+def serialized(device: torch.device):
+    """A context for running an implementation on `device`: the interpreter's lock where the Triton kernels are
+    interpreted (CPU tensors, TRITON_INTERPRET=1), else nothing."""
+    if device.type == "cpu" and select_backend(device) == "triton":
+        return _INTERPRETER_LOCK
+    return contextlib.nullcontext()

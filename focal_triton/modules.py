@@ -4,9 +4,8 @@ from torch import nn
 
 from .functional import quality_focal_loss, sigmoid_focal_loss, sigmoid_focal_loss_star, varifocal_loss
 from .multilevel import focal_loss, multilevel_focal_loss
-from .validation import (check_alpha, check_bool, check_class_index_reduction, check_gamma, check_loss_options,
-                         check_qfl_beta, check_reduction, check_smoothing, check_star_beta, check_star_gamma,
-                         check_vfl_alpha)
+from .validation import (check_alpha, check_bool, check_class_index_options, check_gamma, check_int, check_qfl_beta,
+                         check_reduction, check_star_beta, check_star_gamma, check_vfl_alpha)
 
 
 class SigmoidFocalLoss(nn.Module):
@@ -87,17 +86,18 @@ class FocalLoss(nn.Module):
                  ignore_index=-2, reduction: str = "sum", check_labels: bool = True, loss: str = "fl", beta=None,
                  iou_weighted=None):
         super().__init__()
-        # Checked now (a per-class alpha's length when called); kept as given, so that the loss's defaults apply.
-        check_loss_options(loss, None if isinstance(alpha, torch.Tensor) else alpha, gamma, beta, iou_weighted, 0,
-                           None)
+        # Checked now with the calls' own checks (what needs the logits, a per-class alpha's length, at the call);
+        # kept as given, so that the loss's defaults apply.
+        check_class_index_options(loss, alpha, gamma, beta, iou_weighted, label_smoothing, background, ignore_index,
+                                  reduction, check_labels)
         if isinstance(alpha, torch.Tensor):
             self.register_buffer("alpha", alpha.detach().clone())
         else:
             self.alpha = alpha
         self.gamma, self.beta, self.iou_weighted, self.loss = gamma, beta, iou_weighted, loss
-        self.label_smoothing = check_smoothing(label_smoothing)
+        self.label_smoothing = float(label_smoothing)
         self.background, self.ignore_index = background, ignore_index
-        self.reduction = check_class_index_reduction(reduction)
+        self.reduction = reduction
         self.check_labels = check_labels
 
     def _options(self) -> dict:
@@ -126,7 +126,7 @@ class MultiLevelFocalLoss(FocalLoss):
                  loss: str = "fl", beta=None, iou_weighted=None):
         super().__init__(alpha, gamma, label_smoothing, background, ignore_index, reduction, check_labels, loss, beta,
                          iou_weighted)
-        self.num_anchors = num_anchors
+        self.num_anchors = check_int("num_anchors", num_anchors, 1)
 
     def forward(self, level_logits, labels, weights=None, normalizer=None, scores=None):
         return multilevel_focal_loss(level_logits, labels, self.num_anchors, weights=weights, normalizer=normalizer,

@@ -29,18 +29,13 @@ def _prepare_normalizer(normalizer, num_images, dtype):
     if not isinstance(normalizer, torch.Tensor):
         return None, 1.0 if normalizer is None else float(normalizer)
     t = normalizer
-    if t.dim() == 1 and t.shape[0] == 1 and num_images != 1:
+    # A (1,) tensor for N != 1 images is one number. Compared as "not N" (not "== 1"): a per-image normalizer has
+    # N's own symbolic size under torch.compile, so this needs no guard on N's value (no recompile per batch size).
+    if t.dim() == 1 and not (t.shape[0] == num_images):
         t = t.reshape(())
     if t.dtype not in _NORMALIZER_DTYPES + (dtype,):
         t = t.to(dtype)
     return t.contiguous(), 1.0
-
-
-def _native_layout(level: torch.Tensor) -> torch.Tensor:
-    """The level itself when NCHW-contiguous or channels_last (read in place), else one contiguous copy."""
-    if level.is_contiguous() or level.is_contiguous(memory_format=torch.channels_last):
-        return level
-    return level.contiguous()
 
 
 def multilevel_focal_loss(level_logits, labels, num_anchors, *, alpha=None, gamma=None, weights=None,
@@ -90,7 +85,7 @@ def multilevel_focal_loss(level_logits, labels, num_anchors, *, alpha=None, gamm
     first = level_logits[0]
     num_images, num_classes = first.shape[0], first.shape[1] // num_anchors
     num_anchors_total = sum(x.shape[2] * x.shape[3] for x in level_logits) * num_anchors
-    return _class_index_loss([_native_layout(x) for x in level_logits], labels, num_anchors, num_images,
+    return _class_index_loss(list(level_logits), labels, num_anchors, num_images,
                              num_classes, (num_images, num_anchors_total), "N, sum of H*W*A over levels", alpha,
                              gamma, weights, label_smoothing, background, ignore_index, normalizer, reduction,
                              check_labels, loss_options=(loss, scores, beta, iou_weighted), return_stats=return_stats)
@@ -144,20 +139,10 @@ def _class_index_loss(levels, labels, num_anchors, num_images, num_classes, labe
         V.check_labels_tensor(labels, label_shape, device, label_what)
         V.check_weights(weights, label_shape, device)
         V.check_scores(scores, loss, label_shape, device)
-    kind, alpha, gamma, beta, iou_weighted = V.check_loss_options(loss, alpha, gamma, beta, iou_weighted,
-                                                                  num_classes, device)
-    smoothing = V.check_smoothing(label_smoothing)
-    if smoothing and kind != 0:
-        raise ValueError(f"label_smoothing applies to loss='fl' only, got {smoothing} with loss={loss!r}")
-    V.check_label_values(background, ignore_index, num_classes)
-    reduction = V.check_class_index_reduction(reduction)
+    kind, alpha, gamma, beta, iou_weighted, smoothing, reduction = V.check_class_index_options(
+        loss, alpha, gamma, beta, iou_weighted, label_smoothing, background, ignore_index, reduction, check_labels,
+        return_stats, num_classes, device)
     normalizer = V.check_normalizer(normalizer, num_images, device, reduction)
-    if not isinstance(check_labels, bool):
-        raise TypeError(f"check_labels must be a bool, got {check_labels!r}")
-    if not isinstance(return_stats, bool):
-        raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
-    if return_stats and reduction != "sum":
-        raise ValueError(f"return_stats=True needs reduction='sum', got reduction={reduction!r}")
     if check_labels and labels.numel():
         V.check_label_range(labels, num_classes, background, ignore_index)
 
@@ -173,7 +158,8 @@ def _class_index_loss(levels, labels, num_anchors, num_images, num_classes, labe
     out = multilevel_focal_loss_op(list(levels), labels.contiguous(), weights, alpha_tensor, float(alpha), gamma,
                                    smoothing, 0 if ignore_index is None else int(ignore_index),
                                    ignore_index is not None, num_anchors, norm_tensor, norm_value, reduction,
-                                   autocast_upcast(first), kind, beta, iou_weighted, scores, return_stats)
+                                   autocast_upcast(first), kind, beta, iou_weighted, scores, return_stats,
+                                   torch.is_grad_enabled() and any(lv.requires_grad for lv in levels))
     if return_stats:
         level_anchors = [x.shape[2] * x.shape[3] * num_anchors for x in levels]
         return out[0], loss_statistics(out[2], labels, level_anchors, num_classes, ignore_index, gamma,

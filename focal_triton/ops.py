@@ -15,7 +15,7 @@ the backward recomputes everything else in one pass.
 import torch
 
 from . import torch_path
-from .dispatch import select_backend
+from .dispatch import select_backend, serialized
 from .layout import dense_operands, is_broadcast_scalar, like
 
 
@@ -46,8 +46,9 @@ def sigmoid_focal_loss_op(inputs: torch.Tensor, targets: torch.Tensor, alpha: fl
     x, t = dense_operands(inputs, targets)
     if x.numel() == 0:
         return _empty_result(x, reduction, upcast)
-    return _implementation(x.device).sigmoid_focal_forward(x, t, alpha, gamma, reduction, loss_dtype(x, upcast),
-                                                           loss_kind, beta, iou_weighted)
+    with serialized(x.device):
+        return _implementation(x.device).sigmoid_focal_forward(x, t, alpha, gamma, reduction, loss_dtype(x, upcast),
+                                                               loss_kind, beta, iou_weighted)
 
 
 @sigmoid_focal_loss_op.register_fake
@@ -67,8 +68,9 @@ def sigmoid_focal_loss_backward_op(grad: torch.Tensor, inputs: torch.Tensor, tar
     if reduction == "none":
         # The ones that loss.sum() sends back are an expanded scalar: read its one element instead of copying it.
         grad = grad.as_strided((), ()) if is_broadcast_scalar(grad) else like(x, grad)
-    return _implementation(x.device).sigmoid_focal_backward(grad, x, t, alpha, gamma, reduction, loss_kind, beta,
-                                                            iou_weighted)
+    with serialized(x.device):
+        return _implementation(x.device).sigmoid_focal_backward(grad, x, t, alpha, gamma, reduction, loss_kind, beta,
+                                                                iou_weighted)
 
 
 @sigmoid_focal_loss_backward_op.register_fake

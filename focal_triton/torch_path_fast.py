@@ -14,10 +14,11 @@ anchor's element (class = label) gets its t = 1 value and gradient (the general 
 `torch_path.focal_terms`), and each ignored anchor's row of C classes contributes 0 to the sum and gets a zero
 gradient, whatever its logits.
 
-When float32 logits require grad, the forward computes the gradient, each image's normalization factor folded
-into its last multiply, in the same pass and keeps it for the backward of the same call (keyed on the tensors and
-their versions, and checked against the factors; dropped when taken or when the logits are freed). With an
-upstream gradient of 1 the backward returns it as it is: the same bits as recomputing it.
+When float32 logits require grad (and grad mode is on: the op layer decides, `multilevel_ops`), the forward
+computes the gradient, each image's normalization factor folded into its last multiply, in the same pass and
+returns it beside the loss; the registered op saves it for the backward of that very call, in the autograd graph
+(nothing is kept here). With an upstream gradient of 1 the backward returns it as it is: the same bits as
+recomputing it (`backward_scalar`).
 
 Exactness: for finite logits up to 88 the values equal the general path's to float32 rounding. Where a chunk holds
 a non-finite logit (inf, NaN) or one above 88 (exp overflows) at a negative element, the formulas above can differ
@@ -27,14 +28,11 @@ losses and per-element upstream gradients also go to the general path (`applicab
 order (chunks, then levels, then images), whatever the number of worker threads: results repeat for a given
 number of torch threads (which may split a chunk's sum differently).
 """
-import threading
-import weakref
-
 import torch
 
 from .layout import anchor_view as _anchor_view
 from .layout import flat as _flat
-from .torch_path import alpha_coefficients, focal_terms
+from .torch_path import FL, alpha_coefficients, focal_terms
 
 # Elements per chunk, and Python worker threads. Measured on the 2-core machine here, idle, one COCO RetinaNet image
 # (16M logits), forward with gradient: 32 Ki-element chunks over 2 Python threads (each op below torch's grain size,
@@ -51,6 +49,12 @@ _ZERO = torch.zeros(())
 def applicable(levels, weights, alpha) -> bool:
     """The cases this path covers (the others keep the general path)."""
     return weights is None and not isinstance(alpha, torch.Tensor) and levels[0].dtype in _DTYPES
+
+
+def keeps_gradient(levels, weights, alpha, loss_kind, with_stats) -> bool:
+    """Whether a "sum" forward whose logits need a gradient computes it in its own pass (float32 FL here)."""
+    return (loss_kind == FL and not with_stats and applicable(levels, weights, alpha)
+            and levels[0].dtype == torch.float32)
 
 
 class _Buffers:
@@ -229,33 +233,17 @@ def _fix_gradients(outs, levels, specials, num_anchors, factor, c0, c1, gamma, t
             out[sp.ignored] = 0
 
 
-# The gradient a forward computed along with the loss, for the backward of the same call: (key, gradients).
-# Holds at most one entry, dropped when the backward takes it or when the logits are freed.
-_STASH = {}
-_STASH_LOCK = threading.Lock()
-
-
-def _key(levels, labels, alpha, gamma, smoothing, ignore_index, num_anchors):
-    return (tuple((lv.data_ptr(), lv._version, tuple(lv.shape), lv.stride()) for lv in levels),
-            (labels.data_ptr(), labels._version, tuple(labels.shape)), alpha, gamma, smoothing, ignore_index,
-            num_anchors)
-
-
-def _drop_stash(key):
-    with _STASH_LOCK:
-        _STASH.pop(key, None)
-
-
 @torch.no_grad()
 def forward_sum(levels, labels, alpha, gamma, smoothing, ignore_index, num_anchors, with_grad=False,
                 grad_scale=None):
-    """Per-image sums (N,) float32 of the focal loss, or None when a non-finite value calls for the general path.
+    """(per-image sums (N,) float32 of the focal loss, gradients or None), or None when a non-finite value calls for
+    the general path.
 
     with_grad (float32 logits only): also compute the gradient of sum_n grad_scale[n] loss_n (grad_scale: the (N,)
     normalization factors, known before the pass; 1 without) in the same pass over the logits (one exp and one
-    log1p per element instead of two of each for the forward and the backward) and keep it for the backward of
-    this call: with the usual upstream gradient 1 the backward then touches no element at all (otherwise one
-    scaling pass). The kept gradient is one gradient's size, freed by the backward or with the logits."""
+    log1p per element instead of two of each for the forward and the backward), one tensor per level in its
+    layout; the caller hands it to the backward of this call. Each image's sum is accurate to float32 rounding:
+    chunk sums (torch's cascade sum) and the positives' corrections are added in float64."""
     N = levels[0].shape[0]
     c0, c1 = alpha_coefficients(alpha)
     ts = 0.5 * smoothing
@@ -292,37 +280,26 @@ def forward_sum(levels, labels, alpha, gamma, smoothing, ignore_index, num_ancho
     partials = [[] for _ in range(N)]
     for task, v in zip(tasks, values):
         partials[task[4]].append(v)
-    sums = torch.stack([torch.stack(ps).sum() if ps else torch.zeros(()) for ps in partials]) * c0
+    # float64 from here: a float32 running sum of many positives' terms (index_add_) would drift by ~n eps.
+    sums = torch.stack([torch.stack(ps).double().sum() if ps else torch.zeros((), dtype=torch.float64)
+                        for ps in partials]) * c0
     for li, sp in enumerate(specials):
         if sp.positives[0].numel():
             x = _anchor_view(levels[li], num_anchors)[sp.positives + (sp.classes,)].float()
             one = torch.ones_like(x)
             pos, _ = focal_terms(x, one, one - ts, c0, c1, gamma, False)
-            sums.index_add_(0, sp.positives[0].long(), pos)
+            sums.index_add_(0, sp.positives[0].long(), pos.double())
     if not bool(torch.isfinite(sums).all()):
         return None
     if with_grad:
         _fix_gradients(outs, levels, specials, num_anchors, grad_scale, c0, c1, gamma, ts)
-        key = _key(levels, labels, alpha, gamma, smoothing, ignore_index, num_anchors)
-        with _STASH_LOCK:
-            _STASH.clear()
-            _STASH[key] = (outs, grad_scale.clone())
-        weakref.finalize(levels[0], _drop_stash, key)
-    return sums
+    return sums.float(), outs
 
 
 @torch.no_grad()
 def backward_scalar(upstream, scale, levels, labels, alpha, gamma, smoothing, ignore_index, num_anchors):
     """Gradients of upstream * sum_n scale[n] * loss_n w.r.t. each level (in its layout and dtype), or None when a
     non-finite value calls for the general path. upstream: the 0-d upstream gradient; scale: (N,) float32."""
-    with _STASH_LOCK:
-        kept = _STASH.pop(_key(levels, labels, alpha, gamma, smoothing, ignore_index, num_anchors), None)
-    if kept is not None and torch.equal(kept[1], scale.float()):  # computed by the forward, for this scale
-        g0 = float(upstream)
-        if g0 != 1.0:
-            for out in kept[0]:
-                out.mul_(g0)
-        return kept[0]
     factor = upstream.float() * scale.float()
     c0, c1 = alpha_coefficients(alpha)
     ts = 0.5 * smoothing

@@ -80,7 +80,10 @@ def _chunk_terms(x, lab, w, alpha, gamma, smoothing, ignore_index, want_grad, lo
 @torch.no_grad()
 def multilevel_focal_forward(levels, labels, weights, alpha, gamma, smoothing, ignore_index, num_anchors,
                              reduction, norm_mode=0, normalizer=None, norm_value=1.0, out_dtype=None, loss=LossSpec(),
-                             with_stats=False):
+                             with_stats=False, keep_grad=False):
+    """The kernels' contract (`focal_triton.kernels.multilevel_focal.multilevel_focal_forward`), plus keep_grad
+    ("sum" only): also return the gradient of the loss w.r.t. each level (upstream 1) as a last output, computed in
+    the same pass where the fast path applies (`torch_path_fast.keeps_gradient`), else by the backward's code."""
     cdt = compute_dtype(levels[0].dtype)
     views = [_anchor_view(lv, num_anchors) for lv in levels]
     if reduction == "none":
@@ -99,11 +102,13 @@ def multilevel_focal_forward(levels, labels, weights, alpha, gamma, smoothing, i
     else:
         scale = 1.0 / (normalizer.to(cdt) * num_images)
     scale = scale.to(labels.device).contiguous()
-    per_image = None
+    per_image, kept = None, None
     per_anchor = torch.empty(labels.shape, dtype=cdt, device=labels.device) if with_stats else None
     if loss.kind == FL and not with_stats and torch_path_fast.applicable(levels, weights, alpha):  # the common case
-        per_image = torch_path_fast.forward_sum(levels, labels, alpha, gamma, smoothing, ignore_index, num_anchors,
-                                                with_grad=any(lv.requires_grad for lv in levels), grad_scale=scale)
+        fast = torch_path_fast.forward_sum(levels, labels, alpha, gamma, smoothing, ignore_index, num_anchors,
+                                           with_grad=keep_grad, grad_scale=scale)
+        if fast is not None:
+            per_image, kept = fast
     if per_image is None:  # the general path (also where the fast one declines: None)
         sums = [[] for _ in range(num_images)]
         anchor_views = _per_level_anchor_views(per_anchor, levels, num_anchors) if with_stats else None
@@ -113,10 +118,17 @@ def multilevel_focal_forward(levels, labels, weights, alpha, gamma, smoothing, i
             sums[n].append(value.sum())
             if with_stats:
                 anchor_views[li][n, sl] = value.sum(-1)
-        per_image = torch.stack([torch.stack(s).sum() if s else torch.zeros((), dtype=cdt) for s in sums]) \
-            if num_images else torch.zeros(0, dtype=cdt)
-    total = (per_image * scale).sum() if num_images else torch.zeros((), dtype=cdt)
-    return (total, scale, per_anchor) if with_stats else (total, scale)
+        per_image = torch.stack([torch.stack(s).double().sum() if s else torch.zeros((), dtype=torch.float64)
+                                 for s in sums]) if num_images else torch.zeros(0, dtype=torch.float64)
+    # Images added in float64, in order (a few terms; the chunk sums inside each are float32 cascade sums).
+    total = (per_image.double() * scale.double()).sum().to(cdt)
+    out = (total, scale) + ((per_anchor,) if with_stats else ())
+    if keep_grad:
+        if kept is None:
+            kept = multilevel_focal_backward([torch.ones((), dtype=cdt)], levels, labels, weights, alpha, gamma,
+                                             smoothing, ignore_index, num_anchors, scale=scale, loss=loss)
+        out += (kept,)
+    return out
 
 
 @torch.no_grad()

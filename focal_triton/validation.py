@@ -19,11 +19,21 @@ def check_reduction(reduction) -> str:
 
 
 def _number(name: str, value) -> float:
-    if isinstance(value, torch.Tensor) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"{name} must be a Python number, got {type(value).__name__} (a tensor would have to be read on the host)"
-        )
+    """A Python int or float (not a bool, not a tensor, not a string): the one rule for every number argument."""
+    if isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a Python number, got a tensor (its value would have to be read on the host)")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a Python number (int or float), got {type(value).__name__} {value!r}")
     return float(value)
+
+
+def check_int(name: str, value, minimum=None) -> int:
+    """A Python int (not a bool): the one rule for every integer argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return int(value)
 
 
 def _finite(v: float) -> bool:
@@ -89,10 +99,11 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
-def check_loss_options(loss, alpha, gamma, beta, iou_weighted, num_classes: int, device):
+def check_loss_options(loss, alpha, gamma, beta, iou_weighted, num_classes, device):
     """The class-index forms' loss kind and its options, defaults filled in (LOSS_DEFAULTS): returns
     (kind, alpha (number or per-class tensor), gamma, beta, iou_weighted) with the unused ones set to neutral
-    values. An option the kind does not take must be left at None."""
+    values. An option the kind does not take must be left at None. num_classes / device None (a module being
+    built): a per-class alpha's length and device are checked at the call."""
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {tuple(LOSSES)}, got {loss!r}")
     given = dict(alpha=alpha, gamma=gamma, beta=beta, iou_weighted=iou_weighted)
@@ -171,15 +182,17 @@ def check_smoothing(label_smoothing) -> float:
     return s
 
 
-def check_label_values(background, ignore_index, num_classes: int):
+def check_label_values(background, ignore_index, num_classes=None):
+    """background an int, ignore_index an int or None, both 32-bit, different, and not a class index (num_classes
+    None: a module being built, the classes are checked at the call)."""
     for name, v in (("background", background), ("ignore_index", ignore_index)):
         if v is None and name == "ignore_index":
             continue
-        if isinstance(v, bool) or not isinstance(v, int):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
             raise TypeError(f"{name} must be an int{' or None' if name == 'ignore_index' else ''}, got {v!r}")
         if not (-INT32_MAX - 1 <= v <= INT32_MAX):
             raise ValueError(f"{name} must fit in 32 bits, got {v}")
-        if 0 <= v < num_classes:
+        if num_classes is not None and 0 <= v < num_classes:
             raise ValueError(f"{name} = {v} is a class index (num_classes = {num_classes}): use a value < 0 or >= "
                              f"num_classes")
     if ignore_index is not None and ignore_index == background:
@@ -199,6 +212,9 @@ def check_labels_tensor(labels, shape, device, what: str) -> None:
 
 def check_label_range(labels, num_classes: int, background: int, ignore_index) -> None:
     """Every label is a class, the background value or the ignore value. Reads one bool on the host (a sync)."""
+    if labels.device.type == "meta":
+        raise ValueError("check_labels=True reads the labels' values, which meta tensors do not have: pass "
+                         "check_labels=False")
     ok = ((labels >= 0) & (labels < num_classes)) | (labels == background)
     if ignore_index is not None:
         ok |= labels == ignore_index
@@ -242,17 +258,18 @@ def check_weights(weights, shape, device):
         _per_anchor_tensor("weights", weights, shape, device, " or None")
 
 
-def check_class_alpha(alpha, num_classes: int, device):
-    """A number (as check_alpha) or a (C,) tensor of per-class weights in [0, 1] (values are not read: no sync)."""
+def check_class_alpha(alpha, num_classes, device):
+    """A number (as check_alpha) or a (C,) tensor of per-class weights in [0, 1] (values are not read: no sync).
+    num_classes / device None: only what is known without the logits (a 1-D floating-point tensor)."""
     if not isinstance(alpha, torch.Tensor):
         return check_alpha(alpha)
+    c = "num_classes" if num_classes is None else num_classes
     if not alpha.is_floating_point():
-        raise TypeError(f"alpha must be a number or a floating-point tensor of shape ({num_classes},), "
-                        f"got {alpha.dtype}")
-    if tuple(alpha.shape) != (num_classes,):
-        raise ValueError(f"alpha as a tensor must have shape (num_classes,) = ({num_classes},), "
-                         f"got {tuple(alpha.shape)}")
-    _side_tensor("alpha", alpha, device)
+        raise TypeError(f"alpha must be a number or a floating-point tensor of shape ({c},), got {alpha.dtype}")
+    if alpha.dim() != 1 or (num_classes is not None and alpha.shape[0] != num_classes):
+        raise ValueError(f"alpha as a tensor must have shape (num_classes,) = ({c},), got {tuple(alpha.shape)}")
+    if device is not None:
+        _side_tensor("alpha", alpha, device)
     return alpha
 
 
@@ -283,8 +300,7 @@ def check_level_logits(level_logits, num_anchors):
                         f"got {type(level_logits).__name__}")
     if not (1 <= len(level_logits) <= MAX_LEVELS):
         raise ValueError(f"level_logits must hold 1 to {MAX_LEVELS} levels, got {len(level_logits)}")
-    if isinstance(num_anchors, bool) or not isinstance(num_anchors, int) or num_anchors < 1:
-        raise ValueError(f"num_anchors must be an int >= 1, got {num_anchors!r}")
+    check_int("num_anchors", num_anchors, 1)
     first = level_logits[0]
     for i, x in enumerate(level_logits):
         if not isinstance(x, torch.Tensor):
@@ -305,3 +321,23 @@ def check_level_logits(level_logits, num_anchors):
     if first.shape[1] == 0 or first.shape[1] % num_anchors:
         raise ValueError(f"the channels of level_logits ({first.shape[1]}) must be num_anchors ({num_anchors}) "
                          f"times the number of classes (>= 1)")
+
+
+def check_class_index_options(loss, alpha, gamma, beta, iou_weighted, label_smoothing, background, ignore_index,
+                              reduction, check_labels, return_stats=False, num_classes=None, device=None):
+    """Every option of the class-index forms (focal_loss, multilevel_focal_loss and their modules), checked in one
+    place: at each call, and when a module is built (num_classes / device None: what needs the logits, a
+    per-class alpha's length and the label values' clash with a class index, waits for the call).
+    Returns (kind, alpha, gamma, beta, iou_weighted, smoothing, reduction), defaults filled in."""
+    kind, alpha, gamma, beta, iou_weighted = check_loss_options(loss, alpha, gamma, beta, iou_weighted, num_classes,
+                                                                device)
+    smoothing = check_smoothing(label_smoothing)
+    if smoothing and kind != 0:
+        raise ValueError(f"label_smoothing applies to loss='fl' only, got {smoothing} with loss={loss!r}")
+    check_label_values(background, ignore_index, num_classes)
+    reduction = check_class_index_reduction(reduction)
+    check_bool("check_labels", check_labels)
+    check_bool("return_stats", return_stats)
+    if return_stats and reduction != "sum":
+        raise ValueError(f"return_stats=True needs reduction='sum', got reduction={reduction!r}")
+    return kind, alpha, gamma, beta, iou_weighted, smoothing, reduction

@@ -131,3 +131,40 @@ def test_collect_stats_and_options(monkeypatch, kind):
     with torch.no_grad():
         loss0 = model(images, targets)["classification"]
     assert model.focal_triton.stats.gamma == 0.0 and loss0 > loss
+
+
+@pytest.mark.parametrize("options, error, match", [
+    (dict(gamma=-1.0), ValueError, "gamma"), (dict(alpha=5.0), ValueError, "alpha"),
+    (dict(check_labels="no"), TypeError, "check_labels"), (dict(collect_stats=1), TypeError, "collect_stats"),
+    (dict(gamma=True), TypeError, "gamma")])
+def test_options_checked_when_patching(options, error, match):
+    model = _model("retinanet")
+    with pytest.raises(error, match=match):
+        use_focal_triton(model, **options)
+    assert not hasattr(model, "focal_triton")      # nothing half-patched
+
+
+@pytest.mark.parametrize("kind", ["retinanet", "fcos"])
+def test_patched_model_pickles(monkeypatch, kind):
+    """torch.save(model) and load of a patched model: the loaded one trains like the patched one (losses and every
+    gradient equal) and is still patched. (The torch path: a ResNet-50 is slow on the interpreter.)"""
+    import io
+
+    monkeypatch.setenv("FOCAL_TRITON_BACKEND", "torch")
+    patched = use_focal_triton(_model(kind), gamma=1.5)
+    buffer = io.BytesIO()
+    torch.save(patched, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert loaded.focal_triton.gamma == 1.5
+    images, targets = _batch(torch.device("cpu"))
+    ref_losses, ref_grads = _losses_and_grads(patched, images, copy.deepcopy(targets))
+    losses, grads = _losses_and_grads(loaded, images, copy.deepcopy(targets))
+    assert losses.keys() == ref_losses.keys()
+    for key in losses:
+        assert torch.equal(losses[key], ref_losses[key]), key
+    assert grads.keys() == ref_grads.keys()
+    assert all(torch.equal(grads[k], ref_grads[k]) for k in grads)
+    image_list, _ = loaded.transform(images)
+    features = list(loaded.backbone(image_list.tensors).values())
+    assert isinstance(loaded.head.classification_head(features), LevelLogits)

@@ -349,9 +349,9 @@ def test_opcheck_multilevel_with_scores(backend, device):
     labels = torch.randint(-2, 3, (2, 12), generator=g).to(device)
     scores = torch.rand(2, 12, generator=g).to(device)
     args = (levels, labels, None, None, -1.0, 0.0, 0.0, -2, True, 2, None, 2.0, "sum", False, 2, 1.5, True, scores,
-            False)
+            False, True)
     torch.library.opcheck(multilevel_focal_loss_op, args)
-    torch.library.opcheck(multilevel_focal_loss_op, args[:-1] + (True,))  # with the per-anchor losses (statistics)
+    torch.library.opcheck(multilevel_focal_loss_op, args[:-2] + (True, True))  # with the per-anchor losses (stats)
     bargs = ([torch.randn_like(lv) for lv in levels], [lv.detach() for lv in levels], labels, None, None, -1.0, 0.0,
              0.0, -2, True, 2, None, 2, 1.5, True, scores)
     torch.library.opcheck(multilevel_focal_loss_backward_op, bargs)

@@ -76,10 +76,12 @@ def test_opcheck(backend, device, reduction):
     alpha = torch.rand(3, device=device)
     norm = torch.tensor([2.0, 3.0], device=device) if reduction == "sum" else None
     args = (levels, labels, weights, alpha, 0.0, 2.0, 0.1, -2, True, 2, norm, 1.0, reduction, False, 0, 0.0, True,
-            None, False)
+            None, False, True)
     torch.library.opcheck(multilevel_focal_loss_op, args)
     if reduction == "sum":  # with the per-anchor losses of the statistics
-        torch.library.opcheck(multilevel_focal_loss_op, args[:-1] + (True,))
+        torch.library.opcheck(multilevel_focal_loss_op, args[:-2] + (True, True))
+        # no weights and no per-class alpha, float32: on the torch path the forward also returns the gradients
+        torch.library.opcheck(multilevel_focal_loss_op, (levels, labels, None, None) + args[4:])
     if reduction == "sum":
         scale = torch.tensor([0.25, 1 / 6], device=device)
         bargs = ([torch.tensor(1.5, device=device)], [x.detach() for x in levels], labels, weights, alpha, 0.0, 2.0,

@@ -219,3 +219,68 @@ def test_modules_validate():
     with pytest.raises(TYPE_OR_VALUE, match="num_anchors|level_logits"):
         focal_triton.MultiLevelFocalLoss(5)(levels(), torch.zeros(N, sum(h * w for h, w in HWS) * 5,
                                                                   dtype=torch.int64, device=DEVICE))
+
+
+# ---- errors at construction, one rule for bools and numbers ----------------------------------------------------
+
+BAD_OPTIONS = [
+    (dict(background=True), TypeError, "background"),
+    (dict(background="-1"), TypeError, "background"),
+    (dict(ignore_index=1.5), TypeError, "ignore_index"),
+    (dict(ignore_index=-1, background=-1), ValueError, "ignore_index and background"),
+    (dict(check_labels="yes"), TypeError, "check_labels"),
+    (dict(check_labels=1), TypeError, "check_labels"),
+    (dict(alpha=torch.full((2, 4), 0.25)), ValueError, "alpha"),
+    (dict(alpha=torch.tensor([1, 0])), TypeError, "alpha"),
+    (dict(alpha="0.25"), TypeError, "alpha must be a Python number"),
+    (dict(alpha=True), TypeError, "alpha"),
+    (dict(gamma=True), TypeError, "gamma"),
+    (dict(gamma=-1.0), ValueError, "gamma"),
+    (dict(label_smoothing=False), TypeError, "label_smoothing"),
+    (dict(label_smoothing=1.0), ValueError, "label_smoothing"),
+    (dict(label_smoothing=0.1, loss="fl_star"), ValueError, "label_smoothing"),
+    (dict(reduction="mean"), ValueError, "reduction"),
+    (dict(loss="bce"), ValueError, "loss"),
+    (dict(loss="qfl", gamma=2.0), ValueError, "gamma"),
+    (dict(loss="fl", iou_weighted=True), ValueError, "iou_weighted"),
+    (dict(loss="vfl", iou_weighted=1), TypeError, "iou_weighted"),
+    (dict(loss="fl_star", beta=True), TypeError, "beta"),
+]
+
+
+@pytest.mark.parametrize("options, error, match", BAD_OPTIONS)
+def test_modules_reject_bad_options_when_built(options, error, match):
+    """The modules check their options when built, with the messages of the functions' own checks."""
+    for build in (lambda: focal_triton.FocalLoss(**options), lambda: focal_triton.MultiLevelFocalLoss(A, **options)):
+        with pytest.raises(error, match=match):
+            build()
+    scores = dict(scores=torch.rand(N, M).to(DEVICE)) if options.get("loss") in ("qfl", "vfl") else {}
+    with pytest.raises(error, match=match):   # the function says the same at the call
+        flat(**options, **scores)
+
+
+@pytest.mark.parametrize("num_anchors, error", [(0, ValueError), (-3, ValueError), ("3", TypeError),
+                                                (3.0, TypeError), (True, TypeError)])
+def test_num_anchors_checked_when_built(num_anchors, error):
+    with pytest.raises(error, match="num_anchors"):
+        focal_triton.MultiLevelFocalLoss(num_anchors)
+    with pytest.raises(error, match="num_anchors"):
+        ml(a=num_anchors)
+
+
+def test_what_needs_the_logits_waits_for_the_call():
+    """A per-class alpha's length and a background that clashes with a class are known only from the logits."""
+    loss = focal_triton.FocalLoss(alpha=torch.full((7,), 0.25))
+    with pytest.raises(ValueError, match=r"alpha as a tensor must have shape \(num_classes,\) = \(4,\)"):
+        loss(torch.randn(N, M, C).to(DEVICE), labels())
+    loss = focal_triton.FocalLoss(background=2)
+    with pytest.raises(ValueError, match="background = 2 is a class index"):
+        loss(torch.randn(N, M, C).to(DEVICE), labels())
+
+
+def test_meta_tensors_with_check_labels_name_it():
+    x = torch.randn(N, M, C, device="meta")
+    lb = torch.zeros(N, M, dtype=torch.int64, device="meta")
+    with pytest.raises(ValueError, match="check_labels"):
+        focal_triton.focal_loss(x, lb)
+    assert focal_triton.focal_loss(x, lb, check_labels=False).device.type == "meta"

@@ -1,17 +1,26 @@
 """The fast CPU path of the class-index loss (focal_triton/torch_path_fast.py): every element as a negative over
 raw storage, then positives and ignored anchors fixed up by index. Checked against the float64 reference and the
-general torch path, and checked to have run (not silently fallen back)."""
+general torch path, and checked to have run (not silently fallen back). The gradient its forward computes lives in
+the autograd graph of its own call (focal_triton/multilevel_ops.py): tested for staleness, grad modes, inference
+tensors, lifetime and precision."""
+import gc
+
+import numpy as np
 import pytest
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from reference_multilevel import flatten_levels, focal_loss_ref
 from test_multilevel_focal_loss import HWS, SMALL, check_multilevel, leaves_of, make_labels, make_levels
 
 import focal_triton
-from focal_triton import torch_path_fast
+from focal_triton import multilevel_ops, torch_path_fast
 
 
 @pytest.fixture
 def fast(monkeypatch):
-    """Force the torch path and record whether the fast path produced each result (None = fell back)."""
+    """Force the torch path and record, in order, whether the fast path produced each result (None = fell back):
+    ("forward_sum", ok), ("backward_scalar", ok), and ("kept_gradient", True) where a backward used the gradient
+    its forward computed (no pass over the logits)."""
     monkeypatch.setenv("FOCAL_TRITON_BACKEND", "torch")
     calls = []
     for name in ("forward_sum", "backward_scalar"):
@@ -23,7 +32,13 @@ def fast(monkeypatch):
             return out
 
         monkeypatch.setattr(torch_path_fast, name, spy)
+    real_scaled = multilevel_ops._scaled
+    monkeypatch.setattr(multilevel_ops, "_scaled", lambda *a: calls.append(("kept_gradient", True))
+                        or real_scaled(*a))
     return calls
+
+
+FAST_FP32 = [("forward_sum", True), ("kept_gradient", True)]  # float32: the backward takes the forward's gradient
 
 
 def general(levels, labels, monkeypatch, **kw):
@@ -41,7 +56,7 @@ def general(levels, labels, monkeypatch, **kw):
 def test_matches_reference(fast, layout, gamma):
     check_multilevel(make_levels(HWS, layout=layout), make_labels(hws=HWS), gamma=gamma,
                      normalizer=torch.tensor([3.0, 5.0]))
-    assert ("forward_sum", True) in fast and ("backward_scalar", True) in fast
+    assert fast == FAST_FP32
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -56,7 +71,7 @@ def test_positives_and_ignored_fixups(fast, convention):
     labels = make_labels(p_pos=0.4, p_ign=0.3, convention={-2: "torchvision", -1: "detectron2", None: "mmdet"}[
         convention["ignore_index"]])
     check_multilevel(make_levels(layout="mix", scale=6.0), labels, alpha=0.3, label_smoothing=0.2, **convention)
-    assert fast == [("forward_sum", True), ("backward_scalar", True)]
+    assert fast == FAST_FP32
 
 
 def test_ignored_anchors_with_inf_and_nan_logits_give_exact_zero(fast, monkeypatch):
@@ -71,7 +86,7 @@ def test_ignored_anchors_with_inf_and_nan_logits_give_exact_zero(fast, monkeypat
     leaves = leaves_of(levels)
     loss = focal_triton.multilevel_focal_loss(leaves, labels, 3, label_smoothing=0.1)
     loss.backward()
-    assert fast == [("forward_sum", True), ("backward_scalar", True)]
+    assert fast == FAST_FP32
     ref, ref_grads = general(levels, labels, monkeypatch, label_smoothing=0.1)
     assert torch.isfinite(loss) and loss > 0
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=0)
@@ -93,8 +108,9 @@ def test_non_finite_negatives_fall_back_to_the_general_path(fast, monkeypatch, v
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=0, equal_nan=True)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7, equal_nan=True)
-    # inf, NaN, exp(100) = inf, and -inf with a smoothed target (-ts * x = inf) take the general path
-    assert fast == [("forward_sum", False), ("backward_scalar", False)]
+    # inf, NaN, exp(100) = inf, and -inf with a smoothed target (-ts * x = inf) take the general path; the forward
+    # then computes the gradient it keeps by the general backward (which the fast backward declines too)
+    assert fast == [("forward_sum", False), ("backward_scalar", False), ("kept_gradient", True)]
 
 
 def test_weights_and_per_class_alpha_keep_the_general_path(fast):
@@ -121,46 +137,154 @@ def test_same_bits_for_any_worker_count(monkeypatch):
 
 
 def test_forward_computes_the_gradient_the_backward_scales(fast, monkeypatch):
-    """float32 logits that require grad: the forward keeps the gradient, the backward only scales it (no second
-    pass over the logits); a second backward (retain_graph) recomputes; the same values either way."""
+    """float32 logits that require grad: the forward computes the gradient in its own pass and the backward only
+    scales it (no second pass over the logits), also a second time (retain_graph); the same values either way."""
     levels, labels = make_levels(HWS, layout="mix"), make_labels(hws=HWS)
     passes = []
     real_map = torch_path_fast._map
     monkeypatch.setattr(torch_path_fast, "_map", lambda fn, tasks: passes.append(fn.__name__) or real_map(fn, tasks))
     leaves = leaves_of(levels)
     loss = focal_triton.multilevel_focal_loss(leaves, labels, 3, normalizer=torch.tensor([3.0, 5.0]))
-    assert len(torch_path_fast._STASH) == 1
     (g1,) = torch.autograd.grad(loss, leaves[0], retain_graph=True)
-    assert passes == ["chunk_sum"] and not torch_path_fast._STASH
     (g2,) = torch.autograd.grad(loss * 1.0, leaves[0])
-    assert passes == ["chunk_sum", "chunk_grad"]
-    assert torch.equal(g1, g2)                            # the same bits from either pass
+    assert passes == ["chunk_sum"]
+    assert torch.equal(g1, g2)
+    # the recomputing backward (what 16-bit logits take: no kept gradient) gives the same bits as the kept one
+    monkeypatch.setattr(torch_path_fast, "keeps_gradient", lambda *a: False)
+    loss = focal_triton.multilevel_focal_loss(leaves, labels, 3, normalizer=torch.tensor([3.0, 5.0]))
+    (g3,) = torch.autograd.grad(loss, leaves[0])
+    assert passes == ["chunk_sum", "chunk_sum", "chunk_grad"] and torch.equal(g1, g3)
     ref_loss, ref_grads = general(levels, labels, monkeypatch, normalizer=torch.tensor([3.0, 5.0]))
     torch.testing.assert_close(g1, ref_grads[0], rtol=1e-5, atol=1e-8)
 
 
-def test_no_gradient_kept_without_requires_grad_and_freed_with_the_logits(fast):
-    levels, labels = make_levels(), make_labels()
-    focal_triton.multilevel_focal_loss(levels, labels, 3)
-    assert not torch_path_fast._STASH
+def _head_step(head, features, labels, **kw):
+    """A two-level detection head's loss: (N, A*C, H, W) logits from shared conv weights."""
+    levels = [head(f) for f in features]
+    return focal_triton.multilevel_focal_loss(levels, labels, 3, normalizer=(labels >= 0).sum().clamp(min=1), **kw)
+
+
+def _reference_weight_grad(head, features, labels):
+    """The head's weight gradient through the float64 reference (an independent formula, no focal_triton)."""
+    h64 = torch.nn.Conv2d(8, 15, 3, padding=1).double()
+    h64.load_state_dict({k: v.double() for k, v in head.state_dict().items()})
+    levels = [h64(f.double()) for f in features]
+    x = flatten_levels(levels, 3)
+    loss = focal_loss_ref(x, labels) / (labels >= 0).sum().clamp(min=1)
+    loss.backward()
+    return h64.weight.grad
+
+
+@pytest.mark.parametrize("general_forward", ["return_stats", "large_logit"])
+def test_no_stale_gradient_in_a_training_loop(fast, general_forward):
+    """The hardening issue's row 1: a fast-path forward whose backward never runs (a loss for logging), then a
+    forward on the same first level that takes the general path, with fresh labels: the backward must be that
+    call's. Labels live in numpy memory rewritten in place each step, so the label tensor keeps its address and
+    its version (what a side table keyed on pointers and versions could not tell apart); the logits are a head's
+    output, freed and reallocated each step."""
+    torch.manual_seed(0)
+    head = torch.nn.Conv2d(8, 15, 3, padding=1)
+    features = [torch.randn(2, 8, 5, 3), torch.randn(2, 8, 1, 2)]
+    m = 3 * (15 + 2)
+    buffer = np.full((2, m), -1, dtype=np.int64)
+    labels = torch.from_numpy(buffer)
+    rng = np.random.default_rng(0)
+    for step in range(8):
+        buffer[...] = np.where(rng.random((2, m)) < 0.3, rng.integers(0, 5, (2, m)), -1)
+        _head_step(head, features, labels).detach()            # logged, never backpropagated
+        if general_forward == "large_logit":
+            with torch.no_grad():
+                head.bias[0] += 100.0 if step % 2 == 0 else -100.0  # a logit > 88 at a negative: general path
+        kw = dict(return_stats=True) if general_forward == "return_stats" else {}
+        out = _head_step(head, features, labels, **kw)
+        loss = out[0] if general_forward == "return_stats" else out
+        head.zero_grad()
+        loss.backward()
+        ref = _reference_weight_grad(head, features, labels)
+        torch.testing.assert_close(head.weight.grad.double(), ref, rtol=2e-5, atol=1e-7, msg=f"step {step}")
+    assert ("forward_sum", True) in fast
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_no_gradient_work_without_grad_mode(fast, monkeypatch, mode):
+    """A loss computed under no_grad / inference_mode (a validation loss) on logits that require grad computes
+    and allocates no gradient."""
+    grad_work = []
+    real = torch_path_fast._grad_terms
+    monkeypatch.setattr(torch_path_fast, "_grad_terms", lambda *a: grad_work.append(1) or real(*a))
+    levels, labels = make_levels(HWS, layout="mix"), make_labels(hws=HWS)
     leaves = leaves_of(levels)
+    allocated = []
+    real_empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda t, *a, **k: allocated.append(tuple(t.shape))
+                        or real_empty_like(t, *a, **k))
+    with getattr(torch, mode)():
+        loss = focal_triton.multilevel_focal_loss(leaves, labels, 3)
+    ref = focal_loss_ref(flatten_levels(levels, 3), labels)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=0)
+    assert fast == [("forward_sum", True)] and not grad_work
+    assert not any(shape in allocated for shape in [tuple(x.shape) for x in levels])
+    # the same call with grad mode on does keep the gradient (the spy sees it)
     focal_triton.multilevel_focal_loss(leaves, labels, 3)
-    assert len(torch_path_fast._STASH) == 1
-    del leaves
-    import gc
-
-    gc.collect()
-    assert not torch_path_fast._STASH
+    assert grad_work
 
 
-def test_in_place_change_between_forward_and_backward_is_caught(fast):
-    """The kept gradient is keyed on the tensors' versions; autograd already refuses such a backward."""
+def test_inference_mode_tensors(fast):
+    """float32 logits with requires_grad and labels created inside inference_mode: the loss inside it; and labels
+    made there, used in a training step outside it."""
+    levels, labels = make_levels(HWS, layout="mix"), make_labels(hws=HWS)
+    ref = focal_loss_ref(flatten_levels(levels, 3), labels)
+    with torch.inference_mode():
+        inf_leaves = [x.clone().requires_grad_(True) for x in levels]
+        inf_labels = labels.clone()
+        loss = focal_triton.multilevel_focal_loss(inf_leaves, inf_labels, 3)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=0)
+    leaves = leaves_of(levels)
+    loss = focal_triton.multilevel_focal_loss(leaves, inf_labels, 3)
+    loss.backward()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=0)
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in leaves)
+
+
+def test_kept_gradient_lives_and_dies_with_the_graph(fast, monkeypatch):
+    """The kept gradient is held by the loss's autograd graph only: freed with it (a loss never backpropagated
+    leaves nothing behind), and 10,000 calls leave the number of live objects flat."""
+    kept = []  # weak references to the kept gradients' storages (C++ weak references: Python objects come and go)
+    real = torch_path_fast.forward_sum
+    monkeypatch.setattr(torch_path_fast, "forward_sum", lambda *a, **k: (lambda out: kept.extend(
+        StorageWeakRef(g.untyped_storage()) for g in (out[1] or [])) or out)(real(*a, **k)))
     levels, labels = make_levels(), make_labels()
     leaves = leaves_of(levels)
     loss = focal_triton.multilevel_focal_loss(leaves, labels, 3)
+    assert len(kept) == 2 and not any(r.expired() for r in kept)
+    del loss
+    assert all(r.expired() for r in kept)
+    monkeypatch.undo()
+    monkeypatch.setenv("FOCAL_TRITON_BACKEND", "torch")
+    tiny, tiny_labels = [torch.randn(1, 3, 1, 2, requires_grad=True)], torch.tensor([[1, -1]])
+
+    def calls(n):  # n calls: forwards whose loss is dropped and forward + backward, alternating
+        for i in range(n):
+            loss = focal_triton.multilevel_focal_loss(tiny, tiny_labels, 1)
+            if i % 2:
+                loss.backward()
+
+    calls(50)
+    gc.collect()
+    before = len(gc.get_objects())
+    calls(10_000)
+    gc.collect()
+    assert len(gc.get_objects()) - before < 100
+
+
+def test_in_place_change_between_forward_and_backward_is_caught(fast):
+    """Autograd refuses a backward after the labels changed in place (they are saved by the op)."""
+    levels, labels = make_levels(), make_labels()
+    levels[0] = levels[0].to(torch.bfloat16)  # 16-bit logits: no kept gradient, the backward reads the labels
+    levels[1] = levels[1].to(torch.bfloat16)
+    leaves = leaves_of(levels)
+    loss = focal_triton.multilevel_focal_loss(leaves, labels, 3)
     labels.neg_()
-    key = torch_path_fast._key(leaves, labels, 0.25, 2.0, 0.0, -2, 3)
-    assert key not in torch_path_fast._STASH
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         torch.autograd.grad(loss, leaves)
 
@@ -179,3 +303,19 @@ def test_kept_gradient_belongs_to_its_normalizer_and_upstream(fast, monkeypatch)
     _, ref5 = general(levels, labels, monkeypatch, normalizer=5.0)
     torch.testing.assert_close(g3, 2.5 * ref3[0], rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(g5, 2.5 * ref5[0], rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.05, 0.5, 1.0])
+def test_sum_is_accurate_to_float32_rounding_at_any_share_of_positives(fast, share):
+    """The hardening issue's row 2: 763K float32 logits (A = 9, C = 80, two levels), the total within a few float32
+    roundings of the float64 reference whatever the share of positive anchors (each positive's term is a
+    correction added to its image's sum)."""
+    g = torch.Generator().manual_seed(0)
+    levels = [torch.randn(2, 720, h, w, generator=g) * 2 - 3 for h, w in ((20, 21), (10, 11))]
+    m = 9 * (20 * 21 + 10 * 11)
+    u = torch.rand(2, m, generator=g)
+    labels = torch.where(u < share, torch.randint(0, 80, (2, m), generator=g), torch.full((2, m), -1))
+    loss = focal_triton.multilevel_focal_loss(leaves_of(levels), labels, 9, normalizer=torch.tensor(3.0))
+    ref = focal_loss_ref(flatten_levels(levels, 9), labels) / 3.0
+    assert fast == [("forward_sum", True)]
+    assert abs(loss.double().item() - ref.item()) <= 3e-7 * abs(ref.item())

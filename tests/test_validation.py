@@ -95,3 +95,13 @@ def test_module_checks_at_construction():
         focal_triton.SigmoidFocalLoss(gamma=-1)
     with pytest.raises(ValueError, match="reduction"):
         focal_triton.SigmoidFocalLoss(reduction="avg")
+
+
+@pytest.mark.parametrize("name, value", [("alpha", True), ("gamma", False), ("alpha", "0.25"), ("gamma", None)])
+def test_one_rule_for_numbers(name, value):
+    """A number argument takes a Python int or float: not a bool, a string or None, in the function and when a
+    module is built."""
+    with pytest.raises(TypeError, match=f"{name} must be a Python number"):
+        call(**{name: value})
+    with pytest.raises(TypeError, match=f"{name} must be a Python number"):
+        focal_triton.SigmoidFocalLoss(**{name: value})

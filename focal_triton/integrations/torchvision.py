@@ -13,7 +13,7 @@ the heads run torchvision's own code, so detections are unchanged.
 With collect_stats=True each training forward also keeps the loss statistics of its classification loss (from the
 same kernel pass) in `model.focal_triton.stats` (a `focal_triton.stats.LossStatistics`).
 """
-import types
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -25,6 +25,7 @@ from torchvision.ops import generalized_box_iou_loss
 
 from ..multilevel import multilevel_focal_loss
 from ..stats import LossStatistics
+from ..validation import check_alpha, check_bool, check_gamma
 
 
 @dataclass
@@ -119,14 +120,17 @@ def use_focal_triton(model, *, check_labels: bool = True, alpha: float = 0.25, g
     """
     if not isinstance(model, (RetinaNet, FCOS)):
         raise TypeError(f"model must be a torchvision RetinaNet or FCOS, got {type(model).__name__}")
-    options = FocalTritonOptions(check_labels, alpha, gamma, collect_stats)
+    options = FocalTritonOptions(check_bool("check_labels", check_labels), check_alpha(alpha), check_gamma(gamma),
+                                 check_bool("collect_stats", collect_stats))
     cls_head = model.head.classification_head
-    cls_head.forward = types.MethodType(_level_forward, cls_head)
+    # Instance attributes holding partials of module-level functions (not bound methods): the patched model
+    # pickles (torch.save(model)) and deep-copies, and unpickles wherever focal_triton is importable.
+    cls_head.forward = functools.partial(_level_forward, cls_head)
     if isinstance(model, RetinaNet):
-        cls_head.compute_loss = types.MethodType(_retinanet_cls_loss, cls_head)
+        cls_head.compute_loss = functools.partial(_retinanet_cls_loss, cls_head)
         cls_head.focal_triton = options
     else:
-        model.head.compute_loss = types.MethodType(_fcos_loss, model.head)
+        model.head.compute_loss = functools.partial(_fcos_loss, model.head)
         model.head.focal_triton = options
     model.focal_triton = options
     return model

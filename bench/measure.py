@@ -4,7 +4,8 @@ CUDA: median of `triton.testing.do_bench` (CUDA-graph replay with `do_bench_cuda
 where launch overhead would dominate; plain do_bench if capture fails); peak memory is
 `torch.cuda.max_memory_allocated` after a reset, minus what was allocated before the call (the inputs); the copy
 bandwidth is measured on the device (a 1 GiB device-to-device copy: read + write bytes / time).
-CPU: median wall time of repeated calls (at least `min_reps`, up to ~`budget_s` seconds); peak memory is counted
+CPU: median wall time of repeated calls (at least `min_reps`, up to ~`budget_s` seconds), the providers of a case
+timed in turns (`time_cpu_interleaved`), so that the machine's load drifts equally over all of them; peak memory is counted
 at the torch-op level by a dispatch mode that adds the bytes of every new storage an op returns and subtracts them
 when the storage is freed (the internal scratch of a fused op, such as focal_triton's ~1 MiB of chunk buffers on
 CPU, is not seen); the copy bandwidth is that of a 256 MiB tensor copy.
@@ -45,10 +46,32 @@ def time_cpu(fn, min_reps: int = 3, budget_s: float = 3.0) -> float:
     return statistics.median(times) * 1e3
 
 
+def time_cpu_interleaved(fns, min_reps: int = 5, budget_s: float = 8.0) -> list:
+    """Median milliseconds of each fn in fns, timed in turns (fn0, fn1, ..., fn0, fn1, ...) after one warm-up call
+    each: on a shared machine a slow spell then slows every fn alike, so the ratios between them hold."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    start = time.perf_counter()
+    while len(times[0]) < min_reps or (time.perf_counter() - start < budget_s and len(times[0]) < 50):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) * 1e3 for ts in times]
+
+
 def time_ms(fn, device: torch.device, numel: int, **kw) -> float:
     if device.type == "cuda":
         return time_cuda(fn, numel)
     return time_cpu(fn, **kw)
+
+
+def times_ms(fns, device: torch.device, numel: int) -> list:
+    """Milliseconds of each fn: one after the other on CUDA (do_bench is stable there), interleaved on CPU."""
+    if device.type == "cuda":
+        return [time_cuda(fn, numel) for fn in fns]
+    return time_cpu_interleaved(fns)
 
 
 class PeakBytes(TorchDispatchMode):

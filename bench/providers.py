@@ -16,8 +16,9 @@ import focal_triton
 
 
 def focal_triton_loss(levels, labels, num_anchors):
+    """With the defaults a user passes: check_labels=True (one host sync), the per-image normalizer a tensor."""
     num_fg = (labels >= 0).sum(1).clamp(min=1)
-    return focal_triton.multilevel_focal_loss(levels, labels, num_anchors, normalizer=num_fg, check_labels=False)
+    return focal_triton.multilevel_focal_loss(levels, labels, num_anchors, normalizer=num_fg)
 
 
 def _concat(levels, num_anchors):

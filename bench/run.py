@@ -1,10 +1,11 @@
 """`make bench`: focal_triton against torchvision's eager focal loss (with the permute, cat and one-hot a detector
 needs), torch.compile of that code, and apex when installed, on this machine's GPU, or on its CPU without one.
 
-    python bench/run.py [--quick] [--cases SUBSTRING] [--out bench/results] [--no-compile] [--no-kernel-report]
+    python bench/run.py [--quick] [--cases SUBSTRING] [--out DIR] [--no-compile] [--no-kernel-report]
 
-Writes bench/results/bench-<device>.csv / .json and time-, speedup-, memory-roofline-<device>.png, prints the
-table and the goals (README "Speed") with whether this run met them.
+Writes DIR/bench-<device>.csv / .json and time-, speedup-, memory-roofline-<device>.png (DIR: bench/local/ by
+default, untracked; `make bench-results` writes the committed bench/results/), prints the table and the goals
+(README "Speed") with whether this run met them.
 """
 import argparse
 import datetime
@@ -83,24 +84,27 @@ def chosen_configs(device) -> dict:
 
 
 def run_case(case, provs, device, progress):
+    """One row per provider: the case's inputs, each provider prepared (and compiled) first, then all of them
+    timed (in turns on CPU: `measure.times_ms`), then each one's peak memory."""
     levels, labels = case.inputs(device, requires_grad=case.mode == "fwd+bwd")
-    rows = []
     backward = case.mode == "fwd+bwd"
+    key = (case.family, case.batch, case.image, case.dtype, case.mode)
+    ready = []
     for p in provs:
-        key = (case.family, case.batch, case.image, case.dtype, case.mode)
         try:
             fn = p.prepare(key, levels, labels, case.num_anchors, backward)
-            loss = float(fn().detach())
-            ms = measure.time_ms(fn, device, case.numel)
-            # On CPU the peak is counted by a dispatch mode, under which a compiled graph does not run (it would
-            # count the eager ops): not measured there.
-            for x in levels:  # the gradients of the timed calls would count as memory that was there before
-                x.grad = None
-            peak = None if (p.compile and device.type == "cpu") else measure.peak_extra_bytes(fn, device)
+            ready.append((p, fn, float(fn().detach())))
         except Exception as e:  # noqa: BLE001 - one failing provider (out of memory) must not end the run
             print(f"\n{p.name} failed on {case.name}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
             progress.step(f"{p.name} failed")
-            continue
+    times = measure.times_ms([fn for _, fn, _ in ready], device, case.numel) if ready else []
+    rows = []
+    for (p, fn, loss), ms in zip(ready, times):
+        # On CPU the peak is counted by a dispatch mode, under which a compiled graph does not run (it would
+        # count the eager ops): not measured there.
+        for x in levels:  # the gradients of the timed calls would count as memory that was there before
+            x.grad = None
+        peak = None if (p.compile and device.type == "cpu") else measure.peak_extra_bytes(fn, device)
         must = must_move_bytes(case)
         rows.append(dict(case=case.name, family=case.family, batch=case.batch, image=f"{case.image[0]}x{case.image[1]}",
                          num_anchors=case.num_anchors, num_classes=case.num_classes, dtype=case.dtype,
@@ -149,7 +153,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few small cases (tests, smoke runs)")
     parser.add_argument("--cases", default="", help="only cases whose name contains this")
-    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--out", default=os.path.join(HERE, "local"),
+                        help="where to write (default bench/local/, untracked; bench/results/ holds the committed "
+                             "results: `make bench-results` refreshes them)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile provider")
     parser.add_argument("--no-kernel-report", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")

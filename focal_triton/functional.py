@@ -38,7 +38,8 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float
     alpha = check_alpha(alpha)
     gamma = check_gamma(gamma)
     reduction = check_reduction(reduction)
-    return sigmoid_focal_loss_op(inputs, targets, alpha, gamma, reduction, autocast_upcast(inputs), 0, 0.0, True)
+    return sigmoid_focal_loss_op(inputs, targets, alpha, gamma, reduction, autocast_upcast(inputs), 0, 0.0, True,
+                                 _requires_grad(inputs))[0]
 
 
 def sigmoid_focal_loss_star(inputs: torch.Tensor, targets: torch.Tensor, alpha: float = -1, gamma: float = 1.0,
@@ -62,7 +63,8 @@ def sigmoid_focal_loss_star(inputs: torch.Tensor, targets: torch.Tensor, alpha: 
     gamma = check_star_gamma(gamma)
     beta = check_star_beta(beta)
     reduction = check_reduction(reduction)
-    return sigmoid_focal_loss_op(inputs, targets, alpha, gamma, reduction, autocast_upcast(inputs), 1, beta, True)
+    return sigmoid_focal_loss_op(inputs, targets, alpha, gamma, reduction, autocast_upcast(inputs), 1, beta, True,
+                                 _requires_grad(inputs))[0]
 
 
 def quality_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, beta: float = 2.0,
@@ -87,7 +89,8 @@ def quality_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, beta: float 
     check_logits_and_targets(inputs, targets)
     beta = check_qfl_beta(beta)
     reduction = check_reduction(reduction)
-    return sigmoid_focal_loss_op(inputs, targets, -1.0, 0.0, reduction, autocast_upcast(inputs), 2, beta, True)
+    return sigmoid_focal_loss_op(inputs, targets, -1.0, 0.0, reduction, autocast_upcast(inputs), 2, beta, True,
+                                 _requires_grad(inputs))[0]
 
 
 def varifocal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float = 0.75, gamma: float = 2.0,
@@ -113,7 +116,7 @@ def varifocal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float = 0
     iou_weighted = check_bool("iou_weighted", iou_weighted)
     reduction = check_reduction(reduction)
     return sigmoid_focal_loss_op(inputs, targets, alpha, gamma, reduction, autocast_upcast(inputs), 3, 0.0,
-                                 iou_weighted)
+                                 iou_weighted, _requires_grad(inputs))[0]
 
 
 def autocast_upcast(logits: torch.Tensor) -> bool:
@@ -124,3 +127,9 @@ def autocast_upcast(logits: torch.Tensor) -> bool:
         return torch.is_autocast_enabled(logits.device.type)
     except RuntimeError:  # a device type autocast does not know (meta): no autocast there
         return False
+
+
+def _requires_grad(inputs: torch.Tensor) -> bool:
+    """Whether this call's loss will be differentiated: the caller's grad mode and inputs.requires_grad (the CPU
+    path then computes the gradient in the forward's pass)."""
+    return torch.is_grad_enabled() and inputs.requires_grad

@@ -114,13 +114,21 @@ def _chunks(n: int):
 
 @torch.no_grad()
 def sigmoid_focal_forward(x, t, alpha: float, gamma: float, reduction: str, out_dtype=None, loss_kind: int = FL,
-                          beta: float = 0.0, iou_weighted: bool = True):
+                          beta: float = 0.0, iou_weighted: bool = True, keep_grad: bool = False):
     """Same contract as `focal_triton.kernels.sigmoid_focal_forward`: dense x, t with equal strides, n > 0; the
-    elementwise loss in x's layout for "none", else the 0-d sum / mean in x's dtype."""
+    elementwise loss in x's layout for "none", else the 0-d sum / mean in x's dtype. keep_grad: return
+    (loss, dloss/dx) (upstream 1; computed in the same pass where the fast path applies)."""
+    from . import torch_path_fast
+
     n = x.numel()
     cdt = compute_dtype(x.dtype)
-    x_flat, t_flat = flat(x), flat(t)
     out_dtype = out_dtype or x.dtype
+    if torch_path_fast.dense_applicable(x, loss_kind):
+        fast = torch_path_fast.dense_pass(x, t, alpha, gamma, reduction, out_dtype, True, keep_grad,
+                                          factor=1.0 / n if reduction == "mean" else 1.0)
+        if fast is not None:
+            return fast if keep_grad else fast[0]
+    x_flat, t_flat = flat(x), flat(t)
     out = torch.empty_like(x, dtype=out_dtype) if reduction == "none" else None
     out_flat = flat(out) if out is not None else None
     partials = []
@@ -131,12 +139,15 @@ def sigmoid_focal_forward(x, t, alpha: float, gamma: float, reduction: str, out_
             out_flat[s:e] = loss
         else:
             partials.append(loss.sum())
-    if out is not None:
-        return out
-    total = torch.stack(partials).sum()
-    if reduction == "mean":
-        total = total / n
-    return total.to(out_dtype)
+    if out is None:
+        total = torch.stack(partials).double().sum()
+        if reduction == "mean":
+            total = total / n
+        out = total.to(out_dtype)
+    if keep_grad:
+        return out, sigmoid_focal_backward(torch.ones((), dtype=cdt), x, t, alpha, gamma, reduction, loss_kind,
+                                           beta, iou_weighted)
+    return out
 
 
 @torch.no_grad()
@@ -144,12 +155,20 @@ def sigmoid_focal_backward(grad_out, x, t, alpha: float, gamma: float, reduction
                            beta: float = 0.0, iou_weighted: bool = True):
     """Same contract as `focal_triton.kernels.sigmoid_focal_backward`: grad_out is 0-d (a scalar upstream
     gradient, divided by n for "mean") or dense with x's strides; returns dx in x's layout and dtype."""
+    from . import torch_path_fast
+
     n = x.numel()
     cdt = compute_dtype(x.dtype)
+    scalar = grad_out.dim() == 0
+    if torch_path_fast.dense_applicable(x, loss_kind):
+        factor = float(grad_out) / (n if reduction == "mean" else 1) if scalar else 1.0
+        fast = torch_path_fast.dense_pass(x, t, alpha, gamma, reduction, None, False, True, factor=factor,
+                                          upstream=None if scalar else grad_out)
+        if fast is not None:
+            return fast[1]
     x_flat, t_flat = flat(x), flat(t)
     grad_in = torch.empty_like(x)
     out_flat = flat(grad_in)
-    scalar = grad_out.dim() == 0
     if scalar:
         g0 = grad_out.to(cdt) / n if reduction == "mean" else grad_out.to(cdt)
     else:

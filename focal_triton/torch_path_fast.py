@@ -108,7 +108,23 @@ def _load(chunk: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
     return buf.copy_(chunk)
 
 
-class _Special:
+class _Offsets:
+    """Sorted storage offsets of the elements a pass must not treat as plain negatives, split by chunk."""
+
+    def __init__(self, offsets, chunks):
+        self.offsets = offsets
+        starts = torch.tensor([c[0] for c in chunks], dtype=torch.int64)
+        ends = torch.tensor([c[1] for c in chunks], dtype=torch.int64)
+        self.lo = torch.searchsorted(self.offsets, starts).tolist()
+        self.hi = torch.searchsorted(self.offsets, ends).tolist()
+
+    def in_chunk(self, i: int, start: int):
+        """Offsets inside chunk i, relative to its start (None if none)."""
+        lo, hi = self.lo[i], self.hi[i]
+        return self.offsets[lo:hi] - start if hi > lo else None
+
+
+class _Special(_Offsets):
     """The elements of one level that are not plain negatives: positive anchors' (class = label) elements and
     every class of ignored anchors, as sorted storage offsets (from the level's strides: any dense layout)."""
 
@@ -138,11 +154,7 @@ class _Special:
         for o in offs:
             joined[start:start + o.numel()] = o
             start += o.numel()
-        self.offsets = joined.sort().values
-        starts = torch.tensor([c[0] for c in chunks], dtype=torch.int64)
-        ends = torch.tensor([c[1] for c in chunks], dtype=torch.int64)
-        self.lo = torch.searchsorted(self.offsets, starts).tolist()
-        self.hi = torch.searchsorted(self.offsets, ends).tolist()
+        super().__init__(joined.sort().values, chunks)
 
     @staticmethod
     def _offsets(st, idx, cls, W, C):
@@ -150,11 +162,6 @@ class _Special:
         if cls.dim() == 2:
             n, hw, a = n[:, None], hw[:, None], a[:, None]
         return n * st[0] + (a * C + cls) * st[1] + (hw // W) * st[2] + (hw % W) * st[3]
-
-    def in_chunk(self, i: int, start: int):
-        """Offsets inside chunk i, relative to its start (None if none)."""
-        lo, hi = self.lo[i], self.hi[i]
-        return self.offsets[lo:hi] - start if hi > lo else None
 
 
 def _specials(levels, labels, num_anchors, ignore_index, chunks):
@@ -200,6 +207,16 @@ def _map(fn, tasks):
 
     futures = [_POOL.submit(run, tasks[i:i + step]) for i in range(0, len(tasks), step)]
     return [r for f in futures for r in f.result()]
+
+
+def _negative_loss(e, s, p, gamma):
+    """e = p**gamma bce (s = bce), the loss of a negative before its alpha weight."""
+    if gamma >= 1:
+        torch.mul(s, p, out=e)
+        _power(e, p, gamma - 1)
+    else:
+        e.copy_(s)
+        _power(e, p, gamma)
 
 
 def _grad_terms(p, q, s, out, k, gamma, ts):
@@ -265,12 +282,7 @@ def forward_sum(levels, labels, alpha, gamma, smoothing, ignore_index, num_ancho
         if special is not None:                         # positives and ignored rows: not negatives
             s.index_fill_(0, special, 0.0)
             p.index_fill_(0, special, 0.0)
-        if gamma >= 1:                                  # e = p**gamma bce
-            torch.mul(s, p, out=e)
-            _power(e, p, gamma - 1)
-        else:
-            e.copy_(s)
-            _power(e, p, gamma)
+        _negative_loss(e, s, p, gamma)
         if with_grad:                                   # the image's factor folded into the last multiply
             _grad_terms(p, q, s, out_flats[li][start:end], c0 * f[n], gamma, ts)
         # torch's cascade sum (a BLAS dot accumulates sequentially, ~10x the rounding error over a chunk)
@@ -329,3 +341,77 @@ def backward_scalar(upstream, scale, levels, labels, alpha, gamma, smoothing, ig
         return None
     _fix_gradients(outs, levels, specials, num_anchors, factor, c0, c1, gamma, ts)
     return outs
+
+
+# --- dense targets (sigmoid_focal_loss, FL) ---------------------------------------------------------------------
+# The same idea on a flat range: every element as a negative (t = 0), then the elements whose target is not 0
+# (positives, soft targets, NaN) by the general formula, by index. Dense detector targets are almost all 0.
+
+def dense_applicable(x, loss_kind) -> bool:
+    return loss_kind == FL and x.dtype in _DTYPES
+
+
+def dense_keeps_gradient(x, loss_kind) -> bool:
+    """Whether a dense forward whose logits need a gradient computes it in its own pass (float32 FL here)."""
+    return dense_applicable(x, loss_kind) and x.dtype == torch.float32
+
+
+@torch.no_grad()
+def dense_pass(x, t, alpha, gamma, reduction, out_dtype, want_loss, want_grad, factor=1.0, upstream=None):
+    """(loss or None, gradient or None) of FL on dense x, t with equal strides (n > 0), or None when a negative's
+    logit is non-finite or above 88 (the caller runs the general path).
+
+    loss (want_loss): "none" the elementwise loss in x's layout, else the 0-d sum / mean, in out_dtype.
+    gradient (want_grad), in x's layout and dtype: factor * dloss/dx (factor: the upstream scalar, times 1 / n for
+    "mean"), times the elementwise upstream gradient `upstream` (x's layout) where given."""
+    n = x.numel()
+    c0, c1 = alpha_coefficients(alpha)
+    chunks = [(start, min(start + CHUNK, n), 0) for start in range(0, n, CHUNK)]
+    fx, ft = _flat(x), _flat(t)
+    special = _Offsets(ft.nonzero().squeeze(1), chunks)
+    elementwise = want_loss and reduction == "none"
+    loss = torch.empty_like(x, dtype=out_dtype) if elementwise else None
+    grad = torch.empty_like(x) if want_grad else None
+    fl = _flat(loss) if elementwise else None
+    fg = _flat(grad) if want_grad else None
+    fu = _flat(upstream) if upstream is not None else None
+
+    def chunk_pass(task, buf):
+        i, (start, end, _) = task
+        xb, e, p, q, s = buf.take(end - start)
+        xb = _load(fx[start:end], xb)
+        _parts(xb, e, p, q if want_grad else None, s, 0.0)
+        sp = special.in_chunk(i, start)
+        if sp is not None:                              # fixed up below, whatever their logits
+            s.index_fill_(0, sp, 0.0)
+            p.index_fill_(0, sp, 0.0)
+        if want_loss:
+            _negative_loss(e, s, p, gamma)
+            if elementwise:
+                torch.mul(e, c0, out=fl[start:end])
+            check = e.sum()
+        else:
+            check = s.sum()
+        if want_grad:
+            _grad_terms(p, q, s, fg[start:end], c0 * factor, gamma, 0.0)
+            if fu is not None:
+                fg[start:end].mul_(fu[start:end])
+        return check
+
+    checks = _map(chunk_pass, list(enumerate(chunks)))
+    sums = torch.stack(checks).double()
+    if not bool(torch.isfinite(sums).all()):
+        return None
+    idx = special.offsets
+    xs, ts = fx[idx].float(), ft[idx].float()
+    ls, gs = focal_terms(xs, ts, ts, c0, c1, gamma, want_grad)
+    if want_grad:
+        gs = gs * factor
+        fg[idx] = (gs * fu[idx] if fu is not None else gs).to(fg.dtype)
+    if not want_loss:
+        return None, grad
+    if elementwise:
+        fl[idx] = ls.to(fl.dtype)
+        return loss, grad
+    total = sums.sum() * c0 + ls.double().sum()
+    return (total / n if reduction == "mean" else total).to(out_dtype), grad

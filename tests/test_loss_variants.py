@@ -335,7 +335,7 @@ def test_opcheck_dense(backend, device, kind):
     x, t = make_dense("qfl", shape=(3, 20))
     x.requires_grad_(True)
     ops = torch.ops.focal_triton
-    torch.library.opcheck(ops.sigmoid_focal_loss.default, (x, t, 0.25, 1.5, "none", False, kind, 0.5, True))
+    torch.library.opcheck(ops.sigmoid_focal_loss.default, (x, t, 0.25, 1.5, "none", False, kind, 0.5, True, True))
     torch.library.opcheck(ops.sigmoid_focal_loss_backward.default,
                           (torch.tensor(1.5), x.detach(), t, 0.25, 1.5, "sum", kind, 0.5, False))
 

@@ -20,9 +20,12 @@ def _inputs(shape, device, channels_last=False):
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("gamma", [2.0, 0.5])
-def test_opcheck_forward(backend, device, reduction, channels_last, gamma):
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_opcheck_forward(backend, device, reduction, channels_last, gamma, requires_grad):
+    """requires_grad=True on the torch path: the forward also returns the gradient it computed."""
     x, t = _inputs((2, 3, 5, 7), device, channels_last)
-    torch.library.opcheck(OPS.sigmoid_focal_loss.default, (x, t, 0.25, gamma, reduction, False, 0, 0.0, True))
+    torch.library.opcheck(OPS.sigmoid_focal_loss.default, (x, t, 0.25, gamma, reduction, False, 0, 0.0, True,
+                                                           requires_grad))
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum"])
@@ -30,8 +33,9 @@ def test_opcheck_forward_upcast(backend, device, reduction):
     """upcast (what autocast asks for): a float32 loss from bfloat16 logits, gradients back in bfloat16."""
     x, t = _inputs((4, 33), device)
     x, t = x.detach().to(torch.bfloat16).requires_grad_(True), t.to(torch.bfloat16)
-    torch.library.opcheck(OPS.sigmoid_focal_loss.default, (x, t, 0.25, 2.0, reduction, True, 0, 0.0, True))
-    assert OPS.sigmoid_focal_loss.default(x, t, 0.25, 2.0, reduction, True, 0, 0.0, True).dtype == torch.float32
+    torch.library.opcheck(OPS.sigmoid_focal_loss.default, (x, t, 0.25, 2.0, reduction, True, 0, 0.0, True, True))
+    assert OPS.sigmoid_focal_loss.default(x, t, 0.25, 2.0, reduction, True, 0, 0.0, True, True)[0].dtype == \
+        torch.float32
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
@@ -49,6 +53,6 @@ def test_fake_tensor_shapes_and_layout():
     with FakeTensorMode():
         x = torch.empty(2, 12, 5, 7, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
         t = torch.empty(2, 12, 5, 7, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
-        out = OPS.sigmoid_focal_loss(x, t, 0.25, 2.0, "none", False, 0, 0.0, True)
+        (out,) = OPS.sigmoid_focal_loss(x, t, 0.25, 2.0, "none", False, 0, 0.0, True, False)
         assert out.shape == x.shape and out.dtype == torch.bfloat16 and out.stride() == x.stride()
-        assert OPS.sigmoid_focal_loss(x, t, 0.25, 2.0, "sum", False, 0, 0.0, True).shape == ()
+        assert OPS.sigmoid_focal_loss(x, t, 0.25, 2.0, "sum", False, 0, 0.0, True, False)[0].shape == ()

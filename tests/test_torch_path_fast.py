@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
+from reference import assert_close, focal_grad_ref
+from reference import focal_loss_ref as focal_loss_ref_dense
 from reference_multilevel import flatten_levels, focal_loss_ref
 from test_multilevel_focal_loss import HWS, SMALL, check_multilevel, leaves_of, make_labels, make_levels
 
@@ -38,7 +40,9 @@ def fast(monkeypatch):
     return calls
 
 
-FAST_FP32 = [("forward_sum", True), ("kept_gradient", True)]  # float32: the backward takes the forward's gradient
+FAST_FP32 = [("forward_sum", True), ("kept_gradient", True)]
+# A dense sum or mean of ~19K float32 terms, returned in the logits' dtype: float32 rounding, or one bfloat16 rounding.
+TOL_SUM = {torch.float32: 1e-6, torch.bfloat16: 2**-8}  # float32: the backward takes the forward's gradient
 
 
 def general(levels, labels, monkeypatch, **kw):
@@ -319,3 +323,100 @@ def test_sum_is_accurate_to_float32_rounding_at_any_share_of_positives(fast, sha
     ref = focal_loss_ref(flatten_levels(levels, 9), labels) / 3.0
     assert fast == [("forward_sum", True)]
     assert abs(loss.double().item() - ref.item()) <= 3e-7 * abs(ref.item())
+
+
+# ---- dense targets (sigmoid_focal_loss) ------------------------------------------------------------------------
+
+@pytest.fixture
+def dense_fast(monkeypatch):
+    """Force the torch path with small chunks (many chunks, ragged last one) and record each dense pass:
+    ("forward", ok) / ("backward", ok), and ("kept_gradient", True) where a backward used the forward's gradient."""
+    monkeypatch.setenv("FOCAL_TRITON_BACKEND", "torch")
+    monkeypatch.setattr(torch_path_fast, "CHUNK", 1000)
+    calls = []
+    real = torch_path_fast.dense_pass
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        calls.append(("forward" if a[6] else "backward", out is not None))
+        return out
+
+    monkeypatch.setattr(torch_path_fast, "dense_pass", spy)
+    from focal_triton import ops
+
+    real_kept = ops._kept_times
+    monkeypatch.setattr(ops, "_kept_times", lambda *a: calls.append(("kept_gradient", True)) or real_kept(*a))
+    return calls
+
+
+def _dense_inputs(dtype, soft, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 700, 9, generator=g, dtype=torch.float64) * 4 - 2
+    x.view(-1)[::17] = 30.0                              # saturated negatives and positives
+    t = (torch.rand(x.shape, generator=g) < 0.02).double()
+    if soft:
+        t = torch.where(torch.rand(x.shape, generator=g) < 0.05, torch.rand(x.shape, generator=g, dtype=torch.float64), t)
+    return x.to(dtype), t.to(dtype)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("alpha, gamma", [(0.25, 2.0), (-1, 0.0), (0.5, 0.5), (0.25, 3.0)])
+@pytest.mark.parametrize("soft", [False, True])
+def test_dense_matches_reference(dense_fast, poisoned, reduction, dtype, alpha, gamma, soft):
+    x, t = _dense_inputs(dtype, soft)
+    leaf = x.clone().requires_grad_(True)
+    loss = focal_triton.sigmoid_focal_loss(leaf, t, alpha=alpha, gamma=gamma, reduction=reduction)
+    ref = focal_loss_ref_dense(x, t, alpha, gamma, reduction)
+    if reduction == "none":
+        assert_close(loss, ref, dtype, "loss")
+        upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(loss.dtype)
+    else:
+        torch.testing.assert_close(loss.double(), ref, rtol=TOL_SUM[dtype], atol=0)
+        upstream = torch.tensor(0.75, dtype=loss.dtype)
+    (grad,) = torch.autograd.grad(loss, leaf, upstream)
+    assert_close(grad, focal_grad_ref(x, t, alpha, gamma, reduction, upstream), dtype, "gradient")
+    if dtype == torch.float32:
+        assert dense_fast == [("forward", True), ("kept_gradient", True)]
+    else:
+        assert dense_fast == [("forward", True), ("backward", True)]
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), 100.0])
+def test_dense_non_finite_negatives_fall_back(dense_fast, value):
+    x, t = _dense_inputs(torch.float32, False)
+    x.view(-1)[4] = value
+    t.view(-1)[4] = 0.0
+    leaf = x.clone().requires_grad_(True)
+    loss = focal_triton.sigmoid_focal_loss(leaf, t, reduction="sum")
+    loss.backward()
+    # exp(x) overflows (inf, 100) or is NaN: the general path; -inf is exact on the fast path (p = 0, loss 0)
+    assert dense_fast[0] == ("forward", value == float("-inf"))
+    finite = x.clone()
+    finite.view(-1)[4] = max(min(value, 1e4), -1e4)      # the reference is written for finite logits
+    ref = focal_loss_ref_dense(finite, t, 0.25, 2.0, "sum")
+    if value == value and value != float("inf"):         # -inf and 100 at t = 0: finite limits
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=0)
+        assert torch.isfinite(leaf.grad).all()
+    else:                                                # inf at a negative costs inf; NaN propagates
+        assert not torch.isfinite(loss)
+
+
+def test_dense_kept_gradient_with_loss_sum_is_taken_as_it_is(dense_fast, monkeypatch):
+    """torchvision's usage, reduction="none" then .sum(): the kept gradient is the one returned (no pass at all);
+    .mean() and a weighted sum scale it."""
+    x, t = _dense_inputs(torch.float32, True)
+    kept = []
+    real = torch_path_fast.dense_pass
+    monkeypatch.setattr(torch_path_fast, "dense_pass", lambda *a, **k: (lambda out: kept.append(
+        out[1].data_ptr()) or out)(real(*a, **k)))
+    leaf = x.clone().requires_grad_(True)
+    focal_triton.sigmoid_focal_loss(leaf, t).sum().backward()
+    assert leaf.grad.data_ptr() == kept[0]
+    assert_close(leaf.grad, focal_grad_ref(x, t, 0.25, 2.0, "sum"), torch.float32, "sum")
+    w = torch.rand(x.shape)
+    for upstream, how in ((lambda loss: loss.mean(), "mean"), (lambda loss: (loss * w).sum(), "weighted")):
+        leaf.grad = None
+        upstream(focal_triton.sigmoid_focal_loss(leaf, t)).backward()
+        g = torch.full(x.shape, 1 / x.numel()) if how == "mean" else w
+        assert_close(leaf.grad, focal_grad_ref(x, t, 0.25, 2.0, "none", g), torch.float32, how)

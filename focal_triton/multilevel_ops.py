@@ -150,6 +150,8 @@ def _setup_context(ctx, inputs, output):
      requires_grad) = inputs
     ctx.num_levels = len(levels)
     ctx.reduction = reduction
+    # The outputs other than the loss(es) get no gradient: None, not logit-sized zeros made for them.
+    ctx.set_materialize_grads(False)
     ctx.kept = keeps_gradient(levels, weights, alpha_per_class, reduction, loss_kind, with_stats, requires_grad)
     if ctx.kept:  # the forward computed the gradients: they are all the backward needs
         ctx.save_for_backward(*output[-len(levels):])

@@ -101,6 +101,7 @@ def _setup_context(ctx, inputs, output):
     logits, targets, alpha, gamma, reduction, upcast, loss_kind, beta, iou_weighted, requires_grad = inputs
     ctx.kept = len(output) == 2
     ctx.reduction = reduction
+    ctx.set_materialize_grads(False)  # the kept gradient output gets no gradient: None, not zeros made for it
     if ctx.kept:  # the forward computed the gradient: all the backward needs
         ctx.save_for_backward(output[1])
         return
@@ -126,7 +127,7 @@ def _backward(ctx, grads):
         return (_kept_times(ctx.saved_tensors[0], grad, ctx.reduction),) + (None,) * 9
     logits, targets = ctx.saved_tensors
     grad_logits = None
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[0] and grad is not None:
         grad_logits = sigmoid_focal_loss_backward_op(grad, logits, targets, *ctx.params)
     return (grad_logits,) + (None,) * 9
 

@@ -8,9 +8,9 @@ image, in cache-sized chunks, with a few in-place ops):
     FL_neg = c0 m bce                               c0 = 1 - alpha (1 without alpha)
     dFL_neg/dx = c0 m (p - ts + gamma q bce)
 
-(from E = exp(x): q = 1 / (1 + E), p = E q, bce = log1p(E) - ts x: one exp and one log1p per element), then the
-few other elements are fixed up by index: their storage offsets are excluded from the chunk sums, each positive
-anchor's element (class = label) gets its t = 1 value and gradient (the general formula of
+(torch's sigmoid and softplus, and q = exp(-softplus(x)): two transcendental ops per element, three with the
+gradient), then the few other elements are fixed up by index: their storage offsets are excluded from the chunk
+sums, each positive anchor's element (class = label) gets its t = 1 value and gradient (the general formula of
 `torch_path.focal_terms`), and each ignored anchor's row of C classes contributes 0 to the sum and gets a zero
 gradient, whatever its logits.
 
@@ -20,13 +20,13 @@ returns it beside the loss; the registered op saves it for the backward of that 
 (nothing is kept here). With an upstream gradient of 1 the backward returns it as it is: the same bits as
 recomputing it (`backward_scalar`).
 
-Exactness: for finite logits up to 88 the values equal the general path's to float32 rounding. Where a chunk holds
-a non-finite logit (inf, NaN) or one above 88 (exp overflows) at a negative element, the formulas above can differ
-from the general path's limits (inf * 0), so such a call returns None and the caller runs the general path
-(`torch_path_multilevel`): slower, exact semantics. Per-anchor weights, per-class alpha, float64 logits, "none"
-losses and per-element upstream gradients also go to the general path (`applicable`). Sums are added in a fixed
-order (chunks, then levels, then images), whatever the number of worker threads: results repeat for a given
-number of torch threads (which may split a chunk's sum differently).
+Exactness: for finite logits the values equal the general path's to float32 rounding. Where a chunk holds a
+non-finite logit (inf, NaN) at a negative element, the formulas above can differ from the general path's limits
+(inf * 0), so such a call returns None and the caller runs the general path (`torch_path_multilevel`): slower,
+exact semantics. Per-anchor weights, per-class alpha, float64 logits, "none" losses and per-element upstream
+gradients also go to the general path (`applicable`). Sums are added in a fixed order (chunks, then levels, then
+images), whatever the number of worker threads: results repeat for a given number of torch threads (which may
+split a chunk's sum differently).
 """
 import torch
 
@@ -59,40 +59,40 @@ def keeps_gradient(levels, weights, alpha, loss_kind, with_stats) -> bool:
 
 class _Buffers:
     def __init__(self, n: int):
-        self.all = torch.empty(5, n)
+        self.all = torch.empty(6, n)
 
     def take(self, n: int):
         return tuple(b[:n] for b in self.all)
 
 
-def _parts(x, e, p, q, s, ts):
-    """From one exp and one log1p: p = sigmoid(x), q = sigmoid(-x) (if q is given) and s = BCE(x, ts), in place.
+def _parts(x, p, q, s, ts):
+    """p = sigmoid(x), s = BCE(x, ts) = softplus(x) - ts x and, where q is given, q = sigmoid(-x), in place.
 
-    E = exp(x), q = 1 / (1 + E), p = E q and softplus(x) = log1p(E): accurate to float32 rounding (relative) for
-    every x up to 88, where E overflows: there s = inf, which sends the call to the general path (see above).
-    """
-    torch.exp(x, out=e)
-    torch.log1p(e, out=s)
+    q = exp(-softplus(x)) = 1 / (1 + exp(x)): relative error a few float32 roundings where q matters (softplus(x)
+    of a few units), ~x roundings for large x, where q and its terms vanish beside p. Finite for every finite x
+    (softplus(x) = x above 20): only inf and NaN logits send a call to the general path (see above)."""
+    torch.sigmoid(x, out=p)
+    torch._C._nn.softplus(x, 1.0, 20.0, out=s)
+    if q is not None:
+        torch.neg(s, out=q)
+        torch.exp(q, out=q)
     if ts:
         s.sub_(x, alpha=ts)
-    if q is None:
-        torch.add(e, 1.0, out=p)
-        torch.div(e, p, out=p)
-    else:
-        torch.add(e, 1.0, out=q)
-        torch.reciprocal(q, out=q)
-        torch.mul(e, q, out=p)
 
 
-def _power(dst: torch.Tensor, p: torch.Tensor, gamma: float) -> None:
-    """dst *= p**gamma (in place; repeated multiplication for small integer gamma)."""
+def _power(m: torch.Tensor, p: torch.Tensor, gamma: float):
+    """p**gamma: None for gamma 0, p itself for 1, else written to m (repeated multiplication for integer gamma
+    up to 4, one pow otherwise)."""
     if gamma == 0:
-        return
+        return None
+    if gamma == 1:
+        return p
     if float(gamma).is_integer() and gamma <= 4:
-        for _ in range(int(gamma)):
-            dst.mul_(p)
-    else:
-        dst.mul_(p.pow(gamma))
+        torch.mul(p, p, out=m)
+        for _ in range(int(gamma) - 2):
+            m.mul_(p)
+        return m
+    return torch.pow(p, gamma, out=m)
 
 
 def _chunks(level):
@@ -134,27 +134,48 @@ class _Special(_Offsets):
         lab = lab.view(n_img, H * W, num_anchors)
         st = level.stride()
         pos = (lab >= 0) & (lab < C)
-        offs = []
         self.ignored = None
+        ignored = torch.empty(0, dtype=torch.int64)
         if ignore_index is not None:
             is_ign = lab == ignore_index
             pos &= ~is_ign
-            ign = is_ign.nonzero(as_tuple=True)
-            if ign[0].numel():
-                self.ignored = ign
-                cls = torch.arange(C)
-                offs.append(self._offsets(st, ign, cls[None, :], W, C).reshape(-1))
+            ignored = self._ignored_offsets(level, is_ign, C)
         self.positives = pos.nonzero(as_tuple=True)
         self.classes = lab[self.positives].long()
-        offs.append(self._offsets(st, self.positives, self.classes, W, C))
-        # Joined by hand: the parity tests forbid torch.cat on the per-level path (it would hide a concatenation
-        # of the levels).
-        joined = torch.empty(sum(o.numel() for o in offs), dtype=torch.int64)
-        start = 0
-        for o in offs:
-            joined[start:start + o.numel()] = o
-            start += o.numel()
-        super().__init__(joined.sort().values, chunks)
+        positives = self._offsets(st, self.positives, self.classes, W, C).sort().values  # a few: sorted directly
+        super().__init__(_merge_sorted(ignored, positives), chunks)
+
+    def _ignored_offsets(self, level, is_ign, C):
+        """Sorted offsets of every class of the ignored anchors (sets self.ignored), built in storage order for
+        the two native layouts (a detector may ignore ~1 % of its anchors: C offsets each, too many to sort)."""
+        n_img, K, H, W = level.shape
+        A = K // C
+        HW = H * W
+        cls = torch.arange(C)
+        if level.is_contiguous(memory_format=torch.channels_last) and not level.is_contiguous():
+            # offset = n st0 + hw K + a C + c: nonzero's (n, hw, a) order, then c, is storage order
+            self.ignored = is_ign.nonzero(as_tuple=True)
+            n, hw, a = (i.long() for i in self.ignored)
+            return ((n * level.stride(0) + hw * K + a * C)[:, None] + cls[None, :]).reshape(-1)
+        if level.is_contiguous():
+            # offset = n st0 + (a C + c) HW + hw: storage order is (n, a, c, hw). Anchors in (n, a, hw) order
+            # (nonzero of the (N, A, HW) view) form runs of equal (n, a); a run of G anchors starting at index S
+            # puts its element (anchor S + r, class c) at position C S + c G + r.
+            n, a, hw = (i.long() for i in is_ign.permute(0, 2, 1).nonzero(as_tuple=True))
+            self.ignored = (n, hw, a)
+            if n.numel() == 0:
+                return n
+            _, size = torch.unique_consecutive(n * A + a, return_counts=True)
+            start = torch.cumsum(size, 0) - size
+            run_size = torch.repeat_interleave(size, size)
+            run_start = torch.repeat_interleave(start, size)
+            rank = torch.arange(n.numel()) - run_start
+            where = (C * run_start + rank)[:, None] + cls[None, :] * run_size[:, None]
+            out = torch.empty(n.numel() * C, dtype=torch.int64)
+            out[where.reshape(-1)] = ((n * level.stride(0) + a * C * HW + hw)[:, None] + cls[None, :] * HW).reshape(-1)
+            return out
+        self.ignored = is_ign.nonzero(as_tuple=True)  # another dense layout: offsets from the strides, sorted
+        return self._offsets(level.stride(), self.ignored, cls[None, :], W, C).reshape(-1).sort().values
 
     @staticmethod
     def _offsets(st, idx, cls, W, C):
@@ -162,6 +183,17 @@ class _Special(_Offsets):
         if cls.dim() == 2:
             n, hw, a = n[:, None], hw[:, None], a[:, None]
         return n * st[0] + (a * C + cls) * st[1] + (hw // W) * st[2] + (hw % W) * st[3]
+
+
+def _merge_sorted(a, b):
+    """The sorted union of two sorted int64 tensors with no common element (each element's place: its index plus
+    the number of elements of the other tensor below it)."""
+    if a.numel() == 0 or b.numel() == 0:
+        return b if a.numel() == 0 else a
+    out = torch.empty(a.numel() + b.numel(), dtype=torch.int64)
+    out[torch.arange(a.numel()) + torch.searchsorted(b, a)] = a
+    out[torch.arange(b.numel()) + torch.searchsorted(a, b)] = b
+    return out
 
 
 def _specials(levels, labels, num_anchors, ignore_index, chunks):
@@ -209,31 +241,23 @@ def _map(fn, tasks):
     return [r for f in futures for r in f.result()]
 
 
-def _negative_loss(e, s, p, gamma):
-    """e = p**gamma bce (s = bce), the loss of a negative before its alpha weight."""
-    if gamma >= 1:
-        torch.mul(s, p, out=e)
-        _power(e, p, gamma - 1)
-    else:
-        e.copy_(s)
-        _power(e, p, gamma)
+def _negative_loss(e, s, m):
+    """The negatives' loss before its alpha weight, m bce (s = bce, m = p**gamma or None for 1): e, or s itself."""
+    if m is None:
+        return s
+    return torch.mul(s, m, out=e)
 
 
-def _grad_terms(p, q, s, out, k, gamma, ts):
-    """out = k p**gamma (p - ts + gamma q bce) (s = bce); q is overwritten."""
-    if gamma == 0:                                      # k (p - ts)
+def _grad_terms(p, q, s, m, out, k, gamma, ts):
+    """out = k m (p - ts + gamma q bce) (s = bce, m = p**gamma or None for 1); q is overwritten."""
+    if gamma == 0:
         torch.sub(p, ts, out=q)
         torch.mul(q, k, out=out)
-    elif gamma == 2 and not ts:                         # k p p (p + 2 q bce): two fused multiply-adds
-        torch.addcmul(p, q, s, value=2.0, out=q)
-        q.mul_(p)
-        torch.addcmul(_ZERO, q, p, value=k, out=out)
-    else:
-        torch.addcmul(p, q, s, value=gamma, out=q)
-        if ts:
-            q.sub_(ts)
-        _power(q, p, gamma)
-        torch.mul(q, k, out=out)
+        return
+    torch.addcmul(p, q, s, value=gamma, out=q)
+    if ts:
+        q.sub_(ts)
+    torch.addcmul(_ZERO, q, m, value=k, out=out)
 
 
 def _fix_gradients(outs, levels, specials, num_anchors, factor, c0, c1, gamma, ts):
@@ -275,18 +299,19 @@ def forward_sum(levels, labels, alpha, gamma, smoothing, ignore_index, num_ancho
 
     def chunk_sum(task, buf):
         li, i, start, end, n = task
-        x, e, p, q, s = buf.take(end - start)
+        x, m, e, p, q, s = buf.take(end - start)
         x = _load(flats[li][start:end], x)
-        _parts(x, e, p, q if with_grad else None, s, ts)
+        _parts(x, p, q if with_grad else None, s, ts)
         special = specials[li].in_chunk(i, start)
         if special is not None:                         # positives and ignored rows: not negatives
             s.index_fill_(0, special, 0.0)
             p.index_fill_(0, special, 0.0)
-        _negative_loss(e, s, p, gamma)
+        m = _power(m, p, gamma)
+        loss = _negative_loss(e, s, m)
         if with_grad:                                   # the image's factor folded into the last multiply
-            _grad_terms(p, q, s, out_flats[li][start:end], c0 * f[n], gamma, ts)
+            _grad_terms(p, q, s, m, out_flats[li][start:end], c0 * f[n], gamma, ts)
         # torch's cascade sum (a BLAS dot accumulates sequentially, ~10x the rounding error over a chunk)
-        return e.sum()
+        return loss.sum()
 
     values = _map(chunk_sum, tasks)
     partials = [[] for _ in range(N)]
@@ -323,9 +348,9 @@ def backward_scalar(upstream, scale, levels, labels, alpha, gamma, smoothing, ig
 
     def chunk_grad(task, buf):
         li, i, start, end, n = task
-        x, e, p, q, s = buf.take(end - start)
+        x, m, e, p, q, s = buf.take(end - start)
         x = _load(flats[li][start:end], x)
-        _parts(x, e, p, q, s, ts)
+        _parts(x, p, q, s, ts)
         special = specials[li].in_chunk(i, start)
         if special is not None:                         # overwritten below, whatever their logits
             s.index_fill_(0, special, 0.0)
@@ -333,7 +358,7 @@ def backward_scalar(upstream, scale, levels, labels, alpha, gamma, smoothing, ig
         check = s.sum()
         # The forward's arithmetic (with_grad), the factor folded in the same way: with upstream gradient 1, the
         # same bits whichever pass computes it.
-        _grad_terms(p, q, s, out_flats[li][start:end], c0 * f[n], gamma, ts)
+        _grad_terms(p, q, s, _power(m, p, gamma), out_flats[li][start:end], c0 * f[n], gamma, ts)
         return check
 
     checks = _map(chunk_grad, tasks)
@@ -378,22 +403,23 @@ def dense_pass(x, t, alpha, gamma, reduction, out_dtype, want_loss, want_grad, f
 
     def chunk_pass(task, buf):
         i, (start, end, _) = task
-        xb, e, p, q, s = buf.take(end - start)
+        xb, m, e, p, q, s = buf.take(end - start)
         xb = _load(fx[start:end], xb)
-        _parts(xb, e, p, q if want_grad else None, s, 0.0)
+        _parts(xb, p, q if want_grad else None, s, 0.0)
         sp = special.in_chunk(i, start)
         if sp is not None:                              # fixed up below, whatever their logits
             s.index_fill_(0, sp, 0.0)
             p.index_fill_(0, sp, 0.0)
+        m = _power(m, p, gamma)
         if want_loss:
-            _negative_loss(e, s, p, gamma)
+            loss_chunk = _negative_loss(e, s, m)
             if elementwise:
-                torch.mul(e, c0, out=fl[start:end])
-            check = e.sum()
+                torch.mul(loss_chunk, c0, out=fl[start:end])
+            check = loss_chunk.sum()
         else:
             check = s.sum()
         if want_grad:
-            _grad_terms(p, q, s, fg[start:end], c0 * factor, gamma, 0.0)
+            _grad_terms(p, q, s, m, fg[start:end], c0 * factor, gamma, 0.0)
             if fu is not None:
                 fg[start:end].mul_(fu[start:end])
         return check

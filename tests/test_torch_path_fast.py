@@ -112,9 +112,13 @@ def test_non_finite_negatives_fall_back_to_the_general_path(fast, monkeypatch, v
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=0, equal_nan=True)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7, equal_nan=True)
-    # inf, NaN, exp(100) = inf, and -inf with a smoothed target (-ts * x = inf) take the general path; the forward
-    # then computes the gradient it keeps by the general backward (which the fast backward declines too)
-    assert fast == [("forward_sum", False), ("backward_scalar", False), ("kept_gradient", True)]
+    # inf, NaN, and -inf with a smoothed target (-ts * x = inf) take the general path; the forward then computes
+    # the gradient it keeps by the general backward (which the fast backward declines too). A large finite logit
+    # (100: softplus(x) = x, q = 0) stays on the fast path, with the values above.
+    if value == 100.0:
+        assert fast == FAST_FP32
+    else:
+        assert fast == [("forward_sum", False), ("backward_scalar", False), ("kept_gradient", True)]
 
 
 def test_weights_and_per_class_alpha_keep_the_general_path(fast):
@@ -179,7 +183,7 @@ def _reference_weight_grad(head, features, labels):
     return h64.weight.grad
 
 
-@pytest.mark.parametrize("general_forward", ["return_stats", "large_logit"])
+@pytest.mark.parametrize("general_forward", ["return_stats", "weights"])
 def test_no_stale_gradient_in_a_training_loop(fast, general_forward):
     """The hardening issue's row 1: a fast-path forward whose backward never runs (a loss for logging), then a
     forward on the same first level that takes the general path, with fresh labels: the backward must be that
@@ -196,10 +200,7 @@ def test_no_stale_gradient_in_a_training_loop(fast, general_forward):
     for step in range(8):
         buffer[...] = np.where(rng.random((2, m)) < 0.3, rng.integers(0, 5, (2, m)), -1)
         _head_step(head, features, labels).detach()            # logged, never backpropagated
-        if general_forward == "large_logit":
-            with torch.no_grad():
-                head.bias[0] += 100.0 if step % 2 == 0 else -100.0  # a logit > 88 at a negative: general path
-        kw = dict(return_stats=True) if general_forward == "return_stats" else {}
+        kw = dict(return_stats=True) if general_forward == "return_stats" else dict(weights=torch.ones(2, m))
         out = _head_step(head, features, labels, **kw)
         loss = out[0] if general_forward == "return_stats" else out
         head.zero_grad()
@@ -390,8 +391,8 @@ def test_dense_non_finite_negatives_fall_back(dense_fast, value):
     leaf = x.clone().requires_grad_(True)
     loss = focal_triton.sigmoid_focal_loss(leaf, t, reduction="sum")
     loss.backward()
-    # exp(x) overflows (inf, 100) or is NaN: the general path; -inf is exact on the fast path (p = 0, loss 0)
-    assert dense_fast[0] == ("forward", value == float("-inf"))
+    # inf and NaN: the general path; -inf (p = 0, loss 0) and 100 (softplus(x) = x) are exact on the fast path
+    assert dense_fast[0] == ("forward", value in (float("-inf"), 100.0))
     finite = x.clone()
     finite.view(-1)[4] = max(min(value, 1e4), -1e4)      # the reference is written for finite logits
     ref = focal_loss_ref_dense(finite, t, 0.25, 2.0, "sum")
@@ -420,3 +421,29 @@ def test_dense_kept_gradient_with_loss_sum_is_taken_as_it_is(dense_fast, monkeyp
         upstream(focal_triton.sigmoid_focal_loss(leaf, t)).backward()
         g = torch.full(x.shape, 1 / x.numel()) if how == "mean" else w
         assert_close(leaf.grad, focal_grad_ref(x, t, 0.25, 2.0, "none", g), torch.float32, how)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("hw", [(5, 7), (1, 1), (1, 4)])
+def test_special_offsets_are_the_sorted_offsets(layout, hw):
+    """The excluded elements' offsets (built in storage order without a sort) are exactly the sorted offsets of
+    the positives' elements and of every class of the ignored anchors."""
+    g = torch.Generator().manual_seed(0)
+    n, a, c = 3, 4, 6
+    level = torch.randn(n, a * c, *hw, generator=g)
+    if layout == "cl":
+        level = level.contiguous(memory_format=torch.channels_last)
+    m = hw[0] * hw[1] * a
+    labels = torch.randint(-2, c, (n, m), generator=g)
+    chunks = torch_path_fast._chunks(level)
+    special = torch_path_fast._Special(level, labels, a, -2, chunks)
+    expected = []
+    for i in range(n):
+        for pos in range(hw[0] * hw[1]):
+            for k in range(a):
+                lab = int(labels[i, pos * a + k])
+                classes = range(c) if lab == -2 else ([lab] if lab >= 0 else [])
+                h, w = divmod(pos, hw[1])
+                st = level.stride()
+                expected += [i * st[0] + (k * c + cl) * st[1] + h * st[2] + w * st[3] for cl in classes]
+    assert special.offsets.tolist() == sorted(expected)

@@ -11,7 +11,7 @@ import time
 import torch
 
 import focal_triton
-from focal_triton.dispatch import select_backend
+from focal_triton.ops.backend import select_backend
 
 
 def retinanet_like(batch: int, h: int, w: int, device, dtype, seed: int = 0):

@@ -77,10 +77,10 @@ def chosen_configs(device) -> dict:
             return {"autotune": "off (FOCAL_TRITON_AUTOTUNE=0): heuristic configs"}
         cache = tuning.cache_for(device)
         return {"cache": cache.path, "configs": dict(cache.configs)}
-    from focal_triton import torch_path_fast
+    from focal_triton.cpu import math
 
-    return {"cpu_path": f"torch_path_fast: chunks of {torch_path_fast.CHUNK} elements over "
-                        f"{torch_path_fast._workers()} worker threads"}
+    return {"cpu_path": f"focal_triton.cpu: chunks of {math.FAST_CHUNK} elements over {math.workers()} worker "
+                        f"threads, {torch.get_num_threads()} torch threads"}
 
 
 def run_case(case, provs, device, progress):

@@ -7,14 +7,15 @@ labels, one launch) and `focal_loss` / `FocalLoss` (the same for concatenated (.
 The relatives of FL: `sigmoid_focal_loss_star` / `FocalLossStar` (FL*), `quality_focal_loss` / `QualityFocalLoss`
 (QFL, GFL) and `varifocal_loss` / `VarifocalLoss` (VFL, VarifocalNet) on dense targets, and
 `loss="fl_star" | "qfl" | "vfl"` of the class-index forms.
-The Triton kernels are in `focal_triton.kernels`; `focal_triton.ops` registers them as torch.ops.focal_triton.*.
+Layers (imports run one way): functional / modules -> validation -> ops (registered ops: backend choice, autograd,
+fake shapes) -> kernels (Triton) | cpu (pure torch); kernels and cpu share only `losses` (docs/design.md).
 """
-from .functional import quality_focal_loss, sigmoid_focal_loss, sigmoid_focal_loss_star, varifocal_loss
 from .distributed import global_normalizer
-from .init import init_prior_bias_
+from .functional import (focal_loss, multilevel_focal_loss, quality_focal_loss, sigmoid_focal_loss,
+                         sigmoid_focal_loss_star, varifocal_loss)
 from .modules import (FocalLoss, FocalLossStar, MultiLevelFocalLoss, QualityFocalLoss, SigmoidFocalLoss,
                       VarifocalLoss)
-from .multilevel import focal_loss, multilevel_focal_loss
+from .prior import init_prior_bias_
 from .stats import LossStatistics, plot_loss_distribution
 
 __version__ = "0.1.0"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .validation import LOGIT_DTYPES
+from .losses import LOGIT_DTYPES
 
 ARCHS = (80, 90)
 TORCH_TO_TRITON = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}

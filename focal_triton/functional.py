@@ -1,9 +1,28 @@
-"""Functional API of focal_triton."""
+"""The public functions of focal_triton: the dense losses (drop-ins for torchvision's and fvcore's, mmdet's QFL and
+VFL) and the class-index losses of a detector head (`multilevel_focal_loss` on the per-level outputs, `focal_loss`
+on concatenated (..., C) logits).
+
+Each function checks and encodes its arguments (`validation`), calls its registered op (`ops`) and shapes the
+result; the formulas are in each docstring and in `losses`.
+
+Class-index forms, per (anchor, class) with the hard target t = (label == class):
+
+    FL = alpha_t (1 - p_t)**gamma BCE(x, t (1 - s) + s / 2),   p = sigmoid(x), p_t = p t + (1 - p)(1 - t),
+    alpha_t = alpha t + (1 - alpha)(1 - t)   (alpha per class: alpha[c]; alpha = -1: 1)
+
+times the anchor's weight; anchors labelled ignore_index contribute 0 (and get a zero gradient). Label smoothing s
+moves only the BCE targets to s/2 and 1 - s/2 (apex's definition); modulation and alpha_t use the hard target.
+`loss=` picks a relative of FL instead (the same kernel, another compile-time specialization): "fl_star" (FL*),
+"qfl" (Quality Focal Loss) or "vfl" (Varifocal Loss); for the last two the per-element target is the anchor's score
+(`scores`, e.g. the IoU of its box) on its label's class and 0 on the other classes.
+"""
 import torch
 
-from .ops import sigmoid_focal_loss_op
-from .validation import (check_alpha, check_bool, check_gamma, check_logits_and_targets, check_qfl_beta,
-                         check_reduction, check_star_beta, check_star_gamma, check_vfl_alpha)
+from . import validation as V
+from .losses import LossKind
+from .ops.dense import sigmoid_focal_loss as _dense
+from .ops.multilevel import multilevel_focal_loss as _class_index
+from .stats import loss_statistics
 
 
 def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0,
@@ -34,12 +53,7 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float
     target 0) where the eager formula gives NaN; gradients finite for every gamma >= 0, including 0 < gamma < 1 as
     p_t -> 1. NaN in gives NaN out. Sum and mean are deterministic (fixed-order partial sums, no atomics).
     """
-    check_logits_and_targets(inputs, targets)
-    alpha = check_alpha(alpha)
-    gamma = check_gamma(gamma)
-    reduction = check_reduction(reduction)
-    return sigmoid_focal_loss_op(inputs, targets, alpha, gamma, reduction, autocast_upcast(inputs), 0, 0.0, True,
-                                 _requires_grad(inputs))[0]
+    return _dense(V.dense_call(LossKind.FL, inputs, targets, reduction, alpha, gamma))
 
 
 def sigmoid_focal_loss_star(inputs: torch.Tensor, targets: torch.Tensor, alpha: float = -1, gamma: float = 1.0,
@@ -58,13 +72,7 @@ def sigmoid_focal_loss_star(inputs: torch.Tensor, targets: torch.Tensor, alpha: 
     Finite for logits of any magnitude where the formula's limit is (0 as gamma x_t + beta -> +inf), with finite
     gradients; NaN propagates.
     """
-    check_logits_and_targets(inputs, targets)
-    alpha = check_alpha(alpha)
-    gamma = check_star_gamma(gamma)
-    beta = check_star_beta(beta)
-    reduction = check_reduction(reduction)
-    return sigmoid_focal_loss_op(inputs, targets, alpha, gamma, reduction, autocast_upcast(inputs), 1, beta, True,
-                                 _requires_grad(inputs))[0]
+    return _dense(V.dense_call(LossKind.FL_STAR, inputs, targets, reduction, alpha, gamma, beta))
 
 
 def quality_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, beta: float = 2.0,
@@ -86,11 +94,7 @@ def quality_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, beta: float 
     Saturated logits give the formula's limit (0, or inf where y is strictly between 0 and 1 or opposite to the
     logit's sign) with a finite gradient; NaN propagates.
     """
-    check_logits_and_targets(inputs, targets)
-    beta = check_qfl_beta(beta)
-    reduction = check_reduction(reduction)
-    return sigmoid_focal_loss_op(inputs, targets, -1.0, 0.0, reduction, autocast_upcast(inputs), 2, beta, True,
-                                 _requires_grad(inputs))[0]
+    return _dense(V.dense_call(LossKind.QFL, inputs, targets, reduction, beta=beta))
 
 
 def varifocal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float = 0.75, gamma: float = 2.0,
@@ -110,26 +114,85 @@ def varifocal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float = 0
         alpha: weight of the negatives, >= 0 (default 0.75). gamma: exponent >= 0 (default 2).
         iou_weighted: weight positives by q (default True) or by 1.
     """
-    check_logits_and_targets(inputs, targets)
-    alpha = check_vfl_alpha(alpha)
-    gamma = check_gamma(gamma)
-    iou_weighted = check_bool("iou_weighted", iou_weighted)
-    reduction = check_reduction(reduction)
-    return sigmoid_focal_loss_op(inputs, targets, alpha, gamma, reduction, autocast_upcast(inputs), 3, 0.0,
-                                 iou_weighted, _requires_grad(inputs))[0]
+    return _dense(V.dense_call(LossKind.VFL, inputs, targets, reduction, alpha, gamma,
+                                    iou_weighted=iou_weighted))
 
 
-def autocast_upcast(logits: torch.Tensor) -> bool:
-    """Whether the loss comes back in float32 rather than in the logits' dtype: under torch.autocast for the
-    logits' device, as autocast's own losses (binary_cross_entropy_with_logits, and so torchvision's focal loss)
-    do. The logits are read as they are, never upcast by a copy."""
-    try:
-        return torch.is_autocast_enabled(logits.device.type)
-    except RuntimeError:  # a device type autocast does not know (meta): no autocast there
-        return False
+def multilevel_focal_loss(level_logits, labels, num_anchors, *, alpha=None, gamma=None, weights=None,
+                          label_smoothing=0.0, background=-1, ignore_index=-2, normalizer=None, reduction="sum",
+                          check_labels=True, loss="fl", scores=None, beta=None, iou_weighted=None,
+                          return_stats=False):
+    r"""Focal loss of every FPN level of a dense detector's classification head, in one kernel launch.
+
+    Args:
+        level_logits: 1 to 8 tensors (N, A*C, H_l, W_l), channel a*C + c = class c of anchor a, each
+            NCHW-contiguous or channels_last (read in place; any other layout is copied once). Same dtype
+            (float16 / bfloat16 / float32 / float64), device, N and channels.
+        labels: (N, M) int32 or int64, M = sum_l H_l W_l A, in torchvision's and detectron2's anchor order
+            (levels in order; inside a level (h, w, a) row-major). 0 <= label < C: positive of that class;
+            background: negative for every class; ignore_index: no loss, zero gradient.
+        num_anchors: A.
+        alpha: weight of positives in [0, 1], -1 for none, or a (C,) tensor of per-class weights. Default 0.25
+            (loss="fl"; see `loss` for the others).
+        gamma: focusing exponent >= 0 (integer gamma costs no pow). Default 2 (loss="fl").
+        weights: optional (N, M) per-anchor weights, multiplying the loss of every class of the anchor.
+        label_smoothing: s in [0, 1): BCE targets s/2 and 1 - s/2 (apex); modulation from the hard target.
+        background: the label of negatives (default -1: torchvision, apex; C for detectron2 and mmdet).
+        ignore_index: the label of ignored anchors, or None (default -2: torchvision, apex; -1 for detectron2).
+        normalizer: None; a number or 0-d tensor Z: loss = sum / Z (detectron2, mmdet's avg_factor, FCOS); or an
+            (N,) tensor: loss = mean over images n of (sum over image n) / Z_n (torchvision's RetinaNet). Tensors
+            stay on the device and are never read on the host. With reduction="sum" only.
+        reduction: "sum" (default): a 0-d float32 loss (float64 for float64 logits); "none": the per-level
+            losses, each with its level's shape, layout and dtype (float32 under torch.autocast).
+        check_labels: verify that every label is a class, the background or the ignore value (one host sync);
+            False skips it (for CUDA-graph capture): unknown labels then act as background.
+        loss: "fl" (default), "fl_star" (FL*: alpha as FL's, default -1; gamma > 0, default 1; beta, default 0),
+            "qfl" (beta >= 0, default 2; no alpha / gamma) or "vfl" (alpha of the negatives >= 0, default 0.75;
+            gamma, default 2; iou_weighted, default True). label_smoothing is FL's only. Options a loss does not
+            take must stay None.
+        scores: "qfl" / "vfl" only (and required there): (N, M) float target score of each anchor's label, in
+            [0, 1] (e.g. the IoU of a positive's box; anything for background and ignored anchors). No gradient.
+        beta, iou_weighted: see `loss`.
+        return_stats: also return a `focal_triton.stats.LossStatistics` (per level: numbers of positive, negative
+            and ignored anchors and their summed loss; histograms of the per-anchor loss of positives and
+            negatives), from the same kernel pass, left on the device. reduction="sum" only.
+
+    Returns:
+        The loss (see reduction), or (loss, statistics) with return_stats. Gradients flow to the logits only, each
+        level's in its own layout and dtype.
+    """
+    options = dict(alpha=alpha, gamma=gamma, weights=weights, label_smoothing=label_smoothing, background=background,
+                   ignore_index=ignore_index, normalizer=normalizer, reduction=reduction, check_labels=check_labels,
+                   loss=loss, scores=scores, beta=beta, iou_weighted=iou_weighted, return_stats=return_stats)
+    return _result(V.multilevel_call(level_logits, labels, num_anchors, options))
 
 
-def _requires_grad(inputs: torch.Tensor) -> bool:
-    """Whether this call's loss will be differentiated: the caller's grad mode and inputs.requires_grad (the CPU
-    path then computes the gradient in the forward's pass)."""
-    return torch.is_grad_enabled() and inputs.requires_grad
+def focal_loss(logits, labels, *, alpha=None, gamma=None, weights=None, label_smoothing=0.0, background=-1,
+               ignore_index=-2, normalizer=None, reduction="sum", check_labels=True, loss="fl", scores=None,
+               beta=None, iou_weighted=None, return_stats=False):
+    r"""Focal loss of concatenated head outputs (..., C) with integer labels (...): the form of torchvision's and
+    detectron2's concatenated logits, of mmcv and of apex. Same arguments and semantics as
+    `multilevel_focal_loss`; the images are the first dim when logits have 3 or more dims ((N, M, C); a per-image
+    normalizer is then (N,)), and a 2-D (M, C) input is one image. weights and scores have the labels' shape.
+    "none" returns a loss of the logits' shape and dtype. return_stats: (loss, statistics) with a single level.
+    """
+    options = dict(alpha=alpha, gamma=gamma, weights=weights, label_smoothing=label_smoothing, background=background,
+                   ignore_index=ignore_index, normalizer=normalizer, reduction=reduction, check_labels=check_labels,
+                   loss=loss, scores=scores, beta=beta, iou_weighted=iou_weighted, return_stats=return_stats)
+    out = _result(V.flat_call(logits, labels, options))
+    if reduction == "none":
+        return out[0].permute(0, 2, 3, 1).reshape(logits.shape)
+    return out
+
+
+def _result(call):
+    """The op's outputs as the public functions return them: the per-level losses ("none"), the loss, or (loss,
+    statistics)."""
+    out = _class_index(call)
+    if call.reduction == "none":
+        return out
+    if call.with_stats:
+        alpha = call.alpha_per_class if call.alpha is None else call.alpha
+        return out[0], loss_statistics(out[2], call.labels, call.levels, call.num_anchors, call.num_classes,
+                                       call.ignore_index, call.gamma, alpha, call.loss_name)
+    return out[0]

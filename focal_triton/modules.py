@@ -2,8 +2,8 @@
 import torch
 from torch import nn
 
-from .functional import quality_focal_loss, sigmoid_focal_loss, sigmoid_focal_loss_star, varifocal_loss
-from .multilevel import focal_loss, multilevel_focal_loss
+from .functional import (focal_loss, multilevel_focal_loss, quality_focal_loss, sigmoid_focal_loss,
+                         sigmoid_focal_loss_star, varifocal_loss)
 from .validation import (check_alpha, check_bool, check_class_index_options, check_gamma, check_int, check_qfl_beta,
                          check_reduction, check_star_beta, check_star_gamma, check_vfl_alpha)
 

@@ -21,6 +21,8 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
+from .losses import level_columns
+
 _DECADES = (-12, 4)
 _STEPS_PER_DECADE = 10
 
@@ -83,25 +85,23 @@ def _binned(values: torch.Tensor, select: torch.Tensor, edges: torch.Tensor):
 
 
 @torch.no_grad()
-def loss_statistics(per_anchor: torch.Tensor, labels: torch.Tensor, level_anchors: Sequence[int], num_classes: int,
-                    ignore_index: Optional[int], gamma: float, alpha, loss: str = "fl") -> LossStatistics:
-    """Statistics from the (N, M) per-anchor losses of a forward pass and its (N, M) labels; level l owns the
-    level_anchors[l] label columns after those of the levels before it."""
+def loss_statistics(per_anchor: torch.Tensor, labels: torch.Tensor, levels: Sequence[torch.Tensor],
+                    num_anchors: int, num_classes: int, ignore_index: Optional[int], gamma: float, alpha,
+                    loss: str = "fl") -> LossStatistics:
+    """Statistics from the (N, M) per-anchor losses of a forward pass over `levels` and its (N, M) labels (level
+    l's anchors: `losses.level_columns`)."""
     per_anchor = per_anchor.detach()
     positive = (labels >= 0) & (labels < num_classes)
     ignored = labels == ignore_index if ignore_index is not None else torch.zeros_like(positive)
     negative = ~positive & ~ignored
     counts = {"pos": [], "neg": [], "ign": [], "lpos": [], "lneg": []}
-    start = 0
-    for size in level_anchors:
-        sl = slice(start, start + size)
+    for sl in level_columns(levels, num_anchors):
         values, pos, neg = per_anchor[:, sl], positive[:, sl], negative[:, sl]
         counts["pos"].append(pos.sum())
         counts["neg"].append(neg.sum())
         counts["ign"].append(ignored[:, sl].sum())
         counts["lpos"].append(torch.where(pos, values, 0.0).sum())
         counts["lneg"].append(torch.where(neg, values, 0.0).sum())
-        start += size
     edges = bin_edges(per_anchor.device)
     count_pos, loss_pos = _binned(per_anchor, positive, edges)
     count_neg, loss_neg = _binned(per_anchor, negative, edges)

@@ -1,12 +1,21 @@
-"""Argument checks shared by the functional API and the modules. They run before anything is allocated or
-written, and every message names the argument, what was expected and what was given."""
-import math
+"""Argument checks and encoding: the layer between the public API (functions, modules) and the registered ops.
+
+Each public call is checked here before anything is allocated or written (every message names the argument, what
+was expected and what was given) and turned into one record in the ops' final encoding, computed once:
+`DenseCall` for the dense op, `ClassIndexCall` for the class-index op (levels, labels, the loss as a
+`losses.LossSpec`, the normalizer, the output dtype, whether a gradient will be needed). The modules run the same
+checks when they are built.
+"""
 import numbers
+from dataclasses import dataclass
+from typing import List, Optional
 
 import torch
 
+from .losses import (INT32_MAX, LABEL_DTYPES, LOGIT_DTYPES, LOSS_DEFAULTS, LOSSES, MAX_LEVELS, LossKind, LossSpec,
+                     compute_dtype, encode)
+
 REDUCTIONS = ("none", "mean", "sum")
-LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_reduction(reduction) -> str:
@@ -58,16 +67,6 @@ def check_gamma(gamma) -> float:
 
 # --- the loss family: FL, FL*, QFL, VFL ------------------------------------------------------------------------
 
-# Class-index forms: loss name -> (kernel kind, default options). The dense forms have one function each.
-LOSSES = {"fl": 0, "fl_star": 1, "qfl": 2, "vfl": 3}
-LOSS_DEFAULTS = {
-    "fl": dict(alpha=0.25, gamma=2.0),
-    "fl_star": dict(alpha=-1.0, gamma=1.0, beta=0.0),  # fvcore's sigmoid_focal_loss_star
-    "qfl": dict(beta=2.0),  # Li et al. 2020, mmdet
-    "vfl": dict(alpha=0.75, gamma=2.0, iou_weighted=True),  # Zhang et al. 2021, mmdet
-}
-
-
 def _finite_number(name: str, value, what: str, lower=None, strict: bool = False) -> float:
     """A finite Python number (> lower if strict, else >= lower); the message names the argument and its loss."""
     v = _number(name, value)
@@ -115,11 +114,11 @@ def check_loss_options(loss, alpha, gamma, beta, iou_weighted, num_classes, devi
     if loss in ("fl", "fl_star"):
         alpha = check_class_alpha(opts["alpha"], num_classes, device)
         if loss == "fl":
-            return 0, alpha, check_gamma(opts["gamma"]), 0.0, True
-        return 1, alpha, check_star_gamma(opts["gamma"]), check_star_beta(opts["beta"]), True
+            return LossKind.FL, alpha, check_gamma(opts["gamma"]), 0.0, True
+        return LossKind.FL_STAR, alpha, check_star_gamma(opts["gamma"]), check_star_beta(opts["beta"]), True
     if loss == "qfl":
-        return 2, -1.0, 0.0, check_qfl_beta(opts["beta"]), True
-    return (3, check_vfl_alpha(opts["alpha"]), check_gamma(opts["gamma"]), 0.0,
+        return LossKind.QFL, -1.0, 0.0, check_qfl_beta(opts["beta"]), True
+    return (LossKind.VFL, check_vfl_alpha(opts["alpha"]), check_gamma(opts["gamma"]), 0.0,
             check_bool("iou_weighted", opts["iou_weighted"]))
 
 
@@ -160,10 +159,6 @@ def check_logits_and_targets(inputs, targets, inputs_name: str = "inputs", targe
 
 
 # --- class-index (label) forms: focal_loss and multilevel_focal_loss --------------------------------------------
-
-LABEL_DTYPES = (torch.int32, torch.int64)
-MAX_LEVELS = 8
-INT32_MAX = 2**31 - 1
 
 
 def check_class_index_reduction(reduction) -> str:
@@ -341,3 +336,161 @@ def check_class_index_options(loss, alpha, gamma, beta, iou_weighted, label_smoo
     if return_stats and reduction != "sum":
         raise ValueError(f"return_stats=True needs reduction='sum', got reduction={reduction!r}")
     return kind, alpha, gamma, beta, iou_weighted, smoothing, reduction
+
+
+# --- the records ------------------------------------------------------------------------------------------------
+
+def output_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of an elementwise loss: the logits', or float32 for 16-bit logits under torch.autocast for their
+    device (as autocast's own losses, binary_cross_entropy_with_logits and so torchvision's focal loss, do). The
+    logits are read as they are, never upcast by a copy."""
+    try:
+        autocast = torch.is_autocast_enabled(x.device.type)
+    except RuntimeError:  # a device type autocast does not know (meta): no autocast there
+        autocast = False
+    return torch.float32 if autocast and x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def _requires_grad(tensors) -> bool:
+    """Whether this call's loss will be differentiated: the caller's grad mode and the logits' requires_grad (the
+    CPU path then computes the gradient in the forward's pass)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+@dataclass(frozen=True)
+class DenseCall:
+    """A dense call (sigmoid_focal_loss and its relatives) in the dense op's encoding."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    spec: LossSpec
+    reduction: str
+    out_dtype: torch.dtype
+    requires_grad: bool
+
+
+def dense_call(kind, inputs, targets, reduction, alpha=-1.0, gamma=0.0, beta=0.0, iou_weighted=True) -> DenseCall:
+    """Check a dense call of the loss `kind` (its own options only: FL alpha, gamma; FL* alpha, gamma, beta; QFL
+    beta; VFL alpha, gamma, iou_weighted) and encode it."""
+    check_logits_and_targets(inputs, targets)
+    if kind == LossKind.FL:
+        alpha, gamma = check_alpha(alpha), check_gamma(gamma)
+    elif kind == LossKind.FL_STAR:
+        alpha, gamma, beta = check_alpha(alpha), check_star_gamma(gamma), check_star_beta(beta)
+    elif kind == LossKind.QFL:
+        beta = check_qfl_beta(beta)
+    else:
+        alpha, gamma = check_vfl_alpha(alpha), check_gamma(gamma)
+        iou_weighted = check_bool("iou_weighted", iou_weighted)
+    reduction = check_reduction(reduction)
+    return DenseCall(inputs, targets, encode(kind, alpha, gamma, beta, iou_weighted), reduction,
+                     output_dtype(inputs), _requires_grad([inputs]))
+
+
+@dataclass(frozen=True)
+class ClassIndexCall:
+    """A class-index call (multilevel_focal_loss, focal_loss) in the class-index op's encoding, plus what the
+    loss statistics describe (the public loss name, gamma and alpha)."""
+
+    levels: List[torch.Tensor]             # (N, A*C, H_l, W_l)
+    labels: torch.Tensor                   # (N, M) contiguous int32 / int64
+    weights: Optional[torch.Tensor]        # (N, M) contiguous, compute dtype
+    scores: Optional[torch.Tensor]         # (N, M) contiguous, compute dtype, detached (QFL, VFL)
+    alpha_per_class: Optional[torch.Tensor]  # (C,) contiguous, compute dtype, detached
+    normalizer: Optional[torch.Tensor]     # 0-d or (N,), never read on the host; None: the number norm_value
+    norm_value: float
+    num_anchors: int
+    num_classes: int
+    spec: LossSpec
+    ignore_index: Optional[int]
+    reduction: str
+    out_dtype: torch.dtype                 # of the "none" losses
+    with_stats: bool
+    requires_grad: bool
+    loss_name: str
+    gamma: float
+    alpha: Optional[float]                 # None for a per-class alpha
+
+
+_NORMALIZER_DTYPES = (torch.int64,)
+
+
+def _normalizer_tensor(normalizer: torch.Tensor, num_images: int, dtype) -> torch.Tensor:
+    """A normalizer tensor in its final form: 0-d or (N,), in the compute dtype (or int64), contiguous."""
+    t = normalizer
+    # A (1,) tensor for N != 1 images is one number. Compared as "not N" (not "== 1"): a per-image normalizer has
+    # N's own symbolic size under torch.compile, so this needs no guard on N's value (no recompile per batch size).
+    if t.dim() == 1 and not (t.shape[0] == num_images):
+        t = t.reshape(())
+    if t.dtype not in _NORMALIZER_DTYPES + (dtype,):
+        t = t.to(dtype)
+    return t.contiguous()
+
+
+def class_index_call(levels, labels, num_anchors, num_images, num_classes, label_shape, label_what, alpha, gamma,
+                     weights, label_smoothing, background, ignore_index, normalizer, reduction, check_labels, loss,
+                     scores, beta, iou_weighted, return_stats, labels_checked=False) -> ClassIndexCall:
+    """Check the options of a class-index call over `levels` (already checked) and encode it; labels, weights and
+    scores have label_shape (label_what names it) unless labels_checked (the flat form checked them)."""
+    first = levels[0]
+    device = first.device
+    if not labels_checked:
+        check_labels_tensor(labels, label_shape, device, label_what)
+        check_weights(weights, label_shape, device)
+        check_scores(scores, loss, label_shape, device)
+    kind, alpha, gamma, beta, iou_weighted, smoothing, reduction = check_class_index_options(
+        loss, alpha, gamma, beta, iou_weighted, label_smoothing, background, ignore_index, reduction, check_labels,
+        return_stats, num_classes, device)
+    normalizer = check_normalizer(normalizer, num_images, device, reduction)
+    if check_labels and labels.numel():
+        check_label_range(labels, num_classes, background, ignore_index)
+    cdt = compute_dtype(first.dtype)
+    per_class = isinstance(alpha, torch.Tensor)
+    norm_tensor, norm_value = None, 1.0
+    if isinstance(normalizer, torch.Tensor):
+        norm_tensor = _normalizer_tensor(normalizer, num_images, cdt)
+    elif normalizer is not None:
+        norm_value = float(normalizer)
+    return ClassIndexCall(
+        list(levels), labels.contiguous(), weights.to(cdt).contiguous() if weights is not None else None,
+        scores.detach().to(cdt).contiguous() if scores is not None else None,
+        alpha.detach().to(cdt).contiguous() if per_class else None, norm_tensor, norm_value, num_anchors,
+        num_classes, encode(kind, -1.0 if per_class else alpha, gamma, beta, iou_weighted, smoothing),
+        None if ignore_index is None else int(ignore_index), reduction, output_dtype(first), return_stats,
+        _requires_grad(levels), loss, float(gamma), None if per_class else float(alpha))
+
+
+def multilevel_call(level_logits, labels, num_anchors, options) -> ClassIndexCall:
+    """multilevel_focal_loss's arguments (options: its keyword arguments) checked and encoded."""
+    check_level_logits(level_logits, num_anchors)
+    first = level_logits[0]
+    num_images, num_classes = first.shape[0], first.shape[1] // num_anchors
+    num_anchors_total = sum(x.shape[2] * x.shape[3] for x in level_logits) * num_anchors
+    return class_index_call(list(level_logits), labels, num_anchors, num_images, num_classes,
+                            (num_images, num_anchors_total), "N, sum of H*W*A over levels", **options)
+
+
+def flat_call(logits, labels, options) -> ClassIndexCall:
+    """focal_loss's arguments checked and encoded: the (..., C) logits as one channels_last level of one anchor
+    per position, (N, C, M, 1) (a view, no copy); labels, weights and scores as (N, M)."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have shape (..., C) with C >= 1 classes, got {tuple(logits.shape)}")
+    if logits.dtype not in LOGIT_DTYPES:
+        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+    num_classes = logits.shape[-1]
+    num_images = logits.shape[0] if logits.dim() >= 3 else 1
+    rows = logits.numel() // num_classes // num_images if num_images else 0
+    x = logits.contiguous()
+    level = x.reshape(num_images, rows, 1, num_classes).permute(0, 3, 1, 2)
+    if rows * num_classes > INT32_MAX:
+        raise ValueError(f"logits: one image must have < 2**31 logits, got {rows * num_classes}")
+    labels_shape = logits.shape[:-1]
+    check_labels_tensor(labels, labels_shape, logits.device, "logits.shape[:-1]")
+    check_weights(options["weights"], labels_shape, logits.device)
+    check_scores(options["scores"], options["loss"], labels_shape, logits.device)
+    per_anchor = {k: options[k].reshape(num_images, rows) if options[k] is not None else None
+                  for k in ("weights", "scores")}
+    return class_index_call([level], labels.reshape(num_images, rows), 1, num_images, num_classes,
+                            (num_images, rows), None, **{**options, **per_anchor}, labels_checked=True)

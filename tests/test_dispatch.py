@@ -9,7 +9,7 @@ from conftest import HAS_CUDA
 from reference import assert_close, focal_loss_ref
 
 import focal_triton
-from focal_triton import dispatch
+from focal_triton.ops import backend as dispatch
 from focal_triton.kernels import launch
 from focal_triton.kernels import sigmoid_focal as sf
 
@@ -45,7 +45,7 @@ def _run_without_interpreter(code: str, **env):
 def test_cpu_without_interpreter_uses_torch_path():
     code = (
         "import torch, focal_triton\n"
-        "from focal_triton import dispatch\n"
+        "from focal_triton.ops import backend as dispatch\n"
         "print(dispatch.select_backend(torch.device('cpu')))\n"
         "x = torch.linspace(-5, 5, 1000, requires_grad=True); t = (torch.arange(1000) % 7 == 0).float()\n"
         "loss = focal_triton.sigmoid_focal_loss(x, t, reduction='sum'); loss.backward()\n"

@@ -1,4 +1,4 @@
-"""Triton's interpreter is not thread-safe: focal_triton serializes its launches (focal_triton/dispatch.py), so
+"""Triton's interpreter is not thread-safe: focal_triton serializes its launches (focal_triton/ops/backend.py), so
 threads calling at once get the results a single thread gets."""
 import threading
 

@@ -14,6 +14,7 @@ from reference_variants import (class_index_ref, focal_star_ref, fvcore_sigmoid_
 
 import focal_triton
 from focal_triton import quality_focal_loss, sigmoid_focal_loss_star, varifocal_loss
+from focal_triton.losses import LossKind
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # (name, public function, reference, parameter sets): integer and fractional exponents, beta of FL* != 0, both VFL
@@ -329,32 +330,43 @@ def test_modules(backend):
     assert "loss='qfl'" in repr(focal_triton.FocalLoss(loss="qfl"))
 
 
-@pytest.mark.parametrize("kind", [1, 2, 3])
+@pytest.mark.parametrize("kind", [LossKind.FL_STAR, LossKind.QFL, LossKind.VFL])
 def test_opcheck_dense(backend, device, kind):
     """The registered dense ops with the new kinds: schema, fake implementation, autograd registration."""
+    from focal_triton import validation as V
+    from focal_triton.ops.dense import op_args
+
     x, t = make_dense("qfl", shape=(3, 20))
     x.requires_grad_(True)
     ops = torch.ops.focal_triton
-    torch.library.opcheck(ops.sigmoid_focal_loss.default, (x, t, 0.25, 1.5, "none", False, kind, 0.5, True, True))
+    call = V.dense_call(kind, x, t, "none", 0.25, 1.5, 0.5)
+    torch.library.opcheck(ops.sigmoid_focal_loss.default, op_args(call))
+    s = V.dense_call(kind, x, t, "sum", 0.25, 1.5, 0.5, iou_weighted=False).spec
     torch.library.opcheck(ops.sigmoid_focal_loss_backward.default,
-                          (torch.tensor(1.5), x.detach(), t, 0.25, 1.5, "sum", kind, 0.5, False))
+                          (torch.tensor(1.5), x.detach(), t, int(s.kind), s.c0, s.c1, s.gamma, s.beta, "sum"))
 
 
 def test_opcheck_multilevel_with_scores(backend, device):
     """The multi-level ops with the scores input (QFL): forward "sum" and the backward of "none"."""
-    from focal_triton.multilevel_ops import multilevel_focal_loss_backward_op, multilevel_focal_loss_op
+    import dataclasses
+
+    from focal_triton import validation as V
+    from focal_triton.ops.multilevel import (backward_op_args, multilevel_focal_loss_backward_op,
+                                             multilevel_focal_loss_op, op_args)
 
     g = torch.Generator().manual_seed(1)
     levels = [torch.randn(2, 2 * 3, 2, 3, generator=g).to(device).requires_grad_(True)]
     labels = torch.randint(-2, 3, (2, 12), generator=g).to(device)
     scores = torch.rand(2, 12, generator=g).to(device)
-    args = (levels, labels, None, None, -1.0, 0.0, 0.0, -2, True, 2, None, 2.0, "sum", False, 2, 1.5, True, scores,
-            False, True)
-    torch.library.opcheck(multilevel_focal_loss_op, args)
-    torch.library.opcheck(multilevel_focal_loss_op, args[:-2] + (True, True))  # with the per-anchor losses (stats)
-    bargs = ([torch.randn_like(lv) for lv in levels], [lv.detach() for lv in levels], labels, None, None, -1.0, 0.0,
-             0.0, -2, True, 2, None, 2, 1.5, True, scores)
-    torch.library.opcheck(multilevel_focal_loss_backward_op, bargs)
+    options = dict(alpha=None, gamma=None, weights=None, label_smoothing=0.0, background=-1, ignore_index=-2,
+                   normalizer=2.0, reduction="sum", check_labels=False, loss="qfl", scores=scores, beta=1.5,
+                   iou_weighted=None, return_stats=False)
+    call = V.multilevel_call(levels, labels, 2, options)
+    torch.library.opcheck(multilevel_focal_loss_op, op_args(call))
+    torch.library.opcheck(multilevel_focal_loss_op, op_args(dataclasses.replace(call, with_stats=True)))  # stats
+    none = V.multilevel_call(levels, labels, 2, dict(options, normalizer=None, reduction="none"))
+    torch.library.opcheck(multilevel_focal_loss_backward_op,
+                          backward_op_args(none, [torch.randn_like(lv) for lv in levels], None))
 
 
 def test_compile_fullgraph_gfl_stage(backend):

@@ -1,6 +1,8 @@
 """Code paths of the multi-level kernel that the value tests reach only by luck: the unmasked channels_last tiles of
 a class-aligned head (C % 16 == 0), eight levels (the maximum), levels without positions, the tile plan, and the
 registered ops under torch.library.opcheck."""
+import dataclasses
+
 import pytest
 import torch
 from reference import TOL
@@ -8,7 +10,9 @@ from reference_multilevel import multilevel_value_and_grads
 
 import focal_triton
 from focal_triton.kernels import multilevel_focal as mf
-from focal_triton.multilevel_ops import multilevel_focal_loss_backward_op, multilevel_focal_loss_op
+from focal_triton import validation as V
+from focal_triton.ops.multilevel import (backward_op_args, multilevel_focal_loss_backward_op,
+                                        multilevel_focal_loss_op, op_args)
 
 
 def _head(shapes, num_anchors, num_classes, device, layouts, dtype=torch.float32, seed=0):
@@ -69,26 +73,27 @@ def test_tile_plan_counts_every_tile_once():
 
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_opcheck(backend, device, reduction):
-    """torch.library.opcheck of both registered ops: schema, fake (meta) shapes, autograd registration."""
+    """torch.library.opcheck of both registered ops: schema, fake (meta) shapes, autograd registration (the op
+    arguments of a public call: validation's record)."""
     levels, labels = _head([(3, 2), (2, 1)], 2, 3, device, [False, True])
     levels = [x.requires_grad_(True) for x in levels]
     weights = torch.rand(labels.shape, device=device)
     alpha = torch.rand(3, device=device)
     norm = torch.tensor([2.0, 3.0], device=device) if reduction == "sum" else None
-    args = (levels, labels, weights, alpha, 0.0, 2.0, 0.1, -2, True, 2, norm, 1.0, reduction, False, 0, 0.0, True,
-            None, False, True)
-    torch.library.opcheck(multilevel_focal_loss_op, args)
+    options = dict(alpha=alpha, gamma=2.0, weights=weights, label_smoothing=0.1, background=-1, ignore_index=-2,
+                   normalizer=norm, reduction=reduction, check_labels=False, loss="fl", scores=None, beta=None,
+                   iou_weighted=None, return_stats=False)
+    call = V.multilevel_call(levels, labels, 2, options)
+    torch.library.opcheck(multilevel_focal_loss_op, op_args(call))
     if reduction == "sum":  # with the per-anchor losses of the statistics
-        torch.library.opcheck(multilevel_focal_loss_op, args[:-2] + (True, True))
+        torch.library.opcheck(multilevel_focal_loss_op, op_args(dataclasses.replace(call, with_stats=True)))
         # no weights and no per-class alpha, float32: on the torch path the forward also returns the gradients
-        torch.library.opcheck(multilevel_focal_loss_op, (levels, labels, None, None) + args[4:])
+        plain = V.multilevel_call(levels, labels, 2, dict(options, alpha=None, weights=None))
+        torch.library.opcheck(multilevel_focal_loss_op, op_args(plain))
     if reduction == "sum":
-        scale = torch.tensor([0.25, 1 / 6], device=device)
-        bargs = ([torch.tensor(1.5, device=device)], [x.detach() for x in levels], labels, weights, alpha, 0.0, 2.0,
-                 0.1, -2, True, 2, scale, 0, 0.0, True, None)
+        bargs = backward_op_args(call, [torch.tensor(1.5, device=device)], torch.tensor([0.25, 1 / 6], device=device))
     else:
-        bargs = ([torch.randn_like(x) for x in levels], [x.detach() for x in levels], labels, weights, alpha, 0.0,
-                 2.0, 0.1, -2, True, 2, None, 0, 0.0, True, None)
+        bargs = backward_op_args(call, [torch.randn_like(x) for x in levels], None)
     torch.library.opcheck(multilevel_focal_loss_backward_op, bargs)
 
 

@@ -1,7 +1,7 @@
-"""The fast CPU path of the class-index loss (focal_triton/torch_path_fast.py): every element as a negative over
-raw storage, then positives and ignored anchors fixed up by index. Checked against the float64 reference and the
+"""The CPU path's negatives' pass (focal_triton/cpu/): every element as a negative over raw storage, then
+positives and ignored anchors (dense targets: every nonzero target) fixed up by index. Checked against the float64 reference and the
 general torch path, and checked to have run (not silently fallen back). The gradient its forward computes lives in
-the autograd graph of its own call (focal_triton/multilevel_ops.py): tested for staleness, grad modes, inference
+the autograd graph of its own call (focal_triton/ops/): tested for staleness, grad modes, inference
 tensors, lifetime and precision."""
 import gc
 
@@ -15,7 +15,9 @@ from reference_multilevel import flatten_levels, focal_loss_ref
 from test_multilevel_focal_loss import HWS, SMALL, check_multilevel, leaves_of, make_labels, make_levels
 
 import focal_triton
-from focal_triton import multilevel_ops, torch_path_fast
+from focal_triton.cpu import dense as cpu_dense
+from focal_triton.cpu import math as cpu_math
+from focal_triton.cpu import multilevel as cpu_multilevel
 
 
 @pytest.fixture
@@ -25,17 +27,17 @@ def fast(monkeypatch):
     its forward computed (no pass over the logits)."""
     monkeypatch.setenv("FOCAL_TRITON_BACKEND", "torch")
     calls = []
-    for name in ("forward_sum", "backward_scalar"):
-        real = getattr(torch_path_fast, name)
+    for name, fn in (("forward_sum", "_fast_forward"), ("backward_scalar", "_fast_backward")):
+        real = getattr(cpu_multilevel, fn)
 
         def spy(*a, _real=real, _name=name, **k):
             out = _real(*a, **k)
             calls.append((_name, out is not None))
             return out
 
-        monkeypatch.setattr(torch_path_fast, name, spy)
-    real_scaled = multilevel_ops._scaled
-    monkeypatch.setattr(multilevel_ops, "_scaled", lambda *a: calls.append(("kept_gradient", True))
+        monkeypatch.setattr(cpu_multilevel, fn, spy)
+    real_scaled = focal_triton.ops.multilevel.scaled
+    monkeypatch.setattr(focal_triton.ops.multilevel, "scaled", lambda *a: calls.append(("kept_gradient", True))
                         or real_scaled(*a))
     return calls
 
@@ -47,7 +49,7 @@ TOL_SUM = {torch.float32: 1e-6, torch.bfloat16: 2**-8}  # float32: the backward 
 
 def general(levels, labels, monkeypatch, **kw):
     """Loss and gradients of the general torch path."""
-    monkeypatch.setattr(torch_path_fast, "applicable", lambda *a: False)
+    monkeypatch.setattr(cpu_multilevel, "_fast", lambda *a: False)
     leaves = leaves_of(levels)
     loss = focal_triton.multilevel_focal_loss(leaves, labels, 3, **kw)
     grads = torch.autograd.grad(loss, leaves)
@@ -130,11 +132,11 @@ def test_weights_and_per_class_alpha_keep_the_general_path(fast):
 
 def test_same_bits_for_any_worker_count(monkeypatch):
     monkeypatch.setenv("FOCAL_TRITON_BACKEND", "torch")
-    monkeypatch.setattr(torch_path_fast, "CHUNK", 64)   # many chunks, split over the workers
+    monkeypatch.setattr(cpu_math, "FAST_CHUNK", 64)   # many chunks, split over the workers
     levels, labels = make_levels(HWS, layout="mix"), make_labels(hws=HWS)
     results = []
     for workers in (1, 2, 3):
-        monkeypatch.setattr(torch_path_fast, "WORKERS", workers)
+        monkeypatch.setattr(cpu_math, "WORKERS", workers)
         monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
         leaves = leaves_of(levels)
         loss = focal_triton.multilevel_focal_loss(leaves, labels, 3)
@@ -149,8 +151,8 @@ def test_forward_computes_the_gradient_the_backward_scales(fast, monkeypatch):
     scales it (no second pass over the logits), also a second time (retain_graph); the same values either way."""
     levels, labels = make_levels(HWS, layout="mix"), make_labels(hws=HWS)
     passes = []
-    real_map = torch_path_fast._map
-    monkeypatch.setattr(torch_path_fast, "_map", lambda fn, tasks: passes.append(fn.__name__) or real_map(fn, tasks))
+    real_map = cpu_math.run_chunks
+    monkeypatch.setattr(cpu_math, "run_chunks", lambda fn, tasks: passes.append(fn.__name__) or real_map(fn, tasks))
     leaves = leaves_of(levels)
     loss = focal_triton.multilevel_focal_loss(leaves, labels, 3, normalizer=torch.tensor([3.0, 5.0]))
     (g1,) = torch.autograd.grad(loss, leaves[0], retain_graph=True)
@@ -158,7 +160,7 @@ def test_forward_computes_the_gradient_the_backward_scales(fast, monkeypatch):
     assert passes == ["chunk_sum"]
     assert torch.equal(g1, g2)
     # the recomputing backward (what 16-bit logits take: no kept gradient) gives the same bits as the kept one
-    monkeypatch.setattr(torch_path_fast, "keeps_gradient", lambda *a: False)
+    monkeypatch.setattr(cpu_multilevel, "keeps_gradient", lambda *a: False)
     loss = focal_triton.multilevel_focal_loss(leaves, labels, 3, normalizer=torch.tensor([3.0, 5.0]))
     (g3,) = torch.autograd.grad(loss, leaves[0])
     assert passes == ["chunk_sum", "chunk_sum", "chunk_grad"] and torch.equal(g1, g3)
@@ -209,8 +211,8 @@ def test_no_gradient_work_without_grad_mode(fast, monkeypatch, mode):
     """A loss computed under no_grad / inference_mode (a validation loss) on logits that require grad computes
     and allocates no gradient."""
     grad_work = []
-    real = torch_path_fast._grad_terms
-    monkeypatch.setattr(torch_path_fast, "_grad_terms", lambda *a: grad_work.append(1) or real(*a))
+    real = cpu_math.negative_grad
+    monkeypatch.setattr(cpu_math, "negative_grad", lambda *a: grad_work.append(1) or real(*a))
     levels, labels = make_levels(HWS, layout="mix"), make_labels(hws=HWS)
     leaves = leaves_of(levels)
     allocated = []
@@ -249,8 +251,8 @@ def test_kept_gradient_lives_and_dies_with_the_graph(fast, monkeypatch):
     """The kept gradient is held by the loss's autograd graph only: freed with it (a loss never backpropagated
     leaves nothing behind), and 10,000 calls leave the number of live objects flat."""
     kept = []  # weak references to the kept gradients' storages (C++ weak references: Python objects come and go)
-    real = torch_path_fast.forward_sum
-    monkeypatch.setattr(torch_path_fast, "forward_sum", lambda *a, **k: (lambda out: kept.extend(
+    real = cpu_multilevel._fast_forward
+    monkeypatch.setattr(cpu_multilevel, "_fast_forward", lambda *a, **k: (lambda out: kept.extend(
         StorageWeakRef(g.untyped_storage()) for g in (out[1] or [])) or out)(real(*a, **k)))
     levels, labels = make_levels(), make_labels()
     leaves = leaves_of(levels)
@@ -327,20 +329,19 @@ def dense_fast(monkeypatch):
     """Force the torch path with small chunks (many chunks, ragged last one) and record each dense pass:
     ("forward", ok) / ("backward", ok), and ("kept_gradient", True) where a backward used the forward's gradient."""
     monkeypatch.setenv("FOCAL_TRITON_BACKEND", "torch")
-    monkeypatch.setattr(torch_path_fast, "CHUNK", 1000)
+    monkeypatch.setattr(cpu_math, "FAST_CHUNK", 1000)
     calls = []
-    real = torch_path_fast.dense_pass
+    real = cpu_dense._negatives_pass
 
     def spy(*a, **k):
         out = real(*a, **k)
-        calls.append(("forward" if a[6] else "backward", out is not None))
+        calls.append(("forward" if a[5] else "backward", out is not None))
         return out
 
-    monkeypatch.setattr(torch_path_fast, "dense_pass", spy)
-    from focal_triton import ops
-
-    real_kept = ops._kept_times
-    monkeypatch.setattr(ops, "_kept_times", lambda *a: calls.append(("kept_gradient", True)) or real_kept(*a))
+    monkeypatch.setattr(cpu_dense, "_negatives_pass", spy)
+    real_kept = focal_triton.ops.dense._kept_times
+    monkeypatch.setattr(focal_triton.ops.dense, "_kept_times", lambda *a: calls.append(("kept_gradient", True))
+                        or real_kept(*a))
     return calls
 
 
@@ -402,8 +403,8 @@ def test_dense_kept_gradient_with_loss_sum_is_taken_as_it_is(dense_fast, monkeyp
     .mean() and a weighted sum scale it."""
     x, t = _dense_inputs(torch.float32, True)
     kept = []
-    real = torch_path_fast.dense_pass
-    monkeypatch.setattr(torch_path_fast, "dense_pass", lambda *a, **k: (lambda out: kept.append(
+    real = cpu_dense._negatives_pass
+    monkeypatch.setattr(cpu_dense, "_negatives_pass", lambda *a, **k: (lambda out: kept.append(
         out[1].data_ptr()) or out)(real(*a, **k)))
     leaf = x.clone().requires_grad_(True)
     focal_triton.sigmoid_focal_loss(leaf, t).sum().backward()
@@ -429,8 +430,8 @@ def test_special_offsets_are_the_sorted_offsets(layout, hw):
         level = level.contiguous(memory_format=torch.channels_last)
     m = hw[0] * hw[1] * a
     labels = torch.randint(-2, c, (n, m), generator=g)
-    chunks = torch_path_fast._chunks(level)
-    special = torch_path_fast._Special(level, labels, a, -2, chunks)
+    chunks = cpu_multilevel._chunks(level)
+    special = cpu_multilevel._Special(level, labels.view(n, hw[0] * hw[1], a), a, -2, chunks)
     expected = []
     for i in range(n):
         for pos in range(hw[0] * hw[1]):

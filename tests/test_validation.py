@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import focal_triton
-from focal_triton import kernels, torch_path
+from focal_triton.cpu import dense as cpu_dense
+from focal_triton.kernels import dense as kernels_dense
 
 
 @pytest.fixture(autouse=True)
@@ -12,9 +13,9 @@ def no_launch(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("an implementation ran before the input was rejected")
 
-    for module in (kernels, torch_path):
-        monkeypatch.setattr(module, "sigmoid_focal_forward", forbidden)
-        monkeypatch.setattr(module, "sigmoid_focal_backward", forbidden)
+    for module in (kernels_dense, cpu_dense):
+        monkeypatch.setattr(module, "forward", forbidden)
+        monkeypatch.setattr(module, "backward", forbidden)
 
 
 def call(x=None, t=None, **kw):

@@ -12,8 +12,7 @@ reduction "mean" = sum / avg_factor (+ float32 eps, as mmdet) or the mean over a
 import torch
 from torch import nn
 
-from ..functional import sigmoid_focal_loss
-from ..multilevel import focal_loss
+from ..functional import focal_loss, sigmoid_focal_loss
 
 _EPS = torch.finfo(torch.float32).eps  # mmdet's weight_reduce_loss divides by avg_factor + eps
 

@@ -23,7 +23,7 @@ from torchvision.models.detection.fcos import FCOS
 from torchvision.models.detection.retinanet import RetinaNet
 from torchvision.ops import generalized_box_iou_loss
 
-from ..multilevel import multilevel_focal_loss
+from ..functional import multilevel_focal_loss
 from ..stats import LossStatistics
 from ..validation import check_alpha, check_bool, check_gamma
 

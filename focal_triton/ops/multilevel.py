@@ -1,0 +1,171 @@
+"""Registered ops of the class-index loss over the levels of a detector head (``torch.ops.focal_triton.*``):
+backend choice, fake (meta) shapes and autograd.
+
+    focal_triton::multilevel_focal_loss(levels, labels, weights, scores, alpha_per_class, normalizer,
+        norm_value, num_anchors, kind, c0, c1, gamma, beta, smoothing, ignore_index, reduction, out_dtype,
+        with_stats, requires_grad) -> Tensor[]
+        "sum": [loss (0-d, float32; float64 for float64 logits), scale (N,)], with_stats adding the (N, M)
+        per-anchor losses of the same pass (not differentiable), and where `keeps_gradient` (the CPU path's
+        float32 FL with requires_grad: the caller's grad mode and the levels' requires_grad) the gradient of the
+        loss w.r.t. each level, computed in the forward's pass and saved for this call's backward (in the autograd
+        graph: freed with it); "none": the per-level losses, each in its level's layout, in out_dtype.
+    focal_triton::multilevel_focal_loss_backward(grads, levels, labels, weights, scores, alpha_per_class, scale,
+        num_anchors, kind, c0, c1, gamma, beta, smoothing, ignore_index) -> Tensor[] (one gradient per level)
+
+Arguments arrive validated and encoded by `focal_triton.validation` (a `ClassIndexCall`): levels in any layout
+(NCHW-contiguous and channels_last ones are read in place; another is copied once into NCHW inside the op, so that
+no layout question is asked while torch.compile traces the caller: it would guard on sizes equal to 1), labels
+(N, M) contiguous int32/int64, weights / scores (N, M) and alpha_per_class (C,) contiguous in the compute dtype,
+normalizer None (the number norm_value), 0-d or (N,); kind .. smoothing the loss (`losses.LossSpec`). `scale` is
+the per-image factor of the forward, the one thing of the forward the backward needs besides the inputs.
+"""
+from typing import List, Optional
+
+import torch
+
+from ..losses import LossSpec, compute_dtype
+from .backend import implementation, like, like_levels, native_layout, scaled, select_backend, serialized
+
+
+def _is_empty(levels) -> bool:
+    return all(lv.numel() == 0 for lv in levels)
+
+
+def keeps_gradient(levels, weights, alpha_per_class, spec, reduction, with_stats, requires_grad) -> bool:
+    """Whether the forward op also returns the levels' gradients (one per level, after the other outputs): only
+    when they will be needed (requires_grad) and the CPU path computes them in the forward's own pass."""
+    if not requires_grad or reduction != "sum" or select_backend(levels[0].device) != "torch":
+        return False
+    from ..cpu import multilevel
+
+    return multilevel.keeps_gradient(levels, weights, alpha_per_class, spec, with_stats)
+
+
+@torch.library.custom_op("focal_triton::multilevel_focal_loss", mutates_args=())
+def multilevel_focal_loss_op(levels: List[torch.Tensor], labels: torch.Tensor, weights: Optional[torch.Tensor],
+                             scores: Optional[torch.Tensor], alpha_per_class: Optional[torch.Tensor],
+                             normalizer: Optional[torch.Tensor], norm_value: float, num_anchors: int, kind: int,
+                             c0: float, c1: float, gamma: float, beta: float, smoothing: float,
+                             ignore_index: Optional[int], reduction: str, out_dtype: torch.dtype, with_stats: bool,
+                             requires_grad: bool) -> List[torch.Tensor]:
+    x = levels[0]
+    spec = LossSpec(kind, c0, c1, gamma, beta, smoothing)
+    keep = keeps_gradient(levels, weights, alpha_per_class, spec, reduction, with_stats, requires_grad)
+    if _is_empty(levels):
+        if reduction == "none":
+            return [torch.empty_like(lv, dtype=out_dtype) for lv in levels]
+        cdt = compute_dtype(x.dtype)
+        return [torch.zeros((), dtype=cdt, device=x.device), torch.zeros(x.shape[0], dtype=cdt, device=x.device)] \
+            + ([torch.zeros(labels.shape, dtype=cdt, device=x.device)] if with_stats else []) \
+            + ([torch.zeros_like(lv) for lv in levels] if keep else [])
+    native = [native_layout(lv) for lv in levels]
+    args = (native, labels, weights, scores, alpha_per_class, spec, ignore_index, num_anchors, reduction,
+            normalizer, norm_value, out_dtype)
+    impl = implementation(x.device, "multilevel")
+    if keep:
+        *out, kept = impl.forward(*args, keep_grad=True)
+        return list(out) + like_levels(kept, levels, native)
+    with serialized(x.device):
+        out = list(impl.forward(*args, with_stats=with_stats))
+    return like_levels(out, levels, native) if reduction == "none" else out
+
+
+@multilevel_focal_loss_op.register_fake
+def _(levels, labels, weights, scores, alpha_per_class, normalizer, norm_value, num_anchors, kind, c0, c1, gamma,
+      beta, smoothing, ignore_index, reduction, out_dtype, with_stats, requires_grad):
+    x = levels[0]
+    if reduction == "none":
+        return [torch.empty_like(lv, dtype=out_dtype) for lv in levels]
+    cdt = compute_dtype(x.dtype)
+    keep = keeps_gradient(levels, weights, alpha_per_class, LossSpec(kind, c0, c1, gamma, beta, smoothing),
+                          reduction, with_stats, requires_grad)
+    return [x.new_empty((), dtype=cdt), x.new_empty((x.shape[0],), dtype=cdt)] \
+        + ([x.new_empty(labels.shape, dtype=cdt)] if with_stats else []) \
+        + ([torch.empty_like(lv) for lv in levels] if keep else [])
+
+
+@torch.library.custom_op("focal_triton::multilevel_focal_loss_backward", mutates_args=())
+def multilevel_focal_loss_backward_op(grads: List[torch.Tensor], levels: List[torch.Tensor], labels: torch.Tensor,
+                                      weights: Optional[torch.Tensor], scores: Optional[torch.Tensor],
+                                      alpha_per_class: Optional[torch.Tensor], scale: Optional[torch.Tensor],
+                                      num_anchors: int, kind: int, c0: float, c1: float, gamma: float, beta: float,
+                                      smoothing: float, ignore_index: Optional[int]) -> List[torch.Tensor]:
+    if _is_empty(levels):
+        return [torch.zeros_like(lv) for lv in levels]
+    native = [native_layout(lv) for lv in levels]
+    if scale is None:
+        # Upstream gradients of "none" losses, in each level's layout (one copy only where they differ).
+        grads = [like(lv, g) for lv, g in zip(native, grads)]
+    device = levels[0].device
+    with serialized(device):
+        outs = implementation(device, "multilevel").backward(
+            grads, native, labels, weights, scores, alpha_per_class, LossSpec(kind, c0, c1, gamma, beta, smoothing),
+            ignore_index, num_anchors, scale=scale)
+    return like_levels(outs, levels, native)
+
+
+@multilevel_focal_loss_backward_op.register_fake
+def _(grads, levels, labels, weights, scores, alpha_per_class, scale, num_anchors, kind, c0, c1, gamma, beta,
+      smoothing, ignore_index):
+    return [torch.empty_like(lv) for lv in levels]
+
+
+# The backward returns one entry per input of the op: the levels' gradients, and None for every other one.
+_OTHER_INPUTS = len(torch.ops.focal_triton.multilevel_focal_loss.default._schema.arguments) - 1
+
+
+def _setup_context(ctx, inputs, output):
+    (levels, labels, weights, scores, alpha_per_class, normalizer, norm_value, num_anchors, kind, c0, c1, gamma,
+     beta, smoothing, ignore_index, reduction, out_dtype, with_stats, requires_grad) = inputs
+    ctx.num_levels = len(levels)
+    ctx.reduction = reduction
+    # The outputs other than the loss(es) get no gradient: None, not logit-sized zeros made for them.
+    ctx.set_materialize_grads(False)
+    ctx.kept = keeps_gradient(levels, weights, alpha_per_class, LossSpec(kind, c0, c1, gamma, beta, smoothing),
+                              reduction, with_stats, requires_grad)
+    if ctx.kept:  # the forward computed the gradients: they are all the backward needs
+        ctx.save_for_backward(*output[-len(levels):])
+        return
+    scale = output[1] if reduction != "none" else None
+    ctx.save_for_backward(*levels, labels, weights, scores, alpha_per_class, scale)
+    ctx.params = (num_anchors, kind, c0, c1, gamma, beta, smoothing, ignore_index)
+
+
+def _backward(ctx, grads):
+    saved = ctx.saved_tensors
+    if ctx.kept:
+        return (scaled(saved, grads[0]),) + (None,) * _OTHER_INPUTS
+    levels, (labels, weights, scores, alpha_per_class, scale) = list(saved[:ctx.num_levels]), saved[ctx.num_levels:]
+    if ctx.reduction == "none":
+        # A level whose loss was not used gets no gradient from autograd: its upstream gradient is zero.
+        upstream = [g if g is not None else torch.zeros_like(lv) for g, lv in zip(grads, levels)]
+    else:
+        upstream = [grads[0] if grads[0] is not None else torch.zeros((), dtype=scale.dtype, device=scale.device)]
+    grad_levels = multilevel_focal_loss_backward_op(upstream, levels, labels, weights, scores, alpha_per_class,
+                                                    scale, *ctx.params)
+    return (grad_levels,) + (None,) * _OTHER_INPUTS
+
+
+multilevel_focal_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def op_args(call) -> tuple:
+    """The forward op's arguments for a validated class-index call (`validation.ClassIndexCall`)."""
+    s = call.spec
+    return (call.levels, call.labels, call.weights, call.scores, call.alpha_per_class, call.normalizer,
+            call.norm_value, call.num_anchors, int(s.kind), s.c0, s.c1, s.gamma, s.beta, s.smoothing,
+            call.ignore_index, call.reduction, call.out_dtype, call.with_stats, call.requires_grad)
+
+
+def backward_op_args(call, grads, scale) -> tuple:
+    """The backward op's arguments for the same call: upstream gradients (one 0-d for "sum", with the forward's
+    scale; per-level for "none", scale None)."""
+    s = call.spec
+    return (grads, [lv.detach() for lv in call.levels], call.labels, call.weights, call.scores,
+            call.alpha_per_class, scale, call.num_anchors, int(s.kind), s.c0, s.c1, s.gamma, s.beta, s.smoothing,
+            call.ignore_index)
+
+
+def multilevel_focal_loss(call) -> list:
+    """The op's outputs for a validated class-index call."""
+    return multilevel_focal_loss_op(*op_args(call))

@@ -5,12 +5,19 @@ set before triton is first imported, which is why it happens here, at the top of
 With CUDA the same tests run the compiled kernels on the GPU, unchanged.
 """
 import os
+import tempfile
 
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# On a GPU the suite checks the kernels with their heuristic configs and never writes the user's tuning cache: tuning
+# is off unless a test turns it on (tests/test_bench_tuning.py, tests/test_gpu.py), and any tuning file goes to a
+# directory of this session. (Set either variable before running pytest to override.)
+SUITE_TURNED_TUNING_OFF = "FOCAL_TRITON_AUTOTUNE" not in os.environ
+os.environ.setdefault("FOCAL_TRITON_AUTOTUNE", "0")
+os.environ.setdefault("FOCAL_TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="focal_triton_test_tune_"))
 
 import pytest  # noqa: E402
 

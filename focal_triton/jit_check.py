@@ -84,9 +84,13 @@ class Recorder:
             attrs = compile["configs"][0] if compile["configs"] else {}
             aligned = sorted(names[path[0]] for path, a in attrs.items()
                              if len(path) == 1 and any(x[0] == "tt.divisibility" and x[1] == 16 for x in a))
+            declared = {p.name for p in fn.jit_function.params if p.is_constexpr}
             rec = dict(kernel=fn.name, arch=arch, signature={k: v for k, v in compile["signature"].items()},
                        constexprs=constexprs, aligned=aligned, num_warps=compile["num_warps"],
-                       num_stages=compile["num_stages"])
+                       num_stages=compile["num_stages"],
+                       # arguments the JIT turned into constants (an integer equal to 1 not do_not_specialize'd)
+                       specialized=sorted(k for k, v in compile["signature"].items()
+                                          if v == "constexpr" and k not in declared))
             ident = json.dumps(rec, sort_keys=True)
             if ident not in self._seen:
                 self._seen.add(ident)
@@ -166,7 +170,7 @@ def run_cases(calls, archs=ARCHS, compile=True, log=None):
                     if log:
                         print(f"sm_{arch} {call.name}: ok", file=log, flush=True)
         seconds[arch] = round(time.perf_counter() - start, 2)
-    return dict(specializations=rec.specializations, errors=errors, seconds=seconds)
+    return dict(specializations=rec.specializations, errors=errors, seconds=seconds, calls=[c.name for c in calls])
 
 
 def num_stages_ptx(kernel_call, arch=90, stages=(1, 2, None)):
@@ -242,12 +246,14 @@ def main(argv=None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="record the specializations, compile nothing")
     parser.add_argument("--json", help="write the result here")
     args = parser.parse_args(argv)
+    started = time.perf_counter()
     module = load_cases(args.cases)
     calls = getattr(module, args.set)
     result = run_cases(calls, [int(a) for a in args.archs.split(",")], not args.no_compile, log=sys.stdout)
     if hasattr(module, "num_stages_cases") and not args.no_compile:
         result["num_stages_ptx_identical"] = {
             name: len(set(num_stages_ptx(fn).values())) == 1 for name, fn in module.num_stages_cases()}
+    result["wall_s"] = round(time.perf_counter() - started, 1)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

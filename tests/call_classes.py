@@ -420,7 +420,27 @@ EDGE = [
     Multilevel("edge multilevel fp32 stats one image C=1", torch.float32, ((1, 1),), n=1, a=1, c=1, stats=True),
 ]
 
-ALL = SMOKE + EDGE
+# The call classes of tests/test_gpu.py and of bench/gpu_check.py's steps c-e (small sizes, the same specializations):
+# compiled by the stand-in check with the rest, and by gpu-check's prep step before those steps run.
+GPU_TEST_CALLS = [
+    *[Dense(f"gpu tests dense {str(dt)[6:]} {r}", dt, (3001,), r) for dt in (torch.float32, torch.float16,
+      torch.bfloat16) for r in ("none", "mean", "sum")],
+    Dense("gpu tests dense bf16 none, 64-bit indexing with n above 2**31 - 1 (i64 n: not here)", torch.bfloat16,
+          (257,), "none", int64=True),
+    *[Multilevel(f"gpu tests COCO head {str(dt)[6:]} {layout}", dt, ((5, 6), (3, 3), (2, 2)), a=9, c=80,
+                 layout=layout, normalizer="per_image_int") for dt in (torch.float32, torch.bfloat16)
+      for layout in ("mix", "cl")],
+    Multilevel("gpu tests README loss stage fp32 C=80", torch.float32, ((4, 5), (2, 3)), a=9, c=80,
+               normalizer="per_image_int"),
+    Multilevel("gpu tests autocast fp16 C=80 cl", torch.float16, ((4, 5), (2, 3)), a=9, c=80, layout="cl",
+               normalizer="per_image_int", autocast=torch.float16),
+    Multilevel("gpu-check sanitizer bf16 C=20 weights", torch.bfloat16, ((9, 7), (5, 4), (1, 1)), c=20,
+               layout="mix", weights=True, normalizer="per_image_int"),
+    Multilevel("gpu-check sanitizer bf16 C=20 none gamma=1.5", torch.bfloat16, ((9, 7), (5, 4), (1, 1)), c=20,
+               layout="mix", reduction="none", gamma=1.5),
+]
+
+ALL = SMOKE + EDGE + GPU_TEST_CALLS
 
 
 def num_stages_cases():

@@ -12,6 +12,9 @@ from test_multilevel_focal_loss import check_multilevel, make_labels, make_level
 import focal_triton
 from focal_triton.kernels import tuning
 
+# On a GPU these run on the CUDA launch path: `make gpu-check` runs them with the gpu tests.
+pytestmark = pytest.mark.cuda_path
+
 CANDIDATES = [dict(BLOCK=512, num_warps=4), dict(BLOCK=1024, num_warps=4), dict(BLOCK=2048, num_warps=8)]
 
 

@@ -13,6 +13,9 @@ from focal_triton import dispatch
 from focal_triton.kernels import launch
 from focal_triton.kernels import sigmoid_focal as sf
 
+# On a GPU these run on the CUDA launch path: `make gpu-check` runs them with the gpu tests.
+pytestmark = pytest.mark.cuda_path
+
 
 def test_auto_backend_in_this_session():
     """CUDA -> compiled kernels; CPU in this test session (TRITON_INTERPRET=1 from conftest) -> interpreted kernels."""

@@ -25,6 +25,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -410,18 +411,18 @@ def prep_calls(steps_):
     that tune, every candidate of their shapes (forced, as tuning launches them)."""
     sys.path.insert(0, TESTS)
     import torch
-    from call_classes import ALL, GPU_TEST_CALLS, Dense, Multilevel
+    from call_classes import ALL, Dense, Multilevel
 
     from focal_triton.kernels import tuning
 
-    calls = [(c, None) for c in ALL + GPU_TEST_CALLS]
+    calls = [(c, None) for c in ALL]
     if "a" in steps_:  # tests/test_gpu.py::test_no_host_sync tunes the dense fp32 sum and mean
         for cfg in [tuning.HEURISTIC] + tuning.DENSE_CANDIDATES:
-            calls.append((Dense("tuning dense fp32", torch.float32, (4097,), "mean"), cfg))
-    if "e" in steps_:  # the RetinaNet bf16 tuning of step e: NCHW levels, C = 80, int64 labels and normalizer
+            calls += [(Dense(f"tuning dense fp32 {r}", torch.float32, (4097,), r), cfg) for r in ("sum", "mean")]
+    if "e" in steps_:  # step e tunes RetinaNet: NCHW levels, C = 80, int64 labels and per-image normalizer
         for cfg in [tuning.HEURISTIC] + tuning.MULTILEVEL_CANDIDATES:
-            calls.append((Multilevel("tuning retinanet bf16", torch.bfloat16, ((5, 6), (3, 3)), a=9, c=80,
-                                     normalizer="per_image_int", ignore_index=-2), cfg))
+            calls += [(Multilevel(f"tuning retinanet {str(dt)[6:]}", dt, ((5, 6), (3, 3)), a=9, c=80,
+                                  normalizer="per_image_int"), cfg) for dt in (torch.bfloat16, torch.float32)]
     return calls
 
 
@@ -517,36 +518,19 @@ def child_stage(args):
         note.append("multi-level (check_labels=False) and dense forward + backward")
 
     with ck.check("CUDA graph capture and replay") as note:
-        # The README's example: the loss stage (normalizer, forward, backward) in static buffers.
-        levels = [torch.randn(2, 9 * 80, h, w, device="cuda", requires_grad=True) for h, w in ((32, 40), (16, 20))]
-        labels = torch.full((2, 9 * (32 * 40 + 16 * 20)), -1, device="cuda")
-        labels[:, ::97] = 3
-
-        def step():
-            loss = loss_stage(levels, labels)
-            loss.backward()
-            return loss
-
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step()
-        torch.cuda.current_stream().wait_stream(side)
-        for x in levels:
-            x.grad = None
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_loss = step()
-        labels[:, ::89] = 7
-        for x in levels:
-            x.grad.zero_()
-        graph.replay()
+        # The README's example as it stands (the loss stage in static buffers: warm-up, capture, new labels, replay),
+        # then the same stage run eagerly on the new labels: the replay must give the same bits.
+        with open(os.path.join(ROOT, "README.md")) as f:
+            blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+        code = next(b for b in blocks if "torch.cuda.CUDAGraph" in b)
+        ns = {}
+        exec(compile(code, "README.md (CUDA graph example)", "exec"), ns)
         torch.cuda.synchronize()
-        replayed = static_loss.clone(), [x.grad.clone() for x in levels]
-        eager = fwd_bwd(levels, labels)
+        replayed = ns["static_loss"].clone(), [x.grad.clone() for x in ns["levels"]]
+        eager = fwd_bwd(ns["levels"], ns["labels"])
         assert torch.equal(replayed[0], eager[0]), f"replay {replayed[0].item()!r} != eager {eager[0].item()!r}"
         assert all(torch.equal(a, b) for a, b in zip(replayed[1], eager[1])), "replayed gradients differ"
-        note.append(f"replay on new labels = eager (loss {eager[0].item():.6g})")
+        note.append(f"README example: replay on new labels = eager (loss {eager[0].item():.6g})")
 
     with ck.check("torch.compile fullgraph") as note:
         compiled = torch.compile(loss_stage, fullgraph=True, dynamic=True)
@@ -557,9 +541,9 @@ def child_stage(args):
             out.backward()
             got = out.detach(), [x.grad.clone() for x in levels]
             ref = fwd_bwd(levels, labels)
-            torch.testing.assert_close(got[0], ref[0], rtol=1e-6, atol=0)
+            torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=0)
             for a, b in zip(got[1], ref[1]):
-                torch.testing.assert_close(a, b, rtol=0, atol=0)
+                torch.testing.assert_close(a, b)  # bf16 tolerances: the same kernels, the upstream from inductor
         note.append(f"two shapes, dynamic=True, inductor, {time.perf_counter() - start:.0f} s with compiling")
     return 0 if all(c["ok"] for c in ck.checks) else 1
 

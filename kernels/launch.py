@@ -168,13 +168,19 @@ def load_before_launch(kernel, grid, args, options: dict, constexprs: dict, devi
     """Inside a CUDA-graph capture, compile and load the specialization of this launch first, in a thread capture
     mode that permits it (see capture_permits_loading); elsewhere nothing (the launch compiles and loads as usual).
     For the kernels whose launch is not preceded by max_programs (the final sums)."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if _capturing(device):
         with capture_permits_loading(device):
             kernel.warmup(*args, grid=grid, **options, **constexprs)._init_handles()
 
 
 # CUstreamCaptureMode of the CUDA driver API.
 _CAPTURE_MODE_RELAXED = 2
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether the current stream of `device` (the current device: the launchers run under device_guard) captures a
+    CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 @functools.lru_cache(maxsize=None)
@@ -193,7 +199,7 @@ def capture_permits_loading(device: torch.device):
     permitted while a stream captures a CUDA graph in the default (global) mode: inside a capture, this thread's
     capture mode is set to relaxed (cuThreadExchangeStreamCaptureMode) for the duration, and a failure is raised
     with what to do. Outside a capture: nothing."""
-    if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+    if not _capturing(device):
         yield
         return
     lib = _libcuda()

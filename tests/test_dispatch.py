@@ -208,6 +208,7 @@ def _pretend_capture(monkeypatch, fail=False):
             return Compiled()
 
     monkeypatch.setattr(launch, "_libcuda", lambda: lib, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     monkeypatch.setattr(launch, "sm_resources", lambda index: H100)
     monkeypatch.setattr(launch, "_PERSISTENT_GRID", {})

@@ -72,28 +72,27 @@ def test_tuning_times_on_the_tensors_device(monkeypatch, tmp_path):
     assert_close(grad, focal_grad_ref(x, t, 0.25, 2.0, "sum"), what="grad")
 
 
-# A fresh process (nothing compiled or loaded yet): the loss stage warmed up in float32 (torch's own lazy setup),
-# then captured in bfloat16 / float16, so that every focal_triton kernel specialization of the capture is met for the
-# first time inside it; tuning is on, so untuned keys take the heuristic there. The replay must equal the eager
-# result with the same (heuristic) configs.
+# A fresh process: the loss stage is warmed up once (so that torch's own kernels and allocations are ready, as
+# torch.cuda.graph requires), then captured with options that make every focal_triton kernel a new specialization
+# (fractional gamma, "mean", a per-image normalizer), met for the first time inside the capture, with tuning on (the
+# untuned keys take the heuristic there). The replay must give the eager result.
 CAPTURE_FIRST = r"""
-import os, sys, torch, focal_triton
+import torch, focal_triton
 from focal_triton.kernels import multilevel_focal as mf, sigmoid_focal as sf
 
-def inputs(dtype):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    levels = [torch.randn(2, 9 * 80, h, w, device="cuda", generator=g).to(dtype).requires_grad_(True)
-              for h, w in ((32, 40), (16, 20))]
-    labels = torch.full((2, 9 * (32 * 40 + 16 * 20)), -1, device="cuda")
-    labels[:, ::97] = 3
-    x = torch.randn(10007, device="cuda", generator=g).to(dtype).requires_grad_(True)
-    t = (torch.rand(10007, device="cuda", generator=g) < 0.1).to(dtype)
-    return levels, labels, x, t
+g = torch.Generator(device="cuda").manual_seed(0)
+levels = [torch.randn(2, 9 * 80, h, w, device="cuda", generator=g).requires_grad_(True) for h, w in ((32, 40), (16, 20))]
+labels = torch.full((2, 9 * (32 * 40 + 16 * 20)), -1, device="cuda")
+labels[:, ::97] = 3
+x = torch.randn(10007, device="cuda", generator=g).requires_grad_(True)
+t = (torch.rand(10007, device="cuda", generator=g) < 0.1).float()
 
-def step(levels, labels, x, t):
+def step(warm):
     norm = (labels >= 0).sum(1).clamp(min=1)
-    loss = focal_triton.multilevel_focal_loss(levels, labels, 9, normalizer=norm, check_labels=False)
-    dense = focal_triton.sigmoid_focal_loss(x, t, reduction="mean")
+    gamma = 2.0 if warm else 1.5
+    loss = focal_triton.multilevel_focal_loss(levels, labels, 9, gamma=gamma, normalizer=norm.sum() if warm else norm,
+                                              check_labels=False)
+    dense = focal_triton.sigmoid_focal_loss(x, t, gamma=gamma, reduction="sum" if warm else "mean")
     (loss + dense).backward()
     return loss, dense
 
@@ -105,31 +104,30 @@ def loaded():
 side = torch.cuda.Stream()
 side.wait_stream(torch.cuda.current_stream())
 with torch.cuda.stream(side):
-    step(*inputs(torch.float32))
+    step(True)
 torch.cuda.current_stream().wait_stream(side)
 torch.cuda.synchronize()
-dtype = getattr(torch, sys.argv[1])
-args = inputs(dtype)
+for a in levels + [x]:
+    a.grad = None
 before = loaded()
 graph = torch.cuda.CUDAGraph()
 with torch.cuda.graph(graph):
-    static = step(*args)
+    static = step(False)
 met_in_capture = loaded() - before
 graph.replay()
 torch.cuda.synchronize()
-grads = [a.grad.clone() for a in args[0] + [args[2]]]
-os.environ["FOCAL_TRITON_AUTOTUNE"] = "0"
-for a in args[0] + [args[2]]:
+grads = [a.grad.clone() for a in levels + [x]]
+for a in levels + [x]:
     a.grad = None
-ref = step(*args)
-assert torch.equal(static[0], ref[0]) and torch.equal(static[1], ref[1]), (static, ref)
-assert all(torch.equal(g, a.grad) for g, a in zip(grads, args[0] + [args[2]]))
+ref = step(False)  # eager: now tuned where the capture took the heuristic, so sums may differ in the last bits
+torch.testing.assert_close(static[0], ref[0], rtol=1e-5, atol=0)
+torch.testing.assert_close(static[1], ref[1], rtol=1e-5, atol=0)
+assert all(torch.equal(g, a.grad) for g, a in zip(grads, levels + [x]))  # elementwise: the same bits
 print("specializations met in the capture:", met_in_capture)
 """
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_first_launch_inside_cuda_graph_capture(tmp_path, dtype):
+def test_first_launch_inside_cuda_graph_capture(tmp_path):
     """Kernel specializations met for the first time inside a CUDA-graph capture (global capture mode) are
     compiled and loaded there (launch.capture_permits_loading), and the captured loss stage replays right."""
     import os
@@ -137,11 +135,10 @@ def test_first_launch_inside_cuda_graph_capture(tmp_path, dtype):
     import sys
 
     env = dict(os.environ, FOCAL_TRITON_AUTOTUNE="1", FOCAL_TRITON_CACHE_DIR=str(tmp_path))
-    r = subprocess.run([sys.executable, "-c", CAPTURE_FIRST, dtype], capture_output=True, text=True, env=env,
-                       timeout=300)
+    r = subprocess.run([sys.executable, "-c", CAPTURE_FIRST], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr[-4000:]
     met = int(r.stdout.split("specializations met in the capture:")[1])
-    assert met >= 5  # the forward, final sum and backward kernels of both forms
+    assert met >= 6  # forward, final sum and backward of both forms: the sized and the final-sum launch paths
 
 
 def test_more_than_2_31_elements():

@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test bench bench-results tune aot clean
+.PHONY: test bench bench-results tune aot gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,5 +39,14 @@ tune: $(VENV)/.installed-bench
 aot: $(VENV)/.installed-test
 	$(PY) -m focal_triton.aot
 
+# The GPU check (bench/gpu_check.py; docs/gpu-check.md): tests, smoke set, CUDA graphs, torch.compile, memcheck,
+# tuning and a quick benchmark on this machine's GPU in about 7 minutes, report in gpu-report/. Flags through ARGS
+# (ARGS=--dry-run lists the steps; --budget S, --report DIR). It installs nothing and creates no venv: it runs with
+# .venv's Python where that has torch, else with $(PYTHON) (a GPU box's, torch with CUDA preinstalled); set
+# GPU_PYTHON=... to choose. Without CUDA it says so and exits 0.
+GPU_PYTHON ?= $(shell $(PY) -c "import torch" >/dev/null 2>&1 && echo $(PY) || echo $(PYTHON))
+gpu-check:
+	$(GPU_PYTHON) bench/gpu_check.py $(ARGS)
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis gpu-report

@@ -26,12 +26,21 @@ def retinanet_like(batch: int, h: int, w: int, device, dtype, seed: int = 0):
     return logits, targets.to(device=device, dtype=dtype)
 
 
-def _time(fn, repeats: int) -> float:
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, repeats: int, device: torch.device) -> float:
+    """Best wall time of fn() over `repeats` calls after one warm-up; on CUDA each timed call starts and ends with a
+    synchronize, so the time is that of the work, not of queueing it."""
     fn()
     best = float("inf")
     for _ in range(repeats):
+        _sync(device)
         start = time.perf_counter()
         fn()
+        _sync(device)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -70,8 +79,8 @@ def main(argv=None):
             fn(xi, targets, alpha=0.25, gamma=2.0, reduction="sum").backward()
         return run
 
-    ours = _time(step(focal_triton.sigmoid_focal_loss), 3)
-    theirs = _time(step(tv_loss), 3)
+    ours = _time(step(focal_triton.sigmoid_focal_loss), 3, device)
+    theirs = _time(step(tv_loss), 3, device)
     print(f"forward + backward, best of 3: focal_triton {ours * 1e3:.1f} ms, torchvision {theirs * 1e3:.1f} ms "
           f"(ratio {theirs / ours:.2f}x, measured side by side in this run)")
     detector_head(h, w, device)
@@ -115,7 +124,7 @@ def detector_head(h: int, w: int, device, num_anchors: int = 9, num_classes: int
     diff = max((a.grad - b.grad).abs().max().item() for a, b in zip(g1, g2))
     print(f"multilevel loss = {l1.item():.6f}   torchvision compute_loss = {l2.item():.6f}   "
           f"max |grad difference| = {diff:.3e}")
-    t_ours, t_theirs = _time(ours, 3), _time(theirs, 3)
+    t_ours, t_theirs = _time(ours, 3, device), _time(theirs, 3, device)
     print(f"detector loss forward + backward, best of 3: focal_triton {t_ours * 1e3:.1f} ms, torchvision "
           f"{t_theirs * 1e3:.1f} ms (ratio {t_theirs / t_ours:.2f}x, measured side by side in this run)")
 

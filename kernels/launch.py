@@ -12,6 +12,7 @@ tensors take several loop iterations per program and a masked tail tile, the con
 tensors. Autotuning cannot run there (it needs a GPU to time configs).
 """
 import contextlib
+import ctypes
 import functools
 from dataclasses import dataclass
 
@@ -62,10 +63,25 @@ def gpu_block(itemsize: int) -> int:
     return GPU_NUM_WARPS * 32 * GPU_BYTES_PER_THREAD // itemsize
 
 
+class _StandIn:
+    """Set by focal_triton.jit_check while CPU tensors stand in for CUDA ones (a stand-in driver compiles each launch
+    for a GPU target with `warmup`): the launchers then take the compiled path's configs and grids."""
+
+    sm = None  # SMResources of the stand-in GPU, or None: no stand-in
+
+
+STANDIN = _StandIn()
+
+
+def compiled_path(device: torch.device) -> bool:
+    """True where the kernels are compiled for a GPU: CUDA tensors (or a stand-in GPU, see _StandIn)."""
+    return device.type == "cuda" or STANDIN.sm is not None
+
+
 def config_for(device: torch.device, itemsize: int) -> ElementwiseConfig:
     """The config a launch uses for logits of this itemsize on this device: on CUDA the tuned one (tuning.py) when
     tuning chose one for this launch, else the heuristic above."""
-    if device.type != "cuda":
+    if not compiled_path(device):
         return INTERPRETER_CONFIG
     from .tuning import forced
 
@@ -134,14 +150,70 @@ def max_programs(kernel, args, constexprs: dict, cfg: ElementwiseConfig, device:
         return cfg.max_programs
     key = (kernel.fn.__name__, device.index, cfg.num_warps, cfg.num_stages,
            tuple(_specialization_key(a) for a in args), tuple(sorted(constexprs.items(), key=lambda kv: kv[0])))
+    if STANDIN.sm is not None:  # compiled for the stand-in GPU, never loaded: a grid of 4 programs per SM
+        kernel.warmup(*args, grid=(1,), **cfg.options(), **constexprs)
+        return STANDIN.sm.count * 4
     grid = _PERSISTENT_GRID.get(key)
     if grid is None:
-        compiled = kernel.warmup(*args, grid=(1,), **cfg.options(), **constexprs)
-        compiled._init_handles()
+        with capture_permits_loading(device):
+            compiled = kernel.warmup(*args, grid=(1,), **cfg.options(), **constexprs)
+            compiled._init_handles()
         sm = sm_resources(device.index)
         grid = sm.count * programs_per_sm(compiled.n_regs, compiled.metadata.shared, cfg.num_warps, sm)
         _PERSISTENT_GRID[key] = grid
     return grid
+
+
+def load_before_launch(kernel, grid, args, options: dict, constexprs: dict, device: torch.device):
+    """Inside a CUDA-graph capture, compile and load the specialization of this launch first, in a thread capture
+    mode that permits it (see capture_permits_loading); elsewhere nothing (the launch compiles and loads as usual).
+    For the kernels whose launch is not preceded by max_programs (the final sums)."""
+    if _capturing(device):
+        with capture_permits_loading(device):
+            kernel.warmup(*args, grid=grid, **options, **constexprs)._init_handles()
+
+
+# CUstreamCaptureMode of the CUDA driver API.
+_CAPTURE_MODE_RELAXED = 2
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether the current stream of `device` (the current device: the launchers run under device_guard) captures a
+    CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+@functools.lru_cache(maxsize=None)
+def _libcuda():
+    try:
+        return ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        from triton.backends.nvidia.driver import libcuda_dirs
+
+        return ctypes.CDLL(f"{libcuda_dirs()[0]}/libcuda.so.1")
+
+
+@contextlib.contextmanager
+def capture_permits_loading(device: torch.device):
+    """Loading a module (cuModuleLoadData, what Triton's `_init_handles` does on a kernel's first launch) is not
+    permitted while a stream captures a CUDA graph in the default (global) mode: inside a capture, this thread's
+    capture mode is set to relaxed (cuThreadExchangeStreamCaptureMode) for the duration, and a failure is raised
+    with what to do. Outside a capture: nothing."""
+    if not _capturing(device):
+        yield
+        return
+    lib = _libcuda()
+    mode = ctypes.c_int(_CAPTURE_MODE_RELAXED)
+    if lib.cuThreadExchangeStreamCaptureMode(ctypes.byref(mode)) != 0:
+        raise RuntimeError("focal_triton: cannot set this thread's CUDA-graph capture mode to relaxed")
+    try:
+        yield
+    except RuntimeError as e:
+        raise RuntimeError(
+            "focal_triton: a kernel specialization met for the first time inside a CUDA-graph capture could not be "
+            f"loaded there ({e}); run the captured step once before capturing it (a warm-up)") from e
+    finally:
+        lib.cuThreadExchangeStreamCaptureMode(ctypes.byref(mode))
 
 
 def persistent_grid(kernel, args, constexprs: dict, cfg: ElementwiseConfig, n: int, device: torch.device) -> int:

@@ -35,9 +35,9 @@ import triton
 import triton.language as tl
 
 from .focal_math import family_loss_and_grad
-from .launch import PARTIAL_SUM_BLOCK, device_guard, max_programs
+from .launch import PARTIAL_SUM_BLOCK, compiled_path, device_guard, load_before_launch, max_programs
 from .sigmoid_focal import FL, LossSpec, compute_dtype, kernel_scalars
-from .tuning import MULTILEVEL_CANDIDATES, forced, make_key, tuned
+from .tuning import MULTILEVEL_CANDIDATES, forced, make_key, options_of, tuned
 
 MAX_LEVELS = 8
 # No integer argument is specialized by the JIT (on divisibility by 16 or equality to 1): sizes change with every
@@ -303,15 +303,15 @@ def tile_for(device: torch.device, itemsize: int):
     cfg = forced()  # the tuned config of this launch (tuning.py), where tuning chose one
     if cfg is not None and "BLOCK_HW" in cfg:
         return cfg["BLOCK_HW"], cfg["BLOCK_C"]
-    return gpu_tile(itemsize) if device.type == "cuda" else INTERPRETER_TILE
+    return gpu_tile(itemsize) if compiled_path(device) else INTERPRETER_TILE
 
 
 def launch_options(device: torch.device) -> dict:
     """num_warps (and num_stages where tuning chose them) of a launch."""
     cfg = forced()
     if cfg is not None and "BLOCK_HW" in cfg:
-        return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return dict(num_warps=GPU_NUM_WARPS if device.type == "cuda" else 1)
+        return options_of(cfg)
+    return dict(num_warps=GPU_NUM_WARPS if compiled_path(device) else 1)
 
 
 def _tuning_key(mode: str, levels, num_anchors: int, loss=None) -> str:
@@ -353,7 +353,7 @@ class Plan:
         return list(tensors) + [fill] * (MAX_LEVELS - len(tensors))
 
     def programs_per_image(self, args, constexprs) -> int:
-        if self.device.type != "cuda":
+        if not compiled_path(self.device):
             cap = INTERPRETER_PROGRAMS_PER_IMAGE
         else:
             from .launch import ElementwiseConfig
@@ -444,8 +444,10 @@ def multilevel_focal_forward(levels, labels, weights, alpha, gamma, smoothing, i
     norm_ptr = normalizer if normalizer is not None else torch.empty(1, dtype=torch.float32, device=x.device)
     with device_guard(x.device):
         hi = _round_to_float32(norm_value)
-        normalize_partials_kernel[(1,)](partials, norm_ptr, scale, total, plan.N, P, hi, float(norm_value) - hi,
-                                        NORM_MODE=norm_mode, BLOCK=PARTIAL_SUM_BLOCK)
+        final_args = (partials, norm_ptr, scale, total, plan.N, P, hi, float(norm_value) - hi)
+        final = dict(NORM_MODE=norm_mode, BLOCK=PARTIAL_SUM_BLOCK)
+        load_before_launch(normalize_partials_kernel, (1,), final_args, {}, final, x.device)
+        normalize_partials_kernel[(1,)](*final_args, **final)
     return (total, scale, per_anchor) if with_stats else (total, scale)
 
 

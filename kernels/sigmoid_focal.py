@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .focal_math import family_loss_and_grad
-from .launch import PARTIAL_SUM_BLOCK, config_for, device_guard, needs_int64, persistent_grid
+from .launch import PARTIAL_SUM_BLOCK, config_for, device_guard, load_before_launch, needs_int64, persistent_grid
 from .tuning import DENSE_CANDIDATES, make_key, tuned
 
 
@@ -65,7 +65,10 @@ def _fwd_tile(x_ptr, t_ptr, out_ptr, n, tile, acc, c0, c1, gamma, gamma_int, bet
     return acc
 
 
-@triton.jit
+# Integer arguments are not specialized by the JIT (an argument equal to 1 would become a Python int constant,
+# on which `n.to(...)` does not compile; multiples of 16 would compile a variant of their own): the JIT compiles
+# what the ahead-of-time report checks, with n as i32 (i64 above 2**31 - 1).
+@triton.jit(do_not_specialize=["n", "gamma_int"])
 def sigmoid_focal_fwd_kernel(
     x_ptr, t_ptr, out_ptr, n, c0, c1, gamma, gamma_int, beta,
     REDUCE: tl.constexpr, LOSS_KIND: tl.constexpr, INT_GAMMA: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
@@ -95,7 +98,7 @@ def sigmoid_focal_fwd_kernel(
         tl.store(out_ptr + pid, tl.sum(acc, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_partials", "n"])
 def sum_partials_kernel(partials_ptr, out_ptr, num_partials, n, MEAN: tl.constexpr, BLOCK: tl.constexpr):
     """One program: out = sum(partials) (divided by n for MEAN), in a fixed order, cast to out's dtype."""
     acc = tl.zeros([BLOCK], partials_ptr.dtype.element_ty)
@@ -124,7 +127,7 @@ def _bwd_tile(x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, tile, g0, c0, c1, gamm
     _store_tile(grad_in_ptr, offs, n, g * dfl, MASKED)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "gamma_int"])
 def sigmoid_focal_bwd_kernel(
     x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, c0, c1, gamma, gamma_int, beta,
     GRAD_SCALAR: tl.constexpr, MEAN: tl.constexpr, LOSS_KIND: tl.constexpr, INT_GAMMA: tl.constexpr,
@@ -257,7 +260,9 @@ def sigmoid_focal_forward(x: torch.Tensor, t: torch.Tensor, alpha: float, gamma:
         if not reduce:
             return args[2]
         result = torch.empty((), dtype=out_dtype, device=x.device)
-        sum_partials_kernel[(1,)](args[2], result, grid, n, MEAN=reduction == "mean", BLOCK=PARTIAL_SUM_BLOCK)
+        final = dict(MEAN=reduction == "mean", BLOCK=PARTIAL_SUM_BLOCK)
+        load_before_launch(sum_partials_kernel, (1,), (args[2], result, grid, n), {}, final, x.device)
+        sum_partials_kernel[(1,)](args[2], result, grid, n, **final)
     return result
 
 

@@ -1,14 +1,22 @@
 """Autotuning of the launch configs per GPU, persisted on disk as plain JSON, so a second process starts tuned.
 
-What is tuned: the dense kernels' (BLOCK, num_warps, num_stages) and the multi-level kernel's
-(BLOCK_HW, BLOCK_C, num_warps, num_stages), one choice per key
+What is tuned: the dense kernels' (BLOCK, num_warps) and the multi-level kernel's (BLOCK_HW, BLOCK_C, num_warps),
+one choice per key (num_stages is not a candidate: the kernels' loops are while loops, which Triton does not
+pipeline, so every num_stages compiles to the same PTX)
 
     <launcher>|n<size bucket>|C<classes>|L<channels_last mask>|<dtype>|<mode>
 
 (size bucket = the power of two at or above the number of logits: the best config changes with the size class,
-not with every image size). The first launch with a new key on a GPU times every candidate with
-`triton.testing.do_bench` on the real arguments (the launch is repeated: outputs are rewritten, inputs are read)
-and keeps the fastest; `python -m focal_triton.tune` pre-tunes the shapes of common detectors.
+not with every image size). The first launch with a new key on a GPU times the heuristic config (the empty
+config {}: what the launcher chooses untuned) and every candidate with `triton.testing.do_bench` on the real
+arguments, on the tensors' device (the launch is repeated: outputs are rewritten, inputs are read), and keeps the
+fastest; `python -m focal_triton.tune` pre-tunes the shapes of common detectors.
+
+Failures: a candidate that does not compile or does not fit (out of resources) is skipped; if none is usable, or
+the timing itself runs out of memory (do_bench's 256 MB flush buffer), the key takes the heuristic config for the
+rest of the process (warned once, never retried per call, not written to the file). A CUDA error (a fault) is
+raised: it leaves the device unusable and must not be mistaken for a slow candidate. Inside a CUDA-graph capture
+nothing is timed: an untuned key takes the heuristic config.
 
 Where: `$FOCAL_TRITON_CACHE_DIR` or `~/.cache/focal_triton/`, file `tune-<GPU name>-triton<version>.json`
 (one file per GPU model and triton version; a new triton retunes). Written atomically (temporary file, then
@@ -36,15 +44,17 @@ import torch
 
 AUTOTUNE_ENV = "FOCAL_TRITON_AUTOTUNE"
 CACHE_DIR_ENV = "FOCAL_TRITON_CACHE_DIR"
-FORMAT_VERSION = 1
+# 2: configs without num_stages (format 1 held duplicate candidates that differed only there).
+FORMAT_VERSION = 2
 
-# Candidates, as dicts of launch parameters. Dense kernels: elements per tile, warps, stages.
-DENSE_CANDIDATES = [dict(BLOCK=b, num_warps=w, num_stages=s)
-                    for b in (512, 1024, 2048, 4096) for w in (4, 8) for s in (1, 2) if b // (32 * w) >= 4]
-# Multi-level kernel: positions x classes per tile, warps, stages.
-MULTILEVEL_CANDIDATES = [dict(BLOCK_HW=hw, BLOCK_C=c, num_warps=w, num_stages=s)
+# The heuristic config of a launcher (launch.py, multilevel_focal.py): the launchers read it as "no tuned choice".
+HEURISTIC = {}
+# Candidates, as dicts of launch parameters. Dense kernels: elements per tile, warps.
+DENSE_CANDIDATES = [dict(BLOCK=b, num_warps=w) for b in (512, 1024, 2048, 4096) for w in (4, 8) if b // (32 * w) >= 4]
+# Multi-level kernel: positions x classes per tile, warps.
+MULTILEVEL_CANDIDATES = [dict(BLOCK_HW=hw, BLOCK_C=c, num_warps=w)
                          for hw, c in ((32, 16), (64, 16), (128, 16), (32, 32), (64, 32), (16, 16))
-                         for w in (2, 4, 8) for s in (1, 2) if hw * c // (32 * w) >= 2]
+                         for w in (2, 4, 8) if hw * c // (32 * w) >= 2]
 
 _local = threading.local()
 
@@ -89,6 +99,8 @@ class TuneCache:
         self.path = path
         self.device_name = device_name
         self.configs = {}
+        # Keys whose tuning failed in this process (key -> reason): they take the heuristic, untimed, until exit.
+        self.failed = {}
         self.persistent = True
         self._warned = set()
         self._load()
@@ -141,19 +153,40 @@ class TuneCache:
             self._warn("write", f"cannot write ({type(e).__name__}: {e}); tuned configs kept in memory")
 
 
+class _StopTuning(Exception):
+    """Timing cannot run now (out of memory): no candidate can be measured."""
+
+
+def _cuda_fault(e: BaseException) -> bool:
+    """A CUDA error raised by a launch or a sync (an illegal address, a device assert): the context is unusable."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(e, accelerator_error):
+        return True
+    return isinstance(e, RuntimeError) and any(s in str(e) for s in ("CUDA error", "Triton Error [CUDA]",
+                                                                   "CUDA_ERROR", "cudaError"))
+
+
 def tune(candidates, run, timer):
-    """(best config, {index: ms}) of `candidates` by `timer(lambda: run(config))` (milliseconds); a candidate that
-    fails (does not compile, out of resources) is skipped. Returns (None, {}) if every candidate failed."""
-    times = {}
+    """(best config, {index: ms}, {index: failure}) of `candidates` by `timer(lambda: run(config))` (milliseconds).
+
+    A candidate that fails (does not compile, out of resources, any other error of that candidate) is skipped and
+    its failure recorded; out of memory stops the sweep (nothing more can be timed); a CUDA error is raised. The best
+    config is None if no candidate was timed."""
+    times, failures = {}, {}
     for i, cfg in enumerate(candidates):
         try:
             times[i] = float(timer(lambda cfg=cfg: run(cfg)))
-        except Exception:  # noqa: BLE001 - an unusable candidate is just not chosen
-            continue
+        except torch.cuda.OutOfMemoryError as e:
+            failures[i] = f"{type(e).__name__}: {e}"
+            break
+        except Exception as e:  # noqa: BLE001 - an unusable candidate is just not chosen
+            if _cuda_fault(e):
+                raise
+            failures[i] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
     if not times:
-        return None, {}
+        return None, {}, failures
     best = min(times, key=lambda i: (times[i], i))
-    return dict(candidates[best]), times
+    return dict(candidates[best]), times, failures
 
 
 def _do_bench(fn):
@@ -195,24 +228,36 @@ def use(config):
         _local.config = prev
 
 
+def options_of(config: dict) -> dict:
+    """Triton launch options of a tuned config: num_warps (and num_stages where a config of an older file has it)."""
+    return {k: config[k] for k in ("num_warps", "num_stages") if k in config}
+
+
 def choose(device: torch.device, key: str, candidates, run, cache: TuneCache = None):
     """The config for `key` on `device`: None (the launcher's heuristic) where tuning is off or cannot run (not
-    CUDA, the interpreter, FOCAL_TRITON_AUTOTUNE=0), else the cached or freshly tuned one."""
-    from .launch import interpreter_enabled
+    CUDA, the interpreter, FOCAL_TRITON_AUTOTUNE=0, inside a CUDA-graph capture, a failed tuning), else the cached or
+    freshly tuned one. Timing runs on `device` (do_bench records events on the current device's stream)."""
+    from .launch import device_guard, interpreter_enabled
 
     if device.type != "cuda" or interpreter_enabled() or not autotune_enabled():
         return None
     cache = cache or cache_for(device)
     cfg = cache.get(key)
-    if cfg is None and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        return None  # timing cannot run inside a CUDA-graph capture: the heuristic (warm up or pre-tune first)
-    if cfg is None:
-        best, _ = tune(candidates, lambda c: _run_with(c, run), _TIMER[0])
-        if best is None:
-            return None
-        cache.put(key, best)
-        cfg = best
-    return cfg
+    if cfg is not None or key in cache.failed:
+        return cfg
+    with device_guard(device):
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return None  # timing cannot run inside a CUDA-graph capture: the heuristic (warm up or pre-tune first)
+        best, _, failures = tune([HEURISTIC] + [c for c in candidates if c != HEURISTIC],
+                                 lambda c: _run_with(c, run), _TIMER[0])
+    if best is None:
+        reason = next(iter(failures.values()), "no candidate")
+        cache.failed[key] = reason
+        warnings.warn(f"focal_triton: tuning {key} failed ({reason}); the heuristic config is used for it in this "
+                      "process", RuntimeWarning, stacklevel=3)
+        return None
+    cache.put(key, best)
+    return best
 
 
 def _run_with(config, run):

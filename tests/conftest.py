@@ -5,12 +5,19 @@ set before triton is first imported, which is why it happens here, at the top of
 With CUDA the same tests run the compiled kernels on the GPU, unchanged.
 """
 import os
+import tempfile
 
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# On a GPU the suite checks the kernels with their heuristic configs and never writes the user's tuning cache: tuning
+# is off unless a test turns it on (tests/test_bench_tuning.py, tests/test_gpu.py), and any tuning file goes to a
+# directory of this session. (Set either variable before running pytest to override.)
+SUITE_TURNED_TUNING_OFF = "FOCAL_TRITON_AUTOTUNE" not in os.environ
+os.environ.setdefault("FOCAL_TRITON_AUTOTUNE", "0")
+os.environ.setdefault("FOCAL_TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="focal_triton_test_tune_"))
 
 import pytest  # noqa: E402
 
@@ -20,17 +27,25 @@ DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 POISON = float("nan")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda_path: exercises the CUDA launch path where there is a GPU (runs on "
+                            "CPU too); `make gpu-check` runs these with the gpu tests")
+
+
+@pytest.hookimpl(trylast=True)  # after -m / -k deselection: only the reports whose tests will run are started
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA device (this machine has none)")
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip)
-    # The ahead-of-time compile report (minutes of ptxas) starts now in a child process and its tests run last, so
-    # the rest of the suite runs meanwhile (tests/test_aot_compile.py).
-    aot = [item for item in items if getattr(getattr(item, "module", None), "__name__", "") == "test_aot_compile"]
-    if aot:
-        items[:] = [item for item in items if item not in aot] + aot
-        config.focal_triton_aot = aot[0].module.start_report()
+    # The compile checks (minutes of ptxas) start now in child processes and their tests run last, so the rest of
+    # the suite runs meanwhile: the stand-in driver's check of the JIT's own specializations (tests/
+    # test_jit_compile.py), then the ahead-of-time report (tests/test_aot_compile.py).
+    for name, attr in (("test_jit_compile", "focal_triton_jit"), ("test_aot_compile", "focal_triton_aot")):
+        mine = [item for item in items if getattr(getattr(item, "module", None), "__name__", "") == name]
+        if mine:
+            items[:] = [item for item in items if item not in mine] + mine
+            setattr(config, attr, mine[0].module.start_report())
 
 
 @pytest.fixture
@@ -62,7 +77,8 @@ def poisoned(monkeypatch):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Stop the background compile report if the session ends before its tests ran (-x, Ctrl-C)."""
-    report = getattr(session.config, "focal_triton_aot", None)
-    if report is not None and report[0].poll() is None:
-        report[0].kill()
+    """Stop the background compile checks if the session ends before their tests ran (-x, Ctrl-C)."""
+    for attr in ("focal_triton_jit", "focal_triton_aot"):
+        report = getattr(session.config, attr, None)
+        if report is not None and report[0].poll() is None:
+            report[0].kill()

@@ -23,3 +23,20 @@ def test_demo_runs_and_matches_torchvision():
     assert abs(float(ml[3]) - float(ml[7])) <= 1e-6 * abs(float(ml[7]))
     assert float(ml[-1]) < 1e-6
     assert any(line.startswith("detector loss forward + backward") for line in lines)
+
+
+def test_demo_timing_synchronizes_cuda(monkeypatch):
+    """On CUDA each timed call is bracketed by synchronizes (kernels run asynchronously: without them the demo would
+    time the launches only). The clock is read only after the work is synchronized."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import demo
+    import torch
+
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("sync"))
+    monkeypatch.setattr(demo.time, "perf_counter", lambda: events.append("clock") or float(len(events)))
+    demo._time(lambda: events.append("work"), 2, torch.device("cuda", 0))
+    assert events == ["work"] + ["sync", "clock", "work", "sync", "clock"] * 2
+    events.clear()
+    demo._time(lambda: events.append("work"), 1, torch.device("cpu"))
+    assert events == ["work", "clock", "work", "clock"]

@@ -21,8 +21,11 @@ import report  # noqa: E402
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
+    """`bench/run.py --quick` on the CPU path, also on a GPU machine (CUDA hidden from the child): these tests check
+    the CPU run's files, notes and goals; bench/gpu_check.py step e runs the GPU benchmark."""
     out = tmp_path_factory.mktemp("results")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--no-compile",
                         "--no-kernel-report", "--out", str(out)], capture_output=True, text=True, env=env,
                        timeout=300)

@@ -6,13 +6,16 @@ import warnings
 
 import pytest
 import torch
+from conftest import HAS_CUDA, SUITE_TURNED_TUNING_OFF
 from test_multilevel_focal_loss import check_multilevel, make_labels, make_levels
 
 import focal_triton
 from focal_triton.kernels import tuning
 
-CANDIDATES = [dict(BLOCK=512, num_warps=4, num_stages=1), dict(BLOCK=1024, num_warps=4, num_stages=2),
-              dict(BLOCK=2048, num_warps=8, num_stages=1)]
+# On a GPU these run on the CUDA launch path: `make gpu-check` runs them with the gpu tests.
+pytestmark = pytest.mark.cuda_path
+
+CANDIDATES = [dict(BLOCK=512, num_warps=4), dict(BLOCK=1024, num_warps=4), dict(BLOCK=2048, num_warps=8)]
 
 
 def fake_timer(times):
@@ -51,11 +54,13 @@ def test_tune_picks_fastest_and_skips_failures():
         if cfg["BLOCK"] == 2048:
             raise RuntimeError("out of resources")
 
-    best, _ = tuning.tune(CANDIDATES, run, lambda fn: (fn(), 1.0)[1])
+    best, _, failures = tuning.tune(CANDIDATES, run, lambda fn: (fn(), 1.0)[1])
     assert best == CANDIDATES[0]                    # equal times: the first
-    best, times = tuning.tune(CANDIDATES, run, fake_timer([2.0, 1.5]))
+    assert list(failures) == [2] and "out of resources" in failures[2]
+    best, times, _ = tuning.tune(CANDIDATES, run, fake_timer([2.0, 1.5]))
     assert best == CANDIDATES[1] and set(times) == {0, 1}
-    assert tuning.tune(CANDIDATES, lambda cfg: 1 / 0, fake_timer([1.0] * 3)) == (None, {})
+    best, times, failures = tuning.tune(CANDIDATES, lambda cfg: 1 / 0, fake_timer([1.0] * 3))
+    assert (best, times) == (None, {}) and set(failures) == {0, 1, 2} and "ZeroDivisionError" in failures[0]
 
 
 def test_roundtrip_second_process_starts_tuned(tmp_path):
@@ -110,20 +115,46 @@ def _unwritable(path):
     assert cache.get("a") == CANDIDATES[0] and cache.get("b") == CANDIDATES[1]
 
 
-def test_choose_tunes_once_then_reads_the_cache(monkeypatch, tmp_path):
-    """choose() on a (pretend) CUDA device: tunes with the timer on the first call, then reads the cache."""
+class FakeCudaDevice:
+    """Stands in for torch.cuda.device on a machine without CUDA: records which device is current."""
+
+    current = None
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+    def __enter__(self):
+        self.previous, FakeCudaDevice.current = FakeCudaDevice.current, self.device
+
+    def __exit__(self, *exc):
+        FakeCudaDevice.current = self.previous
+
+
+@pytest.fixture
+def pretend_cuda(monkeypatch, tmp_path):
+    """choose() on a pretend CUDA device of a CPU machine: tuning on, no interpreter, a fake device guard; yields a
+    fresh cache."""
     monkeypatch.setattr("focal_triton.kernels.launch.interpreter_enabled", lambda: False)
-    cache = tuning.TuneCache(str(tmp_path / "t.json"), "GPU")
-    timer = fake_timer([3.0, 1.0, 2.0])
+    monkeypatch.setattr(torch.cuda, "device", FakeCudaDevice)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no capture check without a driver
+    monkeypatch.setenv(tuning.AUTOTUNE_ENV, "1")
+    yield tuning.TuneCache(str(tmp_path / "t.json"), "GPU")
+
+
+def test_choose_tunes_once_then_reads_the_cache(pretend_cuda, monkeypatch):
+    """choose() on a (pretend) CUDA device: tunes with the timer on the first call (the heuristic config {} first,
+    then the candidates), then reads the cache."""
+    cache = pretend_cuda
+    timer = fake_timer([3.0, 3.0, 1.0, 2.0])
     old = tuning.set_timer(timer)
     seen = []
     try:
         dev = torch.device("cuda", 0)
         run = lambda: seen.append(tuning.forced())  # noqa: E731 - the launcher sees the candidate being timed
         assert tuning.choose(dev, "k", CANDIDATES, run, cache) == CANDIDATES[1]
-        assert seen == CANDIDATES and len(timer.calls) == 3
+        assert seen == [tuning.HEURISTIC] + CANDIDATES and len(timer.calls) == 4
         assert tuning.choose(dev, "k", CANDIDATES, run, cache) == CANDIDATES[1]
-        assert len(timer.calls) == 3                   # cached: no timing
+        assert len(timer.calls) == 4                   # cached: no timing
         monkeypatch.setenv(tuning.AUTOTUNE_ENV, "0")   # the switch: heuristic config
         assert tuning.choose(dev, "k", CANDIDATES, run, cache) is None
     finally:
@@ -131,9 +162,100 @@ def test_choose_tunes_once_then_reads_the_cache(monkeypatch, tmp_path):
     assert tuning.choose(torch.device("cpu"), "k", CANDIDATES, run, cache) is None
 
 
+def test_heuristic_wins_is_cached_as_empty_config(pretend_cuda):
+    cache = pretend_cuda
+    old = tuning.set_timer(fake_timer([1.0, 2.0, 3.0, 4.0]))
+    try:
+        assert tuning.choose(torch.device("cuda", 0), "k", CANDIDATES, lambda: None, cache) == {}
+    finally:
+        tuning.set_timer(old)
+    assert json.loads(open(cache.path).read())["configs"] == {"k": {}}
+
+
+def test_timing_runs_on_the_tensors_device(pretend_cuda):
+    """do_bench records its events on the current device's stream: each candidate is timed with the tensors'
+    device current (cuda:1 here), not whatever device was current before."""
+    devices = []
+
+    def timer(fn):
+        devices.append(FakeCudaDevice.current)
+        fn()
+        return 1.0
+
+    old = tuning.set_timer(timer)
+    try:
+        tuning.choose(torch.device("cuda", 1), "k", CANDIDATES, lambda: None, pretend_cuda)
+    finally:
+        tuning.set_timer(old)
+    assert devices == [torch.device("cuda", 1)] * (len(CANDIDATES) + 1)
+
+
+def test_failed_tuning_is_remembered_not_retried(pretend_cuda):
+    """Every candidate failing (compile errors): warned once, the heuristic, and no second sweep on the next call."""
+    calls = []
+
+    def run():
+        calls.append(1)
+        raise RuntimeError("PassManager::run failed")
+
+    old = tuning.set_timer(fake_timer([1.0] * 100))
+    dev = torch.device("cuda", 0)
+    try:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            assert tuning.choose(dev, "k", CANDIDATES, run, pretend_cuda) is None
+            assert tuning.choose(dev, "k", CANDIDATES, run, pretend_cuda) is None
+    finally:
+        tuning.set_timer(old)
+    assert len(calls) == len(CANDIDATES) + 1          # one sweep only
+    assert len(w) == 1 and "PassManager::run failed" in str(w[0].message)
+    assert "k" in pretend_cuda.failed and pretend_cuda.get("k") is None
+    assert not os.path.exists(pretend_cuda.path)      # nothing written: a later process tries again
+
+
+def test_out_of_memory_stops_the_sweep(pretend_cuda):
+    calls = []
+
+    def timer(fn):
+        calls.append(1)
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 244.00 MiB")
+
+    old = tuning.set_timer(timer)
+    try:
+        with pytest.warns(RuntimeWarning, match="out of memory"):
+            assert tuning.choose(torch.device("cuda", 0), "k", CANDIDATES, lambda: None, pretend_cuda) is None
+    finally:
+        tuning.set_timer(old)
+    assert len(calls) == 1 and "k" in pretend_cuda.failed
+
+
+def test_cuda_fault_is_raised_not_swallowed(pretend_cuda):
+    def run():
+        raise RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered")
+
+    old = tuning.set_timer(fake_timer([1.0] * 10))
+    try:
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            tuning.choose(torch.device("cuda", 0), "k", CANDIDATES, run, pretend_cuda)
+    finally:
+        tuning.set_timer(old)
+
+
+@pytest.mark.parametrize("candidates", [tuning.DENSE_CANDIDATES, tuning.MULTILEVEL_CANDIDATES])
+def test_candidates_are_distinct_kernels(candidates):
+    """No two candidates compile the same kernel: num_stages is not tuned (the loops are while loops, which Triton
+    does not pipeline; tests/test_jit_compile.py checks that num_stages leaves the PTX unchanged), and the heuristic
+    config is the empty config tried first, not a candidate."""
+    assert all("num_stages" not in c for c in candidates)
+    assert len({tuple(sorted(c.items())) for c in candidates}) == len(candidates)
+    assert tuning.HEURISTIC == {} and tuning.HEURISTIC not in candidates
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter path runs on CPU only")
 def test_interpreter_never_tunes(monkeypatch, tmp_path):
     """The interpreter path (this machine): launches run with their fixed configs; the timer is never called."""
     monkeypatch.setenv(tuning.CACHE_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(tuning.AUTOTUNE_ENV, "1")
     monkeypatch.setenv("FOCAL_TRITON_BACKEND", "triton")
     timer = fake_timer([])
     old = tuning.set_timer(timer)
@@ -145,18 +267,28 @@ def test_interpreter_never_tunes(monkeypatch, tmp_path):
     assert timer.calls == [] and os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("cfg", [c for c in tuning.MULTILEVEL_CANDIDATES if c["num_stages"] == 1 and
-                                 c["num_warps"] == 4])
+def test_the_suite_never_writes_the_users_tuning_cache():
+    """conftest.py: tuning off unless a test turns it on, and its cache in a directory of this session."""
+    assert os.environ[tuning.AUTOTUNE_ENV] == "0" or not SUITE_TURNED_TUNING_OFF  # unless set before pytest ran
+    cache_dir = os.environ[tuning.CACHE_DIR_ENV]
+    assert os.path.basename(cache_dir).startswith("focal_triton_test_tune_")
+    assert not tuning.cache_path("GPU", "3.8.0").startswith(os.path.expanduser("~/.cache"))
+
+
+@pytest.mark.parametrize("cfg", [c for c in tuning.MULTILEVEL_CANDIDATES if c["num_warps"] == 4])
 def test_every_multilevel_tile_candidate_is_correct(monkeypatch, cfg):
-    """Each candidate tile shape, forced on the interpreter, gives the reference's values and gradients."""
+    """Each candidate tile shape, forced (on the interpreter here, compiled on a GPU), gives the reference's values
+    and gradients."""
     monkeypatch.setenv("FOCAL_TRITON_BACKEND", "triton")
     with tuning.use(cfg):
         check_multilevel(make_levels(layout="mix", c=20), make_labels(c=20))
 
 
-def test_tune_command_without_cuda_exits_0(capsys):
+def test_tune_command_without_cuda_exits_0(capsys, monkeypatch):
+    """Without CUDA (made so here, also on a GPU machine) the command tunes nothing, says so and exits 0."""
     from focal_triton import tune
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert tune.main(["--batches", "1,16"]) == 0
     out = capsys.readouterr().out
     assert "no CUDA device" in out and out.count("retinanet") == 6 and out.count("fcos") == 6

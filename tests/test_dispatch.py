@@ -13,6 +13,9 @@ from focal_triton.ops import backend as dispatch
 from focal_triton.kernels import launch
 from focal_triton.kernels import sigmoid_focal as sf
 
+# On a GPU these run on the CUDA launch path: `make gpu-check` runs them with the gpu tests.
+pytestmark = pytest.mark.cuda_path
+
 
 def test_auto_backend_in_this_session():
     """CUDA -> compiled kernels; CPU in this test session (TRITON_INTERPRET=1 from conftest) -> interpreted kernels."""
@@ -137,9 +140,14 @@ def test_launch_grid_and_loop(monkeypatch, device):
     real = sf.sigmoid_focal_fwd_kernel
 
     class Spy:
+        """Records the grid of each launch; everything else (fn, warmup for the occupancy on CUDA) is the kernel's."""
+
         def __getitem__(self, grid):
             seen.append(grid)
             return real[grid]
+
+        def __getattr__(self, name):
+            return getattr(real, name)
 
     monkeypatch.setattr(sf, "sigmoid_focal_fwd_kernel", Spy())
     monkeypatch.setenv("FOCAL_TRITON_BACKEND", "triton")
@@ -152,6 +160,8 @@ def test_launch_grid_and_loop(monkeypatch, device):
         assert_close(got, focal_loss_ref(x, t, 0.25, 2.0, reduction), what=reduction)
     if device.type == "cpu":
         assert seen == [(cfg.max_programs,)] * 2 and -(-n // cfg.block) > cfg.max_programs
+    else:  # the persistent grid: one wave of the device, fewer programs than tiles only past it
+        assert len(seen) == 2 and all(1 <= g[0] <= -(-n // cfg.block) for g in seen)
 
 
 def test_int64_indexing_specialization_runs(monkeypatch, poisoned, device):
@@ -166,3 +176,59 @@ def test_int64_indexing_specialization_runs(monkeypatch, poisoned, device):
         (grad,) = torch.autograd.grad(loss.sum(), x)
         assert torch.isfinite(grad).all()
     assert launch.needs_int64(2**31 - 1024, 1024) and not launch.needs_int64(2**31 - 1025, 1024)
+
+
+class FakeLibcuda:
+    """cuThreadExchangeStreamCaptureMode of a pretend driver: the thread's capture mode, exchanged."""
+
+    def __init__(self):
+        self.mode = 0  # CU_STREAM_CAPTURE_MODE_GLOBAL
+
+    def cuThreadExchangeStreamCaptureMode(self, ref):
+        self.mode, ref._obj.value = ref._obj.value, self.mode
+        return 0
+
+
+def _pretend_capture(monkeypatch, fail=False):
+    lib = FakeLibcuda()
+    loads = []
+
+    class Compiled:
+        n_regs, metadata = 64, type("M", (), {"shared": 0})
+
+        def _init_handles(self):
+            loads.append(lib.mode)
+            if fail:
+                raise RuntimeError("Triton Error [CUDA]: operation not permitted when stream is capturing")
+
+    class FakeKernel:
+        fn = type("F", (), {"__name__": "fake_capture_kernel"})
+
+        def warmup(self, *args, grid, **kwargs):
+            return Compiled()
+
+    monkeypatch.setattr(launch, "_libcuda", lambda: lib, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(launch, "sm_resources", lambda index: H100)
+    monkeypatch.setattr(launch, "_PERSISTENT_GRID", {})
+    return lib, loads, FakeKernel()
+
+
+def test_first_load_inside_a_capture_is_in_relaxed_capture_mode(monkeypatch):
+    """A specialization met for the first time inside a CUDA-graph capture is loaded (Triton's _init_handles,
+    cuModuleLoadData) with this thread's capture mode relaxed, then the mode is restored: for the kernels sized by
+    max_programs and for the final sums (load_before_launch)."""
+    lib, loads, kernel = _pretend_capture(monkeypatch)
+    cfg = launch.ElementwiseConfig(1024, 4)
+    dev = torch.device("cuda", 0)
+    assert launch.max_programs(kernel, (torch.empty(8),), {"BLOCK": 1024}, cfg, dev) == 132 * 8
+    launch.load_before_launch(kernel, (1,), (torch.empty(8),), {}, {"MEAN": True}, dev)
+    assert loads == [launch._CAPTURE_MODE_RELAXED] * 2 and lib.mode == 0
+
+
+def test_failed_load_inside_a_capture_says_what_to_do(monkeypatch):
+    lib, _, kernel = _pretend_capture(monkeypatch, fail=True)
+    with pytest.raises(RuntimeError, match="run the captured step once before capturing"):
+        launch.load_before_launch(kernel, (1,), (torch.empty(8),), {}, {}, torch.device("cuda", 0))
+    assert lib.mode == 0

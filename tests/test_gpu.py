@@ -26,16 +26,119 @@ def test_large_odd_sized_matches_reference(dtype, reduction):
     assert torch.equal(loss, again)
 
 
-def test_no_host_sync():
+def test_no_host_sync(monkeypatch, tmp_path):
+    """With tuning on, as users have it: after one warm-up call of each reduction (which tunes its keys, and the
+    tuning synchronizes), forward and backward read nothing on the host."""
+    monkeypatch.setenv("FOCAL_TRITON_AUTOTUNE", "1")
+    monkeypatch.setenv("FOCAL_TRITON_CACHE_DIR", str(tmp_path))
     x = torch.randn(1 << 20, device="cuda", requires_grad=True)
     t = (torch.rand(1 << 20, device="cuda") < 0.01).float()
-    focal_triton.sigmoid_focal_loss(x, t, reduction="sum").backward()  # compile and size the grid first
+    for reduction in ("sum", "mean"):  # compile, tune and size the grid of every key first
+        focal_triton.sigmoid_focal_loss(x, t, reduction=reduction).backward()
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         focal_triton.sigmoid_focal_loss(x, t, reduction="sum").backward()
         focal_triton.sigmoid_focal_loss(x, t, reduction="mean").backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_tuning_times_on_the_tensors_device(monkeypatch, tmp_path):
+    """Tensors on cuda:1 while cuda:0 is current: every candidate is timed with cuda:1 current (do_bench records
+    its events on the current device's stream), and the tuned result is right."""
+    from focal_triton.kernels import tuning
+
+    monkeypatch.setenv("FOCAL_TRITON_AUTOTUNE", "1")
+    monkeypatch.setenv("FOCAL_TRITON_CACHE_DIR", str(tmp_path))
+    devices = []
+
+    def timer(fn):
+        devices.append(torch.cuda.current_device())
+        return tuning._do_bench(fn)
+
+    old = tuning.set_timer(timer)
+    try:
+        with torch.cuda.device(0):
+            x = torch.randn(1 << 22, device="cuda:1", requires_grad=True)
+            t = (torch.rand(1 << 22, device="cuda:1") < 0.01).float()
+            loss = focal_triton.sigmoid_focal_loss(x, t, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, x)
+    finally:
+        tuning.set_timer(old)
+    assert devices and set(devices) == {1}
+    assert_close(loss, focal_loss_ref(x, t, 0.25, 2.0, "sum"), what="loss")
+    assert_close(grad, focal_grad_ref(x, t, 0.25, 2.0, "sum"), what="grad")
+
+
+# A fresh process: the loss stage is warmed up once (so that torch's own kernels and allocations are ready, as
+# torch.cuda.graph requires), then captured with options that make every focal_triton kernel a new specialization
+# (fractional gamma, "mean", a per-image normalizer), met for the first time inside the capture, with tuning on (the
+# untuned keys take the heuristic there). The replay must give the eager result.
+CAPTURE_FIRST = r"""
+import torch, focal_triton
+from focal_triton.kernels import multilevel_focal as mf, sigmoid_focal as sf
+
+g = torch.Generator(device="cuda").manual_seed(0)
+levels = [torch.randn(2, 9 * 80, h, w, device="cuda", generator=g).requires_grad_(True) for h, w in ((32, 40), (16, 20))]
+labels = torch.full((2, 9 * (32 * 40 + 16 * 20)), -1, device="cuda")
+labels[:, ::97] = 3
+x = torch.randn(10007, device="cuda", generator=g).requires_grad_(True)
+t = (torch.rand(10007, device="cuda", generator=g) < 0.1).float()
+
+def step(warm):
+    norm = (labels >= 0).sum(1).clamp(min=1)
+    gamma = 2.0 if warm else 1.5
+    loss = focal_triton.multilevel_focal_loss(levels, labels, 9, gamma=gamma, normalizer=norm.sum() if warm else norm,
+                                              check_labels=False)
+    dense = focal_triton.sigmoid_focal_loss(x, t, gamma=gamma, reduction="sum" if warm else "mean")
+    (loss + dense).backward()
+    return loss, dense
+
+def loaded():
+    return sum(len(c[0]) for k in (mf.multilevel_focal_kernel, mf.normalize_partials_kernel,
+               sf.sigmoid_focal_fwd_kernel, sf.sum_partials_kernel, sf.sigmoid_focal_bwd_kernel)
+               for c in k.device_caches.values())
+
+side = torch.cuda.Stream()
+side.wait_stream(torch.cuda.current_stream())
+with torch.cuda.stream(side):
+    step(True)
+torch.cuda.current_stream().wait_stream(side)
+torch.cuda.synchronize()
+for a in levels + [x]:
+    a.grad = None
+before = loaded()
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):
+    static = step(False)
+met_in_capture = loaded() - before
+graph.replay()
+torch.cuda.synchronize()
+grads = [a.grad.clone() for a in levels + [x]]
+for a in levels + [x]:
+    a.grad = None
+ref = step(False)  # eager: now tuned where the capture took the heuristic, so sums may differ in the last bits
+torch.testing.assert_close(static[0], ref[0], rtol=1e-5, atol=0)
+torch.testing.assert_close(static[1], ref[1], rtol=1e-5, atol=0)
+assert all(torch.equal(g, a.grad) for g, a in zip(grads, levels + [x]))  # elementwise: the same bits
+print("specializations met in the capture:", met_in_capture)
+"""
+
+
+def test_first_launch_inside_cuda_graph_capture(tmp_path):
+    """Kernel specializations met for the first time inside a CUDA-graph capture (global capture mode) are
+    compiled and loaded there (launch.capture_permits_loading), and the captured loss stage replays right."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, FOCAL_TRITON_AUTOTUNE="1", FOCAL_TRITON_CACHE_DIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", CAPTURE_FIRST], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr[-4000:]
+    met = int(r.stdout.split("specializations met in the capture:")[1])
+    assert met >= 6  # forward, final sum and backward of both forms: the sized and the final-sum launch paths
 
 
 def test_more_than_2_31_elements():

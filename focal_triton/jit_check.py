@@ -115,7 +115,7 @@ def standin(arch: int, compile: bool = True, recorder: Recorder = None):
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
-    from . import dispatch
+    from .ops import backend as dispatch
     from .kernels import launch
 
     if os.environ.get("TRITON_INTERPRET") == "1":

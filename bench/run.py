@@ -79,8 +79,8 @@ def chosen_configs(device) -> dict:
         return {"cache": cache.path, "configs": dict(cache.configs)}
     from focal_triton.cpu import math
 
-    return {"cpu_path": f"focal_triton.cpu: chunks of {math.FAST_CHUNK} elements over {math.workers()} worker "
-                        f"threads, {torch.get_num_threads()} torch threads"}
+    return {"cpu_path": f"focal_triton.cpu: chunks of {math.FAST_CHUNK} elements, {torch.get_num_threads()} torch "
+                        f"threads"}
 
 
 def run_case(case, provs, device, progress):

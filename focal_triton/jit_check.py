@@ -13,7 +13,7 @@ equal to 1 or divisible by 16 where not `do_not_specialize`d, i64 above 2**31 - 
 
     python -m focal_triton.jit_check --cases tests/call_classes.py --json out.json   # every case, sm_80 and sm_90
 
-Used by tests/test_jit_compile.py (the suite's check that every call class of the suite compiles for both
+Used by tests/test_jit_check.py (the suite's check that every call class of the suite compiles for both
 architectures) and by bench/gpu_check.py (its dry run lists the specializations of its smoke set; on the GPU box its
 first step compiles them in parallel into Triton's cache).
 """

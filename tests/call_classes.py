@@ -4,10 +4,10 @@ against the independent float64 references of tests/.
 A call class fixes what makes Triton compile a new kernel (dtypes, layouts, options, loss kind, reduction, integer
 arguments equal to 1) and uses small sizes, odd and 16-divisible. Used three ways:
 - SMOKE, on a CUDA GPU by `make gpu-check` (tests/test_cuda_smoke.py), and under the interpreter in the suite;
-- ALL = SMOKE + EDGE, compiled for sm_80 and sm_90 with a stand-in driver in the suite (tests/test_jit_compile.py,
+- ALL = SMOKE + EDGE, compiled for sm_80 and sm_90 with a stand-in driver in the suite (tests/test_jit_check.py,
   focal_triton/jit_check.py): every specialization a real call makes the JIT compile, before a GPU sees it;
 - the specializations of SMOKE, listed by `make gpu-check ARGS=--dry-run` and compared with the enumeration of the
-  ahead-of-time report (focal_triton/aot.py) by tests/test_jit_compile.py.
+  ahead-of-time report (focal_triton/aot.py) by tests/test_jit_check.py.
 
 `call.run(device)` returns (outputs, gradients); `call.check(device)` runs it and compares both with the reference.
 """

@@ -13,7 +13,7 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # On a GPU the suite checks the kernels with their heuristic configs and never writes the user's tuning cache: tuning
-# is off unless a test turns it on (tests/test_bench_tuning.py, tests/test_gpu.py), and any tuning file goes to a
+# is off unless a test turns it on (tests/test_kernels_tuning.py, tests/test_gpu.py), and any tuning file goes to a
 # directory of this session. (Set either variable before running pytest to override.)
 SUITE_TURNED_TUNING_OFF = "FOCAL_TRITON_AUTOTUNE" not in os.environ
 os.environ.setdefault("FOCAL_TRITON_AUTOTUNE", "0")
@@ -40,8 +40,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
     # The compile checks (minutes of ptxas) start now in child processes and their tests run last, so the rest of
     # the suite runs meanwhile: the stand-in driver's check of the JIT's own specializations (tests/
-    # test_jit_compile.py), then the ahead-of-time report (tests/test_aot_compile.py).
-    for name, attr in (("test_jit_compile", "focal_triton_jit"), ("test_aot_compile", "focal_triton_aot")):
+    # test_jit_check.py), then the ahead-of-time report (tests/test_aot_compile.py).
+    for name, attr in (("test_jit_check", "focal_triton_jit"), ("test_aot_compile", "focal_triton_aot")):
         mine = [item for item in items if getattr(getattr(item, "module", None), "__name__", "") == name]
         if mine:
             items[:] = [item for item in items if item not in mine] + mine

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import DEVICE
 from reference_multilevel import flatten_levels, focal_loss_ref
-from test_multilevel_focal_loss import A, C, N, SMALL, encode, make_categories, make_levels
+from helpers import A, C, N, SMALL, encode, make_categories, make_levels
 
 import focal_triton
 from focal_triton.stats import bin_edges, plot_loss_distribution

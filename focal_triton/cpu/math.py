@@ -21,10 +21,9 @@ from ..losses import FL, FL_STAR, QFL
 
 # The general form runs over chunks of GENERAL_CHUNK elements: its ~20 intermediates of 256 KiB (float32) stay in
 # L2. The negatives' form: FAST_CHUNK elements per chunk (6 buffers of 2 MiB), each op split over torch's
-# intra-op threads; WORKERS Python threads split the chunks (1: torch's threads do the splitting).
+# intra-op threads (docs/benchmarks.md has the measurements behind the size).
 GENERAL_CHUNK = 1 << 16
 FAST_CHUNK = 1 << 19
-WORKERS = 1
 FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ZERO = torch.zeros(())
 
@@ -214,31 +213,8 @@ def merge_sorted(a, b):
     return out
 
 
-_POOL = None
-
-
-def workers() -> int:
-    return max(1, min(WORKERS, torch.get_num_threads()))
-
-
 def run_chunks(fn, tasks):
-    """[fn(task, buffers) for task in tasks], the tasks split into contiguous runs over the workers (threads: torch
-    ops release the GIL). Each result depends only on its task, so the results are the same for any worker count."""
-    global _POOL
-    n_workers = workers()
-    if n_workers == 1 or len(tasks) < 2 * n_workers:
-        buf = Buffers()
-        return [fn(t, buf) for t in tasks]
-    if _POOL is None or _POOL._max_workers < n_workers:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="focal_triton")
-    step = -(-len(tasks) // n_workers)
-
-    def run(part):
-        with torch.no_grad():                           # grad mode is per thread
-            buf = Buffers()
-            return [fn(t, buf) for t in part]
-
-    futures = [_POOL.submit(run, tasks[i:i + step]) for i in range(0, len(tasks), step)]
-    return [r for f in futures for r in f.result()]
+    """[fn(task, buffers) for task in tasks], in order, with one set of chunk buffers (each op of a chunk runs on
+    torch's intra-op threads)."""
+    buf = Buffers()
+    return [fn(t, buf) for t in tasks]

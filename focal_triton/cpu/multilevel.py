@@ -18,7 +18,7 @@ threads, accurate to float32 rounding whatever the share of positives.
 """
 import torch
 
-from ..losses import FL, anchor_view, compute_dtype, flat, level_columns, per_level
+from ..losses import FL, anchor_view, compute_dtype, flat, per_level
 from . import math
 
 

@@ -12,7 +12,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from reference import assert_close, focal_grad_ref
 from reference import focal_loss_ref as focal_loss_ref_dense
 from reference_multilevel import flatten_levels, focal_loss_ref
-from test_multilevel_focal_loss import HWS, SMALL, check_multilevel, leaves_of, make_labels, make_levels
+from helpers import HWS, SMALL, check_multilevel, leaves_of, make_labels, make_levels
 
 import focal_triton
 from focal_triton.cpu import dense as cpu_dense
@@ -128,22 +128,6 @@ def test_weights_and_per_class_alpha_keep_the_general_path(fast):
     check_multilevel(levels, labels, weights=torch.rand(labels.shape, generator=torch.Generator().manual_seed(3)))
     check_multilevel(levels, labels, alpha=torch.tensor([0.125, 0.25, 0.5, 0.75, 0.875]))
     assert fast == []
-
-
-def test_same_bits_for_any_worker_count(monkeypatch):
-    monkeypatch.setenv("FOCAL_TRITON_BACKEND", "torch")
-    monkeypatch.setattr(cpu_math, "FAST_CHUNK", 64)   # many chunks, split over the workers
-    levels, labels = make_levels(HWS, layout="mix"), make_labels(hws=HWS)
-    results = []
-    for workers in (1, 2, 3):
-        monkeypatch.setattr(cpu_math, "WORKERS", workers)
-        monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
-        leaves = leaves_of(levels)
-        loss = focal_triton.multilevel_focal_loss(leaves, labels, 3)
-        results.append((loss, torch.autograd.grad(loss, leaves)))
-    for loss, grads in results[1:]:
-        assert torch.equal(loss, results[0][0])
-        assert all(torch.equal(g, r) for g, r in zip(grads, results[0][1]))
 
 
 def test_forward_computes_the_gradient_the_backward_scales(fast, monkeypatch):

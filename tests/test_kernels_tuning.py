@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 from conftest import HAS_CUDA, SUITE_TURNED_TUNING_OFF
-from test_multilevel_focal_loss import check_multilevel, make_labels, make_levels
+from helpers import check_multilevel, make_labels, make_levels
 
 import focal_triton
 from focal_triton.kernels import tuning
@@ -244,7 +244,7 @@ def test_cuda_fault_is_raised_not_swallowed(pretend_cuda):
 @pytest.mark.parametrize("candidates", [tuning.DENSE_CANDIDATES, tuning.MULTILEVEL_CANDIDATES])
 def test_candidates_are_distinct_kernels(candidates):
     """No two candidates compile the same kernel: num_stages is not tuned (the loops are while loops, which Triton
-    does not pipeline; tests/test_jit_compile.py checks that num_stages leaves the PTX unchanged), and the heuristic
+    does not pipeline; tests/test_jit_check.py checks that num_stages leaves the PTX unchanged), and the heuristic
     config is the empty config tried first, not a candidate."""
     assert all("num_stages" not in c for c in candidates)
     assert len({tuple(sorted(c.items())) for c in candidates}) == len(candidates)

@@ -3,31 +3,14 @@ copy), compute in float32 and return float32 losses; gradients come back in the 
 the scaled backward is the unscaled one times the scale."""
 import pytest
 import torch
+from helpers import LogitCopies
 from reference import TOL, focal_grad_ref, focal_loss_ref
 from reference_multilevel import multilevel_value_and_grads
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import focal_triton
 
 A, C = 3, 5
 SIZES = [(5, 4), (3, 2)]
-
-
-class LogitCopies(TorchDispatchMode):
-    """Records the ops called outside focal_triton's own ops that produce a tensor as large as the logits (an upcast
-    copy would be one). The ops inside a registered op are not seen: a mode is off while it handles an op."""
-
-    def __init__(self, numel):
-        super().__init__()
-        self.numel, self.seen = numel, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        outs = out if isinstance(out, (list, tuple)) else [out]
-        if not str(func).startswith("focal_triton.") and any(
-                isinstance(o, torch.Tensor) and o.numel() >= self.numel for o in outs):
-            self.seen.append(str(func))
-        return out
 
 
 def _head_under_autocast(device, dtype, seed=0):

@@ -1,15 +1,18 @@
-"""Which implementation runs where, and the one fixed launch configuration of the interpreter path."""
+"""Which implementation runs where (focal_triton/ops/backend.py), the interpreter's lock, and the interpreter's one
+fixed launch configuration."""
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
 from conftest import HAS_CUDA
+from helpers import leaves_of, make_labels, make_levels
 from reference import assert_close, focal_loss_ref
 
 import focal_triton
-from focal_triton.ops import backend as dispatch
+from focal_triton.ops import backend
 from focal_triton.kernels import launch
 from focal_triton.kernels import sigmoid_focal as sf
 
@@ -20,22 +23,22 @@ pytestmark = pytest.mark.cuda_path
 def test_auto_backend_in_this_session():
     """CUDA -> compiled kernels; CPU in this test session (TRITON_INTERPRET=1 from conftest) -> interpreted kernels."""
     if HAS_CUDA:
-        assert dispatch.select_backend(torch.device("cuda", 0)) == "triton"
+        assert backend.select_backend(torch.device("cuda", 0)) == "triton"
     else:
         assert os.environ.get("TRITON_INTERPRET") == "1"
-        assert dispatch.interpreter_enabled()
-        assert dispatch.select_backend(torch.device("cpu")) == "triton"
+        assert backend.interpreter_enabled()
+        assert backend.select_backend(torch.device("cpu")) == "triton"
 
 
 def test_backend_env_choices(monkeypatch):
     monkeypatch.setenv("FOCAL_TRITON_BACKEND", "torch")
-    assert dispatch.select_backend(torch.device("cpu")) == "torch"
+    assert backend.select_backend(torch.device("cpu")) == "torch"
     monkeypatch.setenv("FOCAL_TRITON_BACKEND", "cuda")
     with pytest.raises(ValueError, match="FOCAL_TRITON_BACKEND must be one of"):
-        dispatch.select_backend(torch.device("cpu"))
+        backend.select_backend(torch.device("cpu"))
     monkeypatch.setenv("FOCAL_TRITON_BACKEND", "triton")
     with pytest.raises(RuntimeError, match="cannot run on device meta"):
-        dispatch.select_backend(torch.device("meta"))
+        backend.select_backend(torch.device("meta"))
 
 
 def _run_without_interpreter(code: str, **env):
@@ -48,8 +51,8 @@ def _run_without_interpreter(code: str, **env):
 def test_cpu_without_interpreter_uses_torch_path():
     code = (
         "import torch, focal_triton\n"
-        "from focal_triton.ops import backend as dispatch\n"
-        "print(dispatch.select_backend(torch.device('cpu')))\n"
+        "from focal_triton.ops import backend\n"
+        "print(backend.select_backend(torch.device('cpu')))\n"
         "x = torch.linspace(-5, 5, 1000, requires_grad=True); t = (torch.arange(1000) % 7 == 0).float()\n"
         "loss = focal_triton.sigmoid_focal_loss(x, t, reduction='sum'); loss.backward()\n"
         "print(repr(loss.item()), repr(x.grad.double().sum().item()))\n"
@@ -67,10 +70,16 @@ def test_cpu_without_interpreter_uses_torch_path():
 
 
 def test_interpreter_uses_its_one_fixed_config():
-    """On CPU one config is launched (autotuning needs a GPU to time configs): INTERPRETER_CONFIG."""
-    for itemsize in (2, 4, 8):
-        assert launch.config_for(torch.device("cpu"), itemsize) == launch.INTERPRETER_CONFIG
-    assert launch.INTERPRETER_CONFIG.max_programs == 4
+    """On CPU one config is launched (autotuning needs a GPU to time configs), whatever the dtype, and it gives the
+    dense tests' shape (tests/test_dense.py: 5 x 7 x 19 elements) the control flow large tensors take on a GPU:
+    more tiles than programs (every program loops) and a masked tail tile."""
+    from test_dense import SHAPE
+
+    n = SHAPE[0] * SHAPE[1] * SHAPE[2]
+    configs = {launch.config_for(torch.device("cpu"), itemsize) for itemsize in (2, 4, 8)}
+    assert len(configs) == 1
+    (cfg,) = configs
+    assert -(-n // cfg.block) > cfg.max_programs and n % cfg.block != 0
 
 
 def test_gpu_config_heuristic():
@@ -79,7 +88,6 @@ def test_gpu_config_heuristic():
         itemsize = torch.empty(0, dtype=dtype).element_size()
         cfg = launch.config_for(torch.device("cuda", 0), itemsize)
         assert (cfg.block, cfg.num_warps, cfg.max_programs) == (block, 4, None)
-        assert cfg in launch.gpu_configs_for(itemsize)
 
 
 H100 = launch.SMResources(count=132, regs_per_sm=65536, threads_per_sm=2048, shared_per_sm=233472)
@@ -232,3 +240,41 @@ def test_failed_load_inside_a_capture_says_what_to_do(monkeypatch):
     with pytest.raises(RuntimeError, match="run the captured step once before capturing"):
         launch.load_before_launch(kernel, (1,), (torch.empty(8),), {}, {}, torch.device("cuda", 0))
     assert lib.mode == 0
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter runs on CPU machines (tests/conftest.py)")
+def test_interpreter_launches_from_four_threads_at_once(monkeypatch):
+    """Triton's interpreter is not thread-safe: its launches are serialized (ops/backend.py), so threads calling at
+    once get the results a single thread gets."""
+    monkeypatch.setenv("FOCAL_TRITON_BACKEND", "triton")
+    levels, labels = make_levels(), make_labels()
+    x, t = torch.randn(3, 700), (torch.rand(3, 700) > 0.9).float()
+
+    def work():
+        leaves = leaves_of(levels)
+        loss = focal_triton.multilevel_focal_loss(leaves, labels, 3)
+        grads = torch.autograd.grad(loss, leaves)
+        xl = x.clone().requires_grad_(True)
+        dense = focal_triton.sigmoid_focal_loss(xl, t, reduction="sum")
+        (gx,) = torch.autograd.grad(dense, xl)
+        return [loss, *grads, dense, gx]
+
+    expected = work()
+    results, errors = [None] * 4, []
+    barrier = threading.Barrier(4)
+
+    def run(i):
+        try:
+            barrier.wait()
+            results[i] = work()
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(f"thread {i}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    for r in results:
+        assert all(torch.equal(a, b) for a, b in zip(r, expected))

@@ -153,16 +153,18 @@ def modulation(u, log2_u, pq, gamma, GAMMA: tl.constexpr):
 
 
 @triton.jit
-def focal_loss_and_grad(x, t, ts, c0, c1, gamma, GAMMA: tl.constexpr, FAST: tl.constexpr):
+def focal_loss_and_grad(x, t, ts, c0, c1, gamma, GAMMA: tl.constexpr, FAST: tl.constexpr,
+                        SHORT: tl.constexpr = False):
     """(FL, dFL/dx) per element for any target t in [0, 1], in the dtype of x (float32 or float64). See the module
     docstring for the formulas: t modulates (u, alpha_t), ts is the BCE target (pass t itself without smoothing).
 
     Unused outputs cost nothing: the compiler drops the gradient in the forward kernel and keeps only what it needs.
     At saturation p q = 0 and ce may be inf (x = +inf, t = 0): the product g (1 - 2t) ce tends to 0 there and is
     taken as 0 (ce is capped at the float32 maximum, which only a vanishing g multiplies), so the gradient stays
-    finite; NaN inputs make g NaN and still propagate."""
+    finite; NaN inputs make g NaN and still propagate. SHORT: L to the accuracy of a 16-bit result (log1p_exp), for
+    a caller that keeps only the gradient, rounded to bf16 / fp16."""
     a, e, r, er = logistic_parts(x, FAST)
-    L = log1p_exp(e, er, FAST)
+    L = log1p_exp(e, er, FAST, SHORT)
     pos = x >= 0
     # The weights of the logit's own side (1 - t for x >= 0, t otherwise): u = er + t_own (r - er) is a sum of two
     # non-negative terms, and p - ts = sign(x) (ts_own - er), 1 - 2t = sign(x) (2 t_own - 1) carry no cancellation
@@ -277,11 +279,12 @@ def varifocal_loss_and_grad(x, t, c0, c1, gamma, alpha_neg, GAMMA: tl.constexpr,
 
 @triton.jit
 def family_loss_and_grad(x, t, ts, c0, c1, gamma, beta, LOSS_KIND: tl.constexpr, GAMMA: tl.constexpr,
-                         FAST: tl.constexpr):
+                         FAST: tl.constexpr, SHORT: tl.constexpr = False):
     """(loss, dloss/dx) of the loss kind LOSS_KIND (0 FL, 1 FL*, 2 QFL, 3 VFL; see the module docstring) for any
-    target in [0, 1], chosen at compile time: each specialization holds the code of one kind only."""
+    target in [0, 1], chosen at compile time: each specialization holds the code of one kind only. SHORT (FL):
+    see focal_loss_and_grad."""
     if LOSS_KIND == 0:
-        loss, grad = focal_loss_and_grad(x, t, ts, c0, c1, gamma, GAMMA, FAST)
+        loss, grad = focal_loss_and_grad(x, t, ts, c0, c1, gamma, GAMMA, FAST, SHORT)
     elif LOSS_KIND == 1:
         loss, grad = focal_star_loss_and_grad(x, t, c0, c1, gamma, beta, FAST)
     elif LOSS_KIND == 2:

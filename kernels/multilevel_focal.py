@@ -419,46 +419,40 @@ def multilevel_focal_kernel(
                 full_end = start + (hw // BLOCK_HW) * A * n_ct
         anchor_level = label_row + mb
         if channels_last:
-            while j < full_end:  # tile loop: channels_last full
-                acc_cl0, acc_cl1, acc_cl2, acc_cl3 = _tile(
-                    xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, a,
-                                         ht * BLOCK_HW, ct * BLOCK_C, ct, anchor_level + a, acc_cl0, acc_cl1, acc_cl2,
-                                         acc_cl3, g0, lc0,
-                                         lc1, gc0, gc1, gamma, beta, half_smoothing, ignore_index, MODE, STATS,
-                                         False, True, PAIRS, LOSS_KIND, GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA,
-                                         SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
-                j += P
-                ht, a, ct = _advance(ht, a, ct, d_ht, d_a, d_ct, A, n_ct)
+            if CLASS_ALIGNED:  # (otherwise no tile is full: the loop is not compiled)
+                while j < full_end:  # tile loop: channels_last full
+                    acc_cl0, acc_cl1, acc_cl2, acc_cl3 = _tile(
+                        xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, a, ht * BLOCK_HW,
+                        ct * BLOCK_C, ct, anchor_level + a, acc_cl0, acc_cl1, acc_cl2, acc_cl3, g0, lc0, lc1, gc0, gc1,
+                        gamma, beta, half_smoothing, ignore_index, MODE, STATS, False, True, PAIRS, LOSS_KIND,
+                        GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
+                    j += P
+                    ht, a, ct = _advance(ht, a, ct, d_ht, d_a, d_ct, A, n_ct)
             while j < end:  # tile loop: channels_last edge
                 acc_cl0, acc_cl1, acc_cl2, acc_cl3 = _tile(
-                    xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, a,
-                                         ht * BLOCK_HW, ct * BLOCK_C, ct, anchor_level + a, acc_cl0, acc_cl1, acc_cl2,
-                                         acc_cl3, g0, lc0,
-                                         lc1, gc0, gc1, gamma, beta, half_smoothing, ignore_index, MODE, STATS,
-                                         True, True, PAIRS, LOSS_KIND, GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA,
-                                         SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
+                    xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, a, ht * BLOCK_HW,
+                    ct * BLOCK_C, ct, anchor_level + a, acc_cl0, acc_cl1, acc_cl2, acc_cl3, g0, lc0, lc1, gc0, gc1,
+                    gamma, beta, half_smoothing, ignore_index, MODE, STATS, True, True, PAIRS, LOSS_KIND,
+                    GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
                 j += P
                 ht, a, ct = _advance(ht, a, ct, d_ht, d_a, d_ct, A, n_ct)
         else:
             # NCHW rows run along hw, whose alignment is unknown (hw is not specialized): narrow loads.
-            while j < full_end:  # tile loop: NCHW full
-                acc, _u1, _u2, _u3 = _tile(
-                    xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, a,
-                                        ht * BLOCK_HW, ct * BLOCK_C, ct, anchor_level + a, acc, unused, unused,
-                                        unused, g0, lc0,
-                                        lc1, gc0, gc1, gamma, beta, half_smoothing, ignore_index, MODE, STATS,
-                                        False, False, False, LOSS_KIND, GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA,
-                                        SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
-                j += P
-                ht, a, ct = _advance(ht, a, ct, d_ht, d_a, d_ct, A, n_ct)
+            if CLASS_ALIGNED:
+                while j < full_end:  # tile loop: NCHW full
+                    acc, _u1, _u2, _u3 = _tile(
+                        xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, a, ht * BLOCK_HW,
+                        ct * BLOCK_C, ct, anchor_level + a, acc, unused, unused, unused, g0, lc0, lc1, gc0, gc1,
+                        gamma, beta, half_smoothing, ignore_index, MODE, STATS, False, False, False, LOSS_KIND,
+                        GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
+                    j += P
+                    ht, a, ct = _advance(ht, a, ct, d_ht, d_a, d_ct, A, n_ct)
             while j < end:  # tile loop: NCHW edge
                 acc, _u1, _u2, _u3 = _tile(
-                    xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, a,
-                                        ht * BLOCK_HW, ct * BLOCK_C, ct, anchor_level + a, acc, unused, unused,
-                                        unused, g0, lc0,
-                                        lc1, gc0, gc1, gamma, beta, half_smoothing, ignore_index, MODE, STATS,
-                                        True, False, False, LOSS_KIND, GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA,
-                                        SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
+                    xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, a, ht * BLOCK_HW,
+                    ct * BLOCK_C, ct, anchor_level + a, acc, unused, unused, unused, g0, lc0, lc1, gc0, gc1,
+                    gamma, beta, half_smoothing, ignore_index, MODE, STATS, True, False, False, LOSS_KIND,
+                    GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
                 j += P
                 ht, a, ct = _advance(ht, a, ct, d_ht, d_a, d_ct, A, n_ct)
         mb += hw * A
@@ -654,7 +648,8 @@ def _launch(mode, levels, outs, grads, labels, weights, alpha, gamma, smoothing,
         # Only the types and alignment of the arguments size the grid: an empty stand-in for the partial sums.
         P = plan.programs_per_image(args(torch.empty(0, dtype=partials_dtype, device=x.device), 1), constexprs)
         partials = torch.empty(plan.N * P if mode == MODE_SUM else 0, dtype=partials_dtype, device=x.device)
-        multilevel_focal_kernel[(plan.N * P,)](*args(partials, P), **launch_options(x.device, x.element_size()), **constexprs)
+        multilevel_focal_kernel[(plan.N * P,)](*args(partials, P), **launch_options(x.device, x.element_size()),
+                                               **constexprs)
     # Each anchor's loss: its class tiles' row sums, added in class order (deterministic).
     per_anchor = stats.view(plan.N, plan.num_anchors_total, class_tiles).sum(-1) if with_stats else None
     return plan, P, partials, per_anchor

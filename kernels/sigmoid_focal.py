@@ -42,12 +42,12 @@ def _store_tile(ptr, offs, n, value, MASKED: tl.constexpr):
 @triton.jit
 def _tile_loss_and_grad(x_ptr, t_ptr, offs, n, c0, c1, gamma, beta, MASKED: tl.constexpr,
                         LOSS_KIND: tl.constexpr, GAMMA: tl.constexpr, FAST: tl.constexpr,
-                        COMPUTE_DTYPE: tl.constexpr):
+                        COMPUTE_DTYPE: tl.constexpr, SHORT: tl.constexpr = False):
     """Read one tile of logits and targets (each once) and return (loss, dloss/dx) in COMPUTE_DTYPE; the target is
     t for FL / FL*, the soft score y for QFL and q for VFL."""
     x = _load_tile(x_ptr, offs, n, MASKED, COMPUTE_DTYPE)
     t = _load_tile(t_ptr, offs, n, MASKED, COMPUTE_DTYPE)
-    return family_loss_and_grad(x, t, t, c0, c1, gamma, beta, LOSS_KIND, GAMMA, FAST)
+    return family_loss_and_grad(x, t, t, c0, c1, gamma, beta, LOSS_KIND, GAMMA, FAST, SHORT)
 
 
 @triton.jit
@@ -114,10 +114,11 @@ def sum_partials_kernel(partials_ptr, out_ptr, num_partials, n, MEAN: tl.constex
 @triton.jit
 def _bwd_tile(x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, tile, g0, c0, c1, gamma, beta,
               MASKED: tl.constexpr, GRAD_SCALAR: tl.constexpr, LOSS_KIND: tl.constexpr, GAMMA: tl.constexpr,
-              FAST: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr):
+              FAST: tl.constexpr, SHORT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INT64: tl.constexpr,
+              BLOCK: tl.constexpr):
     offs = _tile_offsets(tile, BLOCK, INT64)
     _, dfl = _tile_loss_and_grad(x_ptr, t_ptr, offs, n, c0, c1, gamma, beta, MASKED, LOSS_KIND, GAMMA, FAST,
-                                 COMPUTE_DTYPE)
+                                 COMPUTE_DTYPE, SHORT)
     if GRAD_SCALAR:
         g = g0
     else:
@@ -129,7 +130,7 @@ def _bwd_tile(x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, tile, g0, c0, c1, gamm
 def sigmoid_focal_bwd_kernel(
     x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, c0, c1, gamma, beta,
     GRAD_SCALAR: tl.constexpr, MEAN: tl.constexpr, LOSS_KIND: tl.constexpr, GAMMA: tl.constexpr,
-    FAST: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
+    FAST: tl.constexpr, SHORT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """dx[i] = g * dFL/dx(x[i], t[i]), g = grad_out[0] (GRAD_SCALAR; divided by n for MEAN) or grad_out[i].
 
@@ -149,11 +150,11 @@ def sigmoid_focal_bwd_kernel(
     tile = pid
     while tile < num_full:  # tile loop: flat full
         _bwd_tile(x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, tile, g0, c0, c1, gamma, beta,
-                  False, GRAD_SCALAR, LOSS_KIND, GAMMA, FAST, COMPUTE_DTYPE, INT64, BLOCK)
+                  False, GRAD_SCALAR, LOSS_KIND, GAMMA, FAST, SHORT, COMPUTE_DTYPE, INT64, BLOCK)
         tile += nprog
     if (num_full * BLOCK < n) & (pid == num_full % nprog):
         _bwd_tile(x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, num_full, g0, c0, c1, gamma, beta,
-                  True, GRAD_SCALAR, LOSS_KIND, GAMMA, FAST, COMPUTE_DTYPE, INT64, BLOCK)
+                  True, GRAD_SCALAR, LOSS_KIND, GAMMA, FAST, SHORT, COMPUTE_DTYPE, INT64, BLOCK)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -252,7 +253,7 @@ def forward_constexprs(x_dtype, reduce: bool, power: int, int64: bool, block: in
 def backward_constexprs(x_dtype, grad_scalar: bool, mean: bool, power: int, int64: bool, block: int,
                         loss_kind: int = FL) -> dict:
     return dict(GRAD_SCALAR=grad_scalar, MEAN=mean, LOSS_KIND=loss_kind, GAMMA=power, FAST=fast_math(x_dtype),
-                COMPUTE_DTYPE=compute_dtype(x_dtype), INT64=int64, BLOCK=block)
+                SHORT=short_log(x_dtype, True), COMPUTE_DTYPE=compute_dtype(x_dtype), INT64=int64, BLOCK=block)
 
 
 def power_key(power: int) -> str:

@@ -292,32 +292,37 @@ def bound(instructions_per_logit: float, mufu_per_logit: float, bytes_per_logit:
     return {"seconds_per_logit": times, "bound": max(times, key=times.get)}
 
 
-def loop_weights(tile_hw: int, hws=RETINANET_HW) -> dict:
-    """Share of the logits in full and in edge (masked) tiles for levels of hws positions and tiles of tile_hw."""
-    full = sum((hw // tile_hw) * tile_hw for hw in hws)
-    edge = sum(-(-hw // tile_hw) * tile_hw for hw in hws) - full
-    return {"full": full / (full + edge), "edge": edge / (full + edge)}
+def loop_weights(tile_hw: int, loops, hws=RETINANET_HW) -> dict:
+    """Share of the logits that each tile loop of a layout takes, for levels of hws positions and tiles of tile_hw
+    positions: full tiles ("pairs": the NCHW pair loop of bf16, which takes the levels of even hw, where the layout
+    has it; "full" the others) and edge tiles (masked: the last, partial position tile of each level)."""
+    shares = dict.fromkeys(loops, 0.0)
+    for hw in hws:
+        full = (hw // tile_hw) * tile_hw
+        shares["pairs" if ("pairs" in loops and hw % 2 == 0) else "full"] += full
+        shares["edge"] += -(-hw // tile_hw) * tile_hw - full
+    total = sum(shares.values())
+    return {k: v / total for k, v in shares.items()}
 
 
 def modeled_times(rows: list, gpu: str = "H100") -> dict:
-    """Modeled RetinaNet batch-16 time (ms) per (kernel, dtype, layout, loss, mode) from the rows of the
-    multi-level cases: each loop's cost weighted by its share of tiles, then the binding resource; and the memory
-    floor of the same pass. Labeled a model: see the module docstring."""
+    """Modeled RetinaNet batch-16 time (ms) per (dtype, layout, loss, mode) from the rows of the multi-level cases
+    for `gpu`'s arch: each tile loop's cost weighted by its share of the logits (loop_weights), then the binding
+    resource (bound); and the memory floor of the same pass. Labeled a model: see the module docstring."""
     n = RETINANET_BATCH * sum(RETINANET_HW) * RETINANET_A * RETINANET_C
     groups = collections.defaultdict(dict)
     for r in rows:
-        if r["kernel"] != "multilevel":
+        if r["kernel"] != "multilevel" or "error" in r:
             continue
         groups[(r["dtype"], r["layout"], r["loss"], r["mode"], r["arch"])][r["loop"].split()[-1]] = r
     out = {}
     for (dtype, layout, loss, mode, arch), loops in groups.items():
-        if "full" not in loops or arch != GPUS[gpu]["arch"]:
+        if not {"full", "edge"} <= set(loops) or arch != GPUS[gpu]["arch"]:
             continue
         tile_hw = 64  # the heuristic tiles of bf16 and fp32 (multilevel_focal.gpu_tile)
-        w = loop_weights(tile_hw)
-        edge = loops.get("edge", loops["full"])
-        ins = w["full"] * loops["full"]["instructions_per_logit"] + w["edge"] * edge["instructions_per_logit"]
-        mufu = w["full"] * loops["full"]["mufu_per_logit"] + w["edge"] * edge["mufu_per_logit"]
+        w = loop_weights(tile_hw, loops)
+        ins = sum(w[k] * loops[k]["instructions_per_logit"] for k in w)
+        mufu = sum(w[k] * loops[k]["mufu_per_logit"] for k in w)
         b = bound(ins, mufu, pass_bytes_per_logit("multilevel", dtype, mode), gpu)
         t = b["seconds_per_logit"]
         out[f"{dtype} {layout} {loss} {mode}"] = {

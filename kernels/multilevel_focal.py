@@ -213,6 +213,88 @@ def _pair_part(x_ptr, o_ptr, g_ptr, part, lanes, K, rel, keep, row_mask, c_start
 
 
 @triton.jit
+def _nchw_pair_tile(x_ptr, o_ptr, g_ptr, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, A, C, a, row0, c_start, ct,
+                    anchor_base, acc_lo, acc_hi, g0, lc0, lc1, gc0, gc1, gamma, beta, half_smoothing, ignore_index,
+                    MODE: tl.constexpr, STATS: tl.constexpr, LOSS_KIND: tl.constexpr, GAMMA: tl.constexpr,
+                    HAS_IGNORE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_ALPHA: tl.constexpr,
+                    SMOOTH: tl.constexpr, FAST: tl.constexpr, SHORT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+                    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A full NCHW tile of bf16 logits in a level of even hw (`_tile`'s MODEs): each class row read as int32 words
+    of two positions (positions row0 + 2i and row0 + 2i + 1: the lower and upper half), each half with its own
+    labels, computed apart (acc_lo, acc_hi) and joined again for the store (32-bit stores of two positions).
+    With a scalar alpha an ignored anchor's half-words and factors are set to 0, as in `_pair_part`."""
+    i = tl.arange(0, BLOCK_HW // 2)
+    cols = tl.arange(0, BLOCK_C)
+    lab_tile = lab_ptr + (anchor_base + row0 * A)
+    lane_lo = (2 * i) * A
+    label_lo = tl.load(lab_tile + lane_lo)
+    label_hi = tl.load(lab_tile + lane_lo + A)
+    rel_lo = _class_in_tile(label_lo, c_start, BLOCK_C)
+    rel_hi = _class_in_tile(label_hi, c_start, BLOCK_C)
+    keep_lo = label_lo != ignore_index
+    keep_hi = label_hi != ignore_index
+    w_lo = 1.0
+    w_hi = 1.0
+    if HAS_WEIGHT:
+        w_lo = tl.load(w_ptr + (anchor_base + row0 * A) + lane_lo).to(COMPUTE_DTYPE)
+        w_hi = tl.load(w_ptr + (anchor_base + row0 * A) + lane_lo + A).to(COMPUTE_DTYPE)
+    score_lo = 0.0
+    score_hi = 0.0
+    if LOSS_KIND >= 2:
+        score_lo = tl.load(s_ptr + (anchor_base + row0 * A) + lane_lo).to(COMPUTE_DTYPE)
+        score_hi = tl.load(s_ptr + (anchor_base + row0 * A) + lane_lo + A).to(COMPUTE_DTYPE)
+    base = (a * C + c_start) * hw + row0  # even: hw is, and so is row0
+    v = tl.load((x_ptr + base).to(tl.pointer_type(tl.int32)) + (cols[None, :] * (hw // 2) + i[:, None]))
+    ZEROED: tl.constexpr = HAS_IGNORE and (not HAS_ALPHA) and (LOSS_KIND == 0)
+    SELECT: tl.constexpr = HAS_IGNORE and not ZEROED
+    lc0_lo, lc1_lo, gc0_lo, gc1_lo = lc0, lc1, gc0, gc1
+    lc0_hi, lc1_hi, gc0_hi, gc1_hi = lc0, lc1, gc0, gc1
+    if ZEROED:
+        v = v & (tl.where(keep_lo, 0xFFFF, 0) | tl.where(keep_hi, -65536, 0))[:, None]
+        zero = tl.zeros([BLOCK_HW // 2], COMPUTE_DTYPE)
+        lc0_lo, lc1_lo = tl.where(keep_lo, lc0, zero)[:, None], tl.where(keep_lo, lc1, zero)[:, None]
+        gc0_lo, gc1_lo = tl.where(keep_lo, gc0, zero)[:, None], tl.where(keep_lo, gc1, zero)[:, None]
+        lc0_hi, lc1_hi = tl.where(keep_hi, lc0, zero)[:, None], tl.where(keep_hi, lc1, zero)[:, None]
+        gc0_hi, gc1_hi = tl.where(keep_hi, gc0, zero)[:, None], tl.where(keep_hi, gc1, zero)[:, None]
+    x_lo, a_lo, nn_lo, x_hi, a_hi, nn_hi = _unpack_bf16_pairs(v)
+    loss_lo, grad_lo = _terms(x_lo, a_lo, nn_lo, rel_lo, cols, c_start, C, score_lo, alpha_ptr, g0, lc0_lo, lc1_lo,
+                              gc0_lo, gc1_lo, gamma, beta, half_smoothing, LOSS_KIND, GAMMA, HAS_ALPHA, SMOOTH, FAST,
+                              SHORT, COMPUTE_DTYPE)
+    loss_hi, grad_hi = _terms(x_hi, a_hi, nn_hi, rel_hi, cols, c_start, C, score_hi, alpha_ptr, g0, lc0_hi, lc1_hi,
+                              gc0_hi, gc1_hi, gamma, beta, half_smoothing, LOSS_KIND, GAMMA, HAS_ALPHA, SMOOTH, FAST,
+                              SHORT, COMPUTE_DTYPE)
+    loss_lo, grad_lo = _finish(loss_lo, grad_lo, w_lo, keep_lo, None, HAS_WEIGHT, SELECT, False, MODE, STATS)
+    loss_hi, grad_hi = _finish(loss_hi, grad_hi, w_hi, keep_hi, None, HAS_WEIGHT, SELECT, False, MODE, STATS)
+    if MODE == 0:
+        acc_lo = _accumulate(acc_lo, loss_lo, keep_lo, None, SELECT, False)
+        acc_hi = _accumulate(acc_hi, loss_hi, keep_hi, None, SELECT, False)
+        if STATS:
+            slot = (anchor_base + row0 * A + lane_lo) * tl.cdiv(C, BLOCK_C) + ct
+            tl.store(stats_ptr + slot, tl.sum(loss_lo, axis=1))
+            tl.store(stats_ptr + slot + A * tl.cdiv(C, BLOCK_C), tl.sum(loss_hi, axis=1))
+    else:
+        if MODE == 1:
+            lo, hi = loss_lo, loss_hi
+        else:
+            lo, hi = grad_lo, grad_hi
+        # Element (i, c, k) of a [positions / 2, classes, 2] tensor is position row0 + 2i + k of class c.
+        offs = cols[None, :, None] * hw + 2 * i[:, None, None] + tl.arange(0, 2)[None, None, :]
+        if MODE == 3:
+            g_lo, g_hi = tl.split(tl.load(g_ptr + base + offs).to(COMPUTE_DTYPE))
+            lo, hi = lo * g_lo, hi * g_hi
+        if o_ptr.dtype.element_ty == tl.bfloat16:
+            # Packed into the words they came from, stored with the load's offsets and layout (a join stored as
+            # bf16 pairs would be reordered through shared memory, with barriers and 40 more registers).
+            pair = tl.join(lo, hi).to(tl.bfloat16).to(tl.uint16, bitcast=True)
+            p_lo, p_hi = tl.split(pair)
+            word = (p_hi.to(tl.uint32) << 16) | p_lo.to(tl.uint32)
+            tl.store((o_ptr + base).to(tl.pointer_type(tl.uint32)) + (cols[None, :] * (hw // 2) + i[:, None]), word)
+        else:
+            tl.store(o_ptr + base + offs, tl.join(lo, hi).to(o_ptr.dtype.element_ty))
+    return acc_lo, acc_hi
+
+
+@triton.jit
 def _tile(x_ptr, o_ptr, g_ptr, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, a, row0, c_start, ct,
           anchor_base, acc0, acc1, acc2, acc3, g0, lc0, lc1, gc0, gc1, gamma, beta, half_smoothing, ignore_index,
           MODE: tl.constexpr, STATS: tl.constexpr, MASKED: tl.constexpr, CHANNELS_LAST: tl.constexpr,
@@ -383,6 +465,11 @@ def multilevel_focal_kernel(
     acc_cl1 = tl.zeros([BLOCK_HW, CL_WIDTH], COMPUTE_DTYPE)
     acc_cl2 = tl.zeros([BLOCK_HW, CL_WIDTH], COMPUTE_DTYPE)
     acc_cl3 = tl.zeros([BLOCK_HW, CL_WIDTH], COMPUTE_DTYPE)
+    # NCHW bf16 tiles of a class-aligned head in levels of even hw are read in pairs of positions (two half-height
+    # accumulators).
+    ROW_PAIRS: tl.constexpr = CLASS_ALIGNED and (x0.dtype.element_ty == tl.bfloat16)
+    acc_np0 = tl.zeros([BLOCK_HW // 2 if ROW_PAIRS else 1, BLOCK_C], COMPUTE_DTYPE)
+    acc_np1 = tl.zeros([BLOCK_HW // 2 if ROW_PAIRS else 1, BLOCK_C], COMPUTE_DTYPE)
     g0 = 1.0
     if MODE == 2:
         g0 = tl.load(grad_scalar_ptr).to(COMPUTE_DTYPE) * tl.load(scale_ptr + n).to(COMPUTE_DTYPE)
@@ -437,7 +524,19 @@ def multilevel_focal_kernel(
                 j += P
                 ht, a, ct = _advance(ht, a, ct, d_ht, d_a, d_ct, A, n_ct)
         else:
-            # NCHW rows run along hw, whose alignment is unknown (hw is not specialized): narrow loads.
+            # NCHW rows run along hw, whose alignment is unknown (hw is not specialized): narrow loads, 32-bit ones
+            # (two positions) for bf16 where hw is even; the scalar full loop then finds no tile left.
+            if ROW_PAIRS:
+                if hw % 2 == 0:
+                    hw2 = (hw // 2) * 2  # == hw; tells the compiler that class rows start at even elements
+                    while j < full_end:  # tile loop: NCHW full pairs
+                        acc_np0, acc_np1 = _nchw_pair_tile(
+                            xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw2, A, C, a, ht * BLOCK_HW,
+                            ct * BLOCK_C, ct, anchor_level + a, acc_np0, acc_np1, g0, lc0, lc1, gc0, gc1, gamma, beta,
+                            half_smoothing, ignore_index, MODE, STATS, LOSS_KIND, GAMMA, HAS_IGNORE, HAS_WEIGHT,
+                            HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
+                        j += P
+                        ht, a, ct = _advance(ht, a, ct, d_ht, d_a, d_ct, A, n_ct)
             if CLASS_ALIGNED:
                 while j < full_end:  # tile loop: NCHW full
                     acc, _u1, _u2, _u3 = _tile(
@@ -460,6 +559,7 @@ def multilevel_focal_kernel(
     if MODE == 0:
         total = tl.sum(tl.sum(acc, axis=1), axis=0) + tl.sum(tl.sum(acc_cl0 + acc_cl1 + acc_cl2 + acc_cl3, axis=1),
                                                              axis=0)
+        total += tl.sum(tl.sum(acc_np0 + acc_np1, axis=1), axis=0)
         tl.store(partials_ptr + pid, total)
 
 

@@ -214,14 +214,14 @@ def _pair_part(x_ptr, o_ptr, g_ptr, part, lanes, K, rel, keep, row_mask, c_start
 
 @triton.jit
 def _nchw_pair_tile(x_ptr, o_ptr, g_ptr, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, A, C, a, row0, c_start, ct,
-                    anchor_base, acc_lo, acc_hi, g0, lc0, lc1, gc0, gc1, gamma, beta, half_smoothing, ignore_index,
+                    anchor_base, acc, g0, lc0, lc1, gc0, gc1, gamma, beta, half_smoothing, ignore_index,
                     MODE: tl.constexpr, STATS: tl.constexpr, LOSS_KIND: tl.constexpr, GAMMA: tl.constexpr,
                     HAS_IGNORE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_ALPHA: tl.constexpr,
                     SMOOTH: tl.constexpr, FAST: tl.constexpr, SHORT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
                     BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     """A full NCHW tile of bf16 logits in a level of even hw (`_tile`'s MODEs): each class row read as int32 words
     of two positions (positions row0 + 2i and row0 + 2i + 1: the lower and upper half), each half with its own
-    labels, computed apart (acc_lo, acc_hi) and joined again for the store (32-bit stores of two positions).
+    labels, computed apart (both added to acc) and joined again for the store (32-bit stores of two positions).
     With a scalar alpha an ignored anchor's half-words and factors are set to 0, as in `_pair_part`."""
     i = tl.arange(0, BLOCK_HW // 2)
     cols = tl.arange(0, BLOCK_C)
@@ -266,8 +266,8 @@ def _nchw_pair_tile(x_ptr, o_ptr, g_ptr, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats
     loss_lo, grad_lo = _finish(loss_lo, grad_lo, w_lo, keep_lo, None, HAS_WEIGHT, SELECT, False, MODE, STATS)
     loss_hi, grad_hi = _finish(loss_hi, grad_hi, w_hi, keep_hi, None, HAS_WEIGHT, SELECT, False, MODE, STATS)
     if MODE == 0:
-        acc_lo = _accumulate(acc_lo, loss_lo, keep_lo, None, SELECT, False)
-        acc_hi = _accumulate(acc_hi, loss_hi, keep_hi, None, SELECT, False)
+        acc = _accumulate(acc, loss_lo, keep_lo, None, SELECT, False)
+        acc = _accumulate(acc, loss_hi, keep_hi, None, SELECT, False)
         if STATS:
             slot = (anchor_base + row0 * A + lane_lo) * tl.cdiv(C, BLOCK_C) + ct
             tl.store(stats_ptr + slot, tl.sum(loss_lo, axis=1))
@@ -291,7 +291,7 @@ def _nchw_pair_tile(x_ptr, o_ptr, g_ptr, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats
             tl.store((o_ptr + base).to(tl.pointer_type(tl.uint32)) + (cols[None, :] * (hw // 2) + i[:, None]), word)
         else:
             tl.store(o_ptr + base + offs, tl.join(lo, hi).to(o_ptr.dtype.element_ty))
-    return acc_lo, acc_hi
+    return acc
 
 
 @triton.jit
@@ -305,8 +305,8 @@ def _tile(x_ptr, o_ptr, g_ptr, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, 
     0 forward, acc += loss;  1 forward, o = loss;  2 backward, o = g0 * dFL/dx;  3 backward, o = g * dFL/dx.
     The loss and gradient are multiplied by the anchor's weight and zeroed where the anchor is ignored.
     PAIRS (bf16 channels_last rows of a class-aligned head, BLOCK_C <= 16): the tile is read in parts of at most 8
-    classes, each as int32 words of two logits (`_pair_part`); its even and odd classes are computed apart (acc0 ..
-    acc3: part 0 even, odd, part 1 even, odd) and joined again for the store. Otherwise only acc0 is used.
+    classes, each as int32 words of two logits (`_pair_part`); its even and odd classes are computed apart (all
+    added to acc0) and joined again for the store. acc1 .. acc3 are passed through.
     There, with a scalar alpha, an ignored anchor's words are set to 0 and its factors to 0 (a select per word and
     per row instead of one per logit: a NaN logit of an ignored anchor still gives 0).
     STATS (MODE 0): also store the tile's row sums, stats[anchor * n_ct + ct] (the anchor's loss over the tile's
@@ -372,11 +372,12 @@ def _tile(x_ptr, o_ptr, g_ptr, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, 
             quad = tl.arange(0, PART_C // 2)
             m0 = row_mask[:, None] & ((c_start + 2 * quad) < C)[None, :]
             m1 = row_mask[:, None] & ((c_start + PART_C + 2 * quad) < C)[None, :]
+            # One accumulator for the four quarters (same shape): registers, not instructions (the adds chain).
             acc0 = _accumulate(acc0, l0, keep, m0, SELECT, MASKED)
-            acc1 = _accumulate(acc1, l1, keep, m0, SELECT, MASKED)
+            acc0 = _accumulate(acc0, l1, keep, m0, SELECT, MASKED)
             if BLOCK_C > PART_C:
-                acc2 = _accumulate(acc2, l2, keep, m1, SELECT, MASKED)
-                acc3 = _accumulate(acc3, l3, keep, m1, SELECT, MASKED)
+                acc0 = _accumulate(acc0, l2, keep, m1, SELECT, MASKED)
+                acc0 = _accumulate(acc0, l3, keep, m1, SELECT, MASKED)
             if STATS:
                 slot = (anchor_base + row0 * A + lane_anchor) * tl.cdiv(C, BLOCK_C) + ct
                 row_sum = tl.sum(l0, axis=1) + tl.sum(l1, axis=1) + tl.sum(l2, axis=1) + tl.sum(l3, axis=1)
@@ -468,8 +469,7 @@ def multilevel_focal_kernel(
     # NCHW bf16 tiles of a class-aligned head in levels of even hw are read in pairs of positions (two half-height
     # accumulators).
     ROW_PAIRS: tl.constexpr = CLASS_ALIGNED and (x0.dtype.element_ty == tl.bfloat16)
-    acc_np0 = tl.zeros([BLOCK_HW // 2 if ROW_PAIRS else 1, BLOCK_C], COMPUTE_DTYPE)
-    acc_np1 = tl.zeros([BLOCK_HW // 2 if ROW_PAIRS else 1, BLOCK_C], COMPUTE_DTYPE)
+    acc_np = tl.zeros([BLOCK_HW // 2 if ROW_PAIRS else 1, BLOCK_C], COMPUTE_DTYPE)
     g0 = 1.0
     if MODE == 2:
         g0 = tl.load(grad_scalar_ptr).to(COMPUTE_DTYPE) * tl.load(scale_ptr + n).to(COMPUTE_DTYPE)
@@ -530,9 +530,9 @@ def multilevel_focal_kernel(
                 if hw % 2 == 0:
                     hw2 = (hw // 2) * 2  # == hw; tells the compiler that class rows start at even elements
                     while j < full_end:  # tile loop: NCHW full pairs
-                        acc_np0, acc_np1 = _nchw_pair_tile(
+                        acc_np = _nchw_pair_tile(
                             xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw2, A, C, a, ht * BLOCK_HW,
-                            ct * BLOCK_C, ct, anchor_level + a, acc_np0, acc_np1, g0, lc0, lc1, gc0, gc1, gamma, beta,
+                            ct * BLOCK_C, ct, anchor_level + a, acc_np, g0, lc0, lc1, gc0, gc1, gamma, beta,
                             half_smoothing, ignore_index, MODE, STATS, LOSS_KIND, GAMMA, HAS_IGNORE, HAS_WEIGHT,
                             HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
                         j += P
@@ -559,7 +559,7 @@ def multilevel_focal_kernel(
     if MODE == 0:
         total = tl.sum(tl.sum(acc, axis=1), axis=0) + tl.sum(tl.sum(acc_cl0 + acc_cl1 + acc_cl2 + acc_cl3, axis=1),
                                                              axis=0)
-        total += tl.sum(tl.sum(acc_np0 + acc_np1, axis=1), axis=0)
+        total += tl.sum(tl.sum(acc_np, axis=1), axis=0)
         tl.store(partials_ptr + pid, total)
 
 

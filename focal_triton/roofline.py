@@ -1,8 +1,8 @@
 """Per-logit cost of the kernels' tile loops, counted in their sm_80 / sm_90 SASS, and the bound it predicts.
 
-Counting (`tile_loops`): `nvdisasm -c -g` of the cubin (the triton wheel's), with source lines. A tile loop is an
-innermost loop (a backward branch and its target) whose body holds global loads; each is named by the
-`# tile loop: <name>` comment on the source line of its backward branch. Its cost is the longest path from the
+Counting (`tile_loops`): `nvdisasm -c -gi` of the cubin (the triton wheel's), with source lines and inlining chains.
+A tile loop is an innermost loop (a backward branch and its target) whose body holds global loads; each is named by
+the `# tile loop: <name>` comment on the source line of its backward branch or of the call it is inlined from. Its cost is the longest path from the
 loop header to the backward branch through the body (forward edges only: an inner loop counts once), every SASS
 instruction on it counted once (predicated ones issue too), divided by the logits each thread handles per
 iteration (the tile's elements / threads). Per-level and per-program set-up lie outside the loop and are not counted.
@@ -40,6 +40,7 @@ RETINANET_BATCH = 16
 _INSTR_RE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _LABEL_RE = re.compile(r"^(\.L_x_\d+):")
 _LINE_RE = re.compile(r'//## File "([^"]+)", line (\d+)')
+_PLACE_RE = re.compile(r'"([^"]+)", line (\d+)')
 _TARGET_RE = re.compile(r"`\((\.L_x_\d+)\)")
 _TAG_RE = re.compile(r"#\s*tile loop:\s*(.+?)\s*$")
 
@@ -51,11 +52,11 @@ def _tool(name: str) -> str:
 
 
 def disassemble(cubin: bytes) -> str:
-    """SASS of a cubin with source lines (`nvdisasm -c -g`)."""
+    """SASS of a cubin with source lines and their inlining chains (`nvdisasm -c -gi`)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        return subprocess.run([_tool("nvdisasm"), "-c", "-g", f.name], capture_output=True, text=True,
+        return subprocess.run([_tool("nvdisasm"), "-c", "-gi", f.name], capture_output=True, text=True,
                               check=True).stdout
 
 
@@ -67,9 +68,8 @@ def _opcode(text: str):
 def _parse(sass: str):
     instrs, labels, line, pending = [], {}, None, []
     for raw in sass.splitlines():
-        m = _LINE_RE.search(raw)
-        if m:
-            line = (m.group(1), int(m.group(2)))
+        if _LINE_RE.search(raw):  # the instruction's source line, then the lines it is inlined at (outwards)
+            line = tuple((f, int(n)) for f, n in _PLACE_RE.findall(raw))
             continue
         m = _LABEL_RE.match(raw.strip())
         if m:
@@ -122,19 +122,20 @@ _TAG_CACHE = {}
 
 
 def _source_tag(where):
-    """The `# tile loop: <name>` tag of a source line, or None."""
-    if where is None:
-        return None
-    path, lineno = where
-    if path not in _TAG_CACHE:
-        try:
-            with open(path) as f:
-                _TAG_CACHE[path] = f.read().splitlines()
-        except OSError:
-            _TAG_CACHE[path] = []
-    lines = _TAG_CACHE[path]
-    m = _TAG_RE.search(lines[lineno - 1]) if 0 < lineno <= len(lines) else None
-    return m.group(1) if m else None
+    """(tag, line) of the first place of an inlining chain whose source line carries a `# tile loop: <name>`
+    comment (the loop's own line, or the call that inlined it), or None."""
+    for path, lineno in where or ():
+        if path not in _TAG_CACHE:
+            try:
+                with open(path) as f:
+                    _TAG_CACHE[path] = f.read().splitlines()
+            except OSError:
+                _TAG_CACHE[path] = []
+        lines = _TAG_CACHE[path]
+        m = _TAG_RE.search(lines[lineno - 1]) if 0 < lineno <= len(lines) else None
+        if m:
+            return m.group(1), lineno
+    return None
 
 
 def tile_loops(sass: str) -> list:
@@ -176,8 +177,8 @@ def tile_loops(sass: str) -> list:
         tag = _source_tag(instrs[b][2])
         if tag is None:
             tag = next((t for t in (_source_tag(instrs[k][2]) for k in range(h, b + 1)) if t), None)
-        out.append({"loop": tag or f"line {instrs[b][2][1] if instrs[b][2] else '?'}",
-                    "line": instrs[b][2][1] if instrs[b][2] else None, "instructions": dist[b],
+        line = tag[1] if tag else (instrs[b][2][0][1] if instrs[b][2] else None)
+        out.append({"loop": tag[0] if tag else f"line {line}", "line": line, "instructions": dist[b],
                     "mufu": dict(mufu), "loads": dict(loads), "stores": dict(stores), "conversions": conversions,
                     "header": f"{instrs[h][0]:#x}", "latch": f"{instrs[b][0]:#x}"})
     return out

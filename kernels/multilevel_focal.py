@@ -10,17 +10,20 @@ per-class alphas (C,), both in the compute dtype.
 
 Tiles. A tile is [BLOCK_HW positions, BLOCK_C classes] of one anchor a of one image: one label (and weight) per row,
 shared by the BLOCK_C classes of the row, so labels and weights cost one load per anchor per class tile, not per
-logit. Per image, the tiles of level l are numbered from ts_l on: for NCHW in (a, class tile, position tile) order
-(consecutive tiles walk along hw, the contiguous axis), for channels_last in (position tile, a, class tile) order
-(consecutive tiles complete rows of K). In a class-aligned head (CLASS_ALIGNED: C % 16 == 0) the channels_last tiles
-that lie inside the level are unmasked, rows of 16 aligned classes that load in 128-bit accesses; edge tiles and
-NCHW tiles (rows along hw, whose alignment is unknown) are masked.
+logit. Per image, the tiles of level l are numbered from ts_l on in (position tile, a, class tile) order for both
+layouts. The tiles of every position tile but the last, partial one are full (in a class-aligned head,
+CLASS_ALIGNED: C % 16 == 0, where the class tiles are full too): a prefix of the level's tiles, run by an unmasked
+loop; the rest by a masked one. Full channels_last tiles are rows of 16 aligned classes that load in 128-bit
+accesses; NCHW tiles run along hw, whose alignment is unknown: 16-bit accesses, or 32-bit for bf16 where hw is even
+(two positions per word). bf16 logits are read as int32 words of two and unpacked by bit operations.
 
-Grid: P programs per image, program (n, p) = pid n * P + p takes the tiles p, p + P, ... of image n over all levels
-(a loop over levels picks each level's pointers and sizes once with a chain of scalar selects, nothing is read from a
-device table, then walks the program's tiles of that level). A program's partial sum therefore belongs to one
-image: the final one-program kernel adds each image's P partials in order, applies the normalizer (per image or
-global) and adds the images in order. Deterministic for a given (device, N), no atomics.
+Grid: P = floor(resident programs / N) programs per image (one wave), program (n, p) = pid n * P + p takes the tiles
+p, p + P, ... of image n over all levels (a loop over levels picks each level's pointers and sizes once with a chain
+of scalar selects, nothing is read from a device table, then walks the program's tiles of that level, carrying the
+tile's (position tile, anchor, class tile) coordinates forward by P with additions: no division per tile). A
+program's partial sum therefore belongs to one image: the final one-program kernel adds each image's P partials in
+order, applies the normalizer (per image or global) and adds the images in order. Deterministic for a given
+(device, N), no atomics.
 
 Per element, with t = (label == c), keep = (label != ignore or no ignore value), w = weight of the anchor (1 without):
     loss = keep ? w * alpha_t(c) * (1 - p_t)**gamma * BCE(x, t (1 - s) + s / 2) : 0     (focal_math, smoothing s)
@@ -417,6 +420,34 @@ def _store(ptr, offs, mask, value, MASKED: tl.constexpr):
         tl.store(ptr + offs, value.to(ptr.dtype.element_ty))
 
 
+@triton.jit
+def _tile_loop(j, end, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc0, acc1, acc2, acc3, xp, op, gp, lab_ptr, w_ptr, s_ptr,
+               alpha_ptr, stats_ptr, hw, K, A, C, anchor_level, g0, lc0, lc1, gc0, gc1, gamma, beta, half_smoothing,
+               ignore_index, MODE: tl.constexpr, STATS: tl.constexpr, MASKED: tl.constexpr,
+               CHANNELS_LAST: tl.constexpr, PAIRS: tl.constexpr, ROW_PAIRS: tl.constexpr, LOSS_KIND: tl.constexpr,
+               GAMMA: tl.constexpr, HAS_IGNORE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_ALPHA: tl.constexpr,
+               SMOOTH: tl.constexpr, FAST: tl.constexpr, SHORT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+               BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The program's tiles j, j + P, ... below `end` of one level, of one kind (masked or not, layout, pairs):
+    returns the coordinates of the next tile and the accumulators."""
+    while j < end:
+        if ROW_PAIRS:
+            acc0 = _nchw_pair_tile(xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, A, C, a,
+                                   ht * BLOCK_HW, ct * BLOCK_C, ct, anchor_level + a, acc0, g0, lc0, lc1, gc0, gc1,
+                                   gamma, beta, half_smoothing, ignore_index, MODE, STATS, LOSS_KIND, GAMMA,
+                                   HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW,
+                                   BLOCK_C)
+        else:
+            acc0, acc1, acc2, acc3 = _tile(
+                xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, a, ht * BLOCK_HW, ct * BLOCK_C,
+                ct, anchor_level + a, acc0, acc1, acc2, acc3, g0, lc0, lc1, gc0, gc1, gamma, beta, half_smoothing,
+                ignore_index, MODE, STATS, MASKED, CHANNELS_LAST, PAIRS, LOSS_KIND, GAMMA, HAS_IGNORE, HAS_WEIGHT,
+                HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
+        j += P
+        ht, a, ct = _advance(ht, a, ct, d_ht, d_a, d_ct, A, n_ct)
+    return j, ht, a, ct, acc0, acc1, acc2, acc3
+
+
 @triton.jit(do_not_specialize=_INT_ARGS)
 def multilevel_focal_kernel(
     x0, x1, x2, x3, x4, x5, x6, x7,          # logits of each level (unused levels repeat x0)
@@ -505,55 +536,42 @@ def multilevel_focal_kernel(
             if C % BLOCK_C == 0:
                 full_end = start + (hw // BLOCK_HW) * A * n_ct
         anchor_level = label_row + mb
+        # Each call below is one tile loop (the comment names it in the per-logit report, focal_triton/roofline.py).
         if channels_last:
             if CLASS_ALIGNED:  # (otherwise no tile is full: the loop is not compiled)
-                while j < full_end:  # tile loop: channels_last full
-                    acc_cl0, acc_cl1, acc_cl2, acc_cl3 = _tile(
-                        xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, a, ht * BLOCK_HW,
-                        ct * BLOCK_C, ct, anchor_level + a, acc_cl0, acc_cl1, acc_cl2, acc_cl3, g0, lc0, lc1, gc0, gc1,
-                        gamma, beta, half_smoothing, ignore_index, MODE, STATS, False, True, PAIRS, LOSS_KIND,
-                        GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
-                    j += P
-                    ht, a, ct = _advance(ht, a, ct, d_ht, d_a, d_ct, A, n_ct)
-            while j < end:  # tile loop: channels_last edge
-                acc_cl0, acc_cl1, acc_cl2, acc_cl3 = _tile(
-                    xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, a, ht * BLOCK_HW,
-                    ct * BLOCK_C, ct, anchor_level + a, acc_cl0, acc_cl1, acc_cl2, acc_cl3, g0, lc0, lc1, gc0, gc1,
-                    gamma, beta, half_smoothing, ignore_index, MODE, STATS, True, True, PAIRS, LOSS_KIND,
+                j, ht, a, ct, acc_cl0, acc_cl1, acc_cl2, acc_cl3 = _tile_loop(  # tile loop: channels_last full
+                    j, full_end, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc_cl0, acc_cl1, acc_cl2, acc_cl3, xp, op, gp,
+                    lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, anchor_level, g0, lc0, lc1, gc0, gc1,
+                    gamma, beta, half_smoothing, ignore_index, MODE, STATS, False, True, PAIRS, False, LOSS_KIND,
                     GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
-                j += P
-                ht, a, ct = _advance(ht, a, ct, d_ht, d_a, d_ct, A, n_ct)
+            j, ht, a, ct, acc_cl0, acc_cl1, acc_cl2, acc_cl3 = _tile_loop(  # tile loop: channels_last edge
+                j, end, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc_cl0, acc_cl1, acc_cl2, acc_cl3, xp, op, gp,
+                lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, anchor_level, g0, lc0, lc1, gc0, gc1,
+                gamma, beta, half_smoothing, ignore_index, MODE, STATS, True, True, PAIRS, False, LOSS_KIND,
+                GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
         else:
             # NCHW rows run along hw, whose alignment is unknown (hw is not specialized): narrow loads, 32-bit ones
             # (two positions) for bf16 where hw is even; the scalar full loop then finds no tile left.
             if ROW_PAIRS:
                 if hw % 2 == 0:
                     hw2 = (hw // 2) * 2  # == hw; tells the compiler that class rows start at even elements
-                    while j < full_end:  # tile loop: NCHW full pairs
-                        acc_np = _nchw_pair_tile(
-                            xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw2, A, C, a, ht * BLOCK_HW,
-                            ct * BLOCK_C, ct, anchor_level + a, acc_np, g0, lc0, lc1, gc0, gc1, gamma, beta,
-                            half_smoothing, ignore_index, MODE, STATS, LOSS_KIND, GAMMA, HAS_IGNORE, HAS_WEIGHT,
-                            HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
-                        j += P
-                        ht, a, ct = _advance(ht, a, ct, d_ht, d_a, d_ct, A, n_ct)
+                    j, ht, a, ct, acc_np, _u1, _u2, _u3 = _tile_loop(  # tile loop: NCHW full pairs
+                        j, full_end, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc_np, unused, unused, unused, xp, op, gp,
+                        lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw2, K, A, C, anchor_level, g0, lc0, lc1, gc0,
+                        gc1, gamma, beta, half_smoothing, ignore_index, MODE, STATS, False, False, False, True,
+                        LOSS_KIND, GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE,
+                        BLOCK_HW, BLOCK_C)
             if CLASS_ALIGNED:
-                while j < full_end:  # tile loop: NCHW full
-                    acc, _u1, _u2, _u3 = _tile(
-                        xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, a, ht * BLOCK_HW,
-                        ct * BLOCK_C, ct, anchor_level + a, acc, unused, unused, unused, g0, lc0, lc1, gc0, gc1,
-                        gamma, beta, half_smoothing, ignore_index, MODE, STATS, False, False, False, LOSS_KIND,
-                        GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
-                    j += P
-                    ht, a, ct = _advance(ht, a, ct, d_ht, d_a, d_ct, A, n_ct)
-            while j < end:  # tile loop: NCHW edge
-                acc, _u1, _u2, _u3 = _tile(
-                    xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, a, ht * BLOCK_HW,
-                    ct * BLOCK_C, ct, anchor_level + a, acc, unused, unused, unused, g0, lc0, lc1, gc0, gc1,
-                    gamma, beta, half_smoothing, ignore_index, MODE, STATS, True, False, False, LOSS_KIND,
+                j, ht, a, ct, acc, _u1, _u2, _u3 = _tile_loop(  # tile loop: NCHW full
+                    j, full_end, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc, unused, unused, unused, xp, op, gp,
+                    lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, anchor_level, g0, lc0, lc1, gc0, gc1,
+                    gamma, beta, half_smoothing, ignore_index, MODE, STATS, False, False, False, False, LOSS_KIND,
                     GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
-                j += P
-                ht, a, ct = _advance(ht, a, ct, d_ht, d_a, d_ct, A, n_ct)
+            j, ht, a, ct, acc, _u1, _u2, _u3 = _tile_loop(  # tile loop: NCHW edge
+                j, end, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc, unused, unused, unused, xp, op, gp,
+                lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, anchor_level, g0, lc0, lc1, gc0, gc1,
+                gamma, beta, half_smoothing, ignore_index, MODE, STATS, True, False, False, False, LOSS_KIND,
+                GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
         mb += hw * A
         lvl += 1
     if MODE == 0:

@@ -22,6 +22,8 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 
+from . import aot
+
 # GPU models (SXM parts) and the SASS they run: SMs, SM clock (GHz) and HBM bandwidth (TB/s, the data-sheet
 # peak). The A100 runs the sm_80 code, the H100 and H200 the sm_90 code.
 GPUS = {
@@ -45,18 +47,12 @@ _TARGET_RE = re.compile(r"`\((\.L_x_\d+)\)")
 _TAG_RE = re.compile(r"#\s*tile loop:\s*(.+?)\s*$")
 
 
-def _tool(name: str) -> str:
-    import triton
-
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
-
-
 def disassemble(cubin: bytes) -> str:
     """SASS of a cubin with source lines and their inlining chains (`nvdisasm -c -gi`)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        return subprocess.run([_tool("nvdisasm"), "-c", "-gi", f.name], capture_output=True, text=True,
+        return subprocess.run([aot._tool("nvdisasm"), "-c", "-gi", f.name], capture_output=True, text=True,
                               check=True).stdout
 
 
@@ -210,7 +206,6 @@ def per_logit_cases() -> list:
     """RetinaNet's head (C = 80, A = 9, int64 labels, class-aligned) in bf16 and fp32, FL gamma = 2 and 1.5, forward
     sum and backward with a scalar upstream gradient (both layouts in one kernel), QFL / VFL forward, and the dense
     kernels (forward sum, backward scalar) on the same dtypes: the launch configs of the heuristic (no tuning)."""
-    from . import aot
     from .kernels import launch
     from .kernels import multilevel_focal as mf
     from .kernels import sigmoid_focal as sf
@@ -350,7 +345,6 @@ def fwd_bwd_summary(modeled: dict) -> dict:
 
 def compile_case(args):
     """(rows, cubin, sass) of one (case index, arch): compiles, disassembles and counts (a pool worker)."""
-    from . import aot
 
     index, arch = args
     case = per_logit_cases()[index]

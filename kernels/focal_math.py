@@ -84,11 +84,12 @@ def logistic_parts(x, FAST: tl.constexpr):
 
 
 @triton.jit
-def log1p_exp(e, er, FAST: tl.constexpr, SHORT: tl.constexpr = False):
-    """L = log(1 + e) for e = exp(-|x|) in [0, 1] (er = e / (1 + e)), relatively accurate down to e -> 0.
+def log1p_exp(e, r, er, FAST: tl.constexpr, SHORT: tl.constexpr = False):
+    """L = log(1 + e) for e = exp(-|x|) in [0, 1] (r = 1 / (1 + e), er = e r), relatively accurate down to e -> 0.
 
     FAST: er P(e) (see the module docstring; SHORT: the degree-4 P, for results rounded to 16 bits). Otherwise
-    Goldberg's log(w) e / (w - 1), w = 1 + e."""
+    log(w) + (e - (w - 1)) r with w = 1 + e: the rounding of w corrected to first order, with the caller's r (no
+    division of its own)."""
     if FAST:
         if SHORT:
             p = _Q4 * e + _Q3
@@ -105,7 +106,7 @@ def log1p_exp(e, er, FAST: tl.constexpr, SHORT: tl.constexpr = False):
             p = p * e + _P0
         return er * p
     w = 1.0 + e
-    return tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
+    return tl.log(w) + (e - (w - 1.0)) * r
 
 
 @triton.jit
@@ -164,7 +165,7 @@ def focal_loss_and_grad(x, t, ts, c0, c1, gamma, GAMMA: tl.constexpr, FAST: tl.c
     finite; NaN inputs make g NaN and still propagate. SHORT: L to the accuracy of a 16-bit result (log1p_exp), for
     a caller that keeps only the gradient, rounded to bf16 / fp16."""
     a, e, r, er = logistic_parts(x, FAST)
-    L = log1p_exp(e, er, FAST, SHORT)
+    L = log1p_exp(e, r, er, FAST, SHORT)
     pos = x >= 0
     # The weights of the logit's own side (1 - t for x >= 0, t otherwise): u = er + t_own (r - er) is a sum of two
     # non-negative terms, and p - ts = sign(x) (ts_own - er), 1 - 2t = sign(x) (2 t_own - 1) carry no cancellation
@@ -195,7 +196,7 @@ def focal_binary_loss_and_grad(a, nonneg, hit, loss_c0, loss_c1, grad_c0, grad_c
     Limits: x = +inf on its own class (u = 0, ce = 0) gives 0 and 0; on the other side (u = 1, ce = inf) inf and a
     finite gradient (1 - u = 0 times a capped ce); a NaN logit gives NaN (every term carries it)."""
     e, r, er = logistic_of_abs(a, FAST)
-    L = log1p_exp(e, er, FAST, SHORT)
+    L = log1p_exp(e, r, er, FAST, SHORT)
     hard = nonneg != hit  # z >= 0: the logit lies on the wrong side of its target
     u = tl.where(hard, r, er)
     v = tl.where(hard, er, r)  # 1 - u
@@ -234,7 +235,7 @@ def focal_star_loss_and_grad(x, t, c0, c1, gamma, beta, FAST: tl.constexpr):
     _, e, r, er = logistic_parts(z, FAST)
     qz = tl.where(z >= 0, er, r)
     alpha_t = c0 + c1 * t
-    loss = alpha_t * (tl.where(z >= 0, 0.0, -z) + log1p_exp(e, er, FAST)) / gamma
+    loss = alpha_t * (tl.where(z >= 0, 0.0, -z) + log1p_exp(e, r, er, FAST)) / gamma
     grad = -alpha_t * s * qz
     return loss, grad
 
@@ -252,7 +253,7 @@ def quality_focal_loss_and_grad(x, y, beta, BETA: tl.constexpr, FAST: tl.constex
     q = tl.where(pos, er, r)
     d = y * q - (1.0 - y) * p
     u = tl.where(d < 0, -d, d)
-    ce = bce_with_logits(x, y, a, log1p_exp(e, er, FAST))
+    ce = bce_with_logits(x, y, a, log1p_exp(e, r, er, FAST))
     m, g = modulation(u, log2_for_power(u, BETA), r * er, beta, BETA)
     gs = tl.where(d < 0, g, -g)
     grad = m * (0.0 - d) + tl.where((g == 0.0) | (d == 0.0), 0.0, gs * ce)
@@ -264,7 +265,7 @@ def varifocal_loss_and_grad(x, t, c0, c1, gamma, alpha_neg, GAMMA: tl.constexpr,
     """(VFL, dVFL/dx), t = q the target score (see the module docstring); the negatives' term is FL's at t = 0,
     whose u = p has log2(p) = -log2(e) softplus(-x), a select and no log."""
     a, e, r, er = logistic_parts(x, FAST)
-    L = log1p_exp(e, er, FAST)
+    L = log1p_exp(e, r, er, FAST)
     pos = t > 0
     xpos = x >= 0
     p = tl.where(xpos, r, er)

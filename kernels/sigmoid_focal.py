@@ -85,7 +85,8 @@ def sigmoid_focal_fwd_kernel(
     num_full = n // BLOCK
     acc = tl.zeros([BLOCK], COMPUTE_DTYPE)
     tile = pid
-    while tile < num_full:  # tile loop: flat full
+    # (tile + 1) * BLOCK <= n is tile < num_full with nothing kept across the loop: n is a kernel argument.
+    while (tile + 1) * BLOCK <= n:  # tile loop: flat full
         acc = _fwd_tile(x_ptr, t_ptr, out_ptr, n, tile, acc, c0, c1, gamma, beta,
                         False, REDUCE, LOSS_KIND, GAMMA, FAST, COMPUTE_DTYPE, INT64, BLOCK)
         tile += nprog
@@ -148,7 +149,7 @@ def sigmoid_focal_bwd_kernel(
             g0 = g0 / n.to(COMPUTE_DTYPE)
     num_full = n // BLOCK
     tile = pid
-    while tile < num_full:  # tile loop: flat full
+    while (tile + 1) * BLOCK <= n:  # tile loop: flat full
         _bwd_tile(x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, tile, g0, c0, c1, gamma, beta,
                   False, GRAD_SCALAR, LOSS_KIND, GAMMA, FAST, SHORT, COMPUTE_DTYPE, INT64, BLOCK)
         tile += nprog

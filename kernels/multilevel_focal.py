@@ -421,31 +421,29 @@ def _store(ptr, offs, mask, value, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _tile_loop(j, end, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc0, acc1, acc2, acc3, xp, op, gp, lab_ptr, w_ptr, s_ptr,
+def _tile_step(j, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc0, acc1, acc2, acc3, xp, op, gp, lab_ptr, w_ptr, s_ptr,
                alpha_ptr, stats_ptr, hw, K, A, C, anchor_level, g0, lc0, lc1, gc0, gc1, gamma, beta, half_smoothing,
                ignore_index, MODE: tl.constexpr, STATS: tl.constexpr, MASKED: tl.constexpr,
                CHANNELS_LAST: tl.constexpr, PAIRS: tl.constexpr, ROW_PAIRS: tl.constexpr, LOSS_KIND: tl.constexpr,
                GAMMA: tl.constexpr, HAS_IGNORE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_ALPHA: tl.constexpr,
                SMOOTH: tl.constexpr, FAST: tl.constexpr, SHORT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
                BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The program's tiles j, j + P, ... below `end` of one level, of one kind (masked or not, layout, pairs):
-    returns the coordinates of the next tile and the accumulators."""
-    while j < end:
-        if ROW_PAIRS:
-            acc0 = _nchw_pair_tile(xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, A, C, a,
-                                   ht * BLOCK_HW, ct * BLOCK_C, ct, anchor_level + a, acc0, g0, lc0, lc1, gc0, gc1,
-                                   gamma, beta, half_smoothing, ignore_index, MODE, STATS, LOSS_KIND, GAMMA,
-                                   HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW,
-                                   BLOCK_C)
-        else:
-            acc0, acc1, acc2, acc3 = _tile(
-                xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, a, ht * BLOCK_HW, ct * BLOCK_C,
-                ct, anchor_level + a, acc0, acc1, acc2, acc3, g0, lc0, lc1, gc0, gc1, gamma, beta, half_smoothing,
-                ignore_index, MODE, STATS, MASKED, CHANNELS_LAST, PAIRS, LOSS_KIND, GAMMA, HAS_IGNORE, HAS_WEIGHT,
-                HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
-        j += P
-        ht, a, ct = _advance(ht, a, ct, d_ht, d_a, d_ct, A, n_ct)
-    return j, ht, a, ct, acc0, acc1, acc2, acc3
+    """Tile j of one level, of one kind (masked or not, layout, pairs), added to the accumulators; returns the
+    program's next tile (j + P), its coordinates and the accumulators. (The tile loops are in the kernel, each on its
+    own source line, by which the per-logit report names them: focal_triton/roofline.py.)"""
+    if ROW_PAIRS:
+        acc0 = _nchw_pair_tile(xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, A, C, a, ht * BLOCK_HW,
+                               ct * BLOCK_C, ct, anchor_level + a, acc0, g0, lc0, lc1, gc0, gc1, gamma, beta,
+                               half_smoothing, ignore_index, MODE, STATS, LOSS_KIND, GAMMA, HAS_IGNORE, HAS_WEIGHT,
+                               HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
+    else:
+        acc0, acc1, acc2, acc3 = _tile(
+            xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, a, ht * BLOCK_HW, ct * BLOCK_C, ct,
+            anchor_level + a, acc0, acc1, acc2, acc3, g0, lc0, lc1, gc0, gc1, gamma, beta, half_smoothing,
+            ignore_index, MODE, STATS, MASKED, CHANNELS_LAST, PAIRS, LOSS_KIND, GAMMA, HAS_IGNORE, HAS_WEIGHT,
+            HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
+    ht, a, ct = _advance(ht, a, ct, d_ht, d_a, d_ct, A, n_ct)
+    return j + P, ht, a, ct, acc0, acc1, acc2, acc3
 
 
 @triton.jit(do_not_specialize=_INT_ARGS)
@@ -536,42 +534,47 @@ def multilevel_focal_kernel(
             if C % BLOCK_C == 0:
                 full_end = start + (hw // BLOCK_HW) * A * n_ct
         anchor_level = label_row + mb
-        # Each call below is one tile loop (the comment names it in the per-logit report, focal_triton/roofline.py).
         if channels_last:
             if CLASS_ALIGNED:  # (otherwise no tile is full: the loop is not compiled)
-                j, ht, a, ct, acc_cl0, acc_cl1, acc_cl2, acc_cl3 = _tile_loop(  # tile loop: channels_last full
-                    j, full_end, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc_cl0, acc_cl1, acc_cl2, acc_cl3, xp, op, gp,
-                    lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, anchor_level, g0, lc0, lc1, gc0, gc1,
-                    gamma, beta, half_smoothing, ignore_index, MODE, STATS, False, True, PAIRS, False, LOSS_KIND,
-                    GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
-            j, ht, a, ct, acc_cl0, acc_cl1, acc_cl2, acc_cl3 = _tile_loop(  # tile loop: channels_last edge
-                j, end, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc_cl0, acc_cl1, acc_cl2, acc_cl3, xp, op, gp,
-                lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, anchor_level, g0, lc0, lc1, gc0, gc1,
-                gamma, beta, half_smoothing, ignore_index, MODE, STATS, True, True, PAIRS, False, LOSS_KIND,
-                GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
+                while j < full_end:  # tile loop: channels_last full
+                    j, ht, a, ct, acc_cl0, acc_cl1, acc_cl2, acc_cl3 = _tile_step(
+                        j, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc_cl0, acc_cl1, acc_cl2, acc_cl3, xp, op, gp,
+                        lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, anchor_level, g0, lc0, lc1, gc0,
+                        gc1, gamma, beta, half_smoothing, ignore_index, MODE, STATS, False, True, PAIRS, False,
+                        LOSS_KIND, GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE,
+                        BLOCK_HW, BLOCK_C)
+            while j < end:  # tile loop: channels_last edge
+                j, ht, a, ct, acc_cl0, acc_cl1, acc_cl2, acc_cl3 = _tile_step(
+                    j, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc_cl0, acc_cl1, acc_cl2, acc_cl3, xp, op, gp, lab_ptr,
+                    w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, anchor_level, g0, lc0, lc1, gc0, gc1, gamma,
+                    beta, half_smoothing, ignore_index, MODE, STATS, True, True, PAIRS, False, LOSS_KIND, GAMMA,
+                    HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
         else:
             # NCHW rows run along hw, whose alignment is unknown (hw is not specialized): narrow loads, 32-bit ones
             # (two positions) for bf16 where hw is even; the scalar full loop then finds no tile left.
             if ROW_PAIRS:
                 if hw % 2 == 0:
                     hw2 = (hw // 2) * 2  # == hw; tells the compiler that class rows start at even elements
-                    j, ht, a, ct, acc_np, _u1, _u2, _u3 = _tile_loop(  # tile loop: NCHW full pairs
-                        j, full_end, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc_np, unused, unused, unused, xp, op, gp,
-                        lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw2, K, A, C, anchor_level, g0, lc0, lc1, gc0,
-                        gc1, gamma, beta, half_smoothing, ignore_index, MODE, STATS, False, False, False, True,
-                        LOSS_KIND, GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE,
-                        BLOCK_HW, BLOCK_C)
+                    while j < full_end:  # tile loop: NCHW full pairs
+                        j, ht, a, ct, acc_np, _u1, _u2, _u3 = _tile_step(
+                            j, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc_np, unused, unused, unused, xp, op, gp,
+                            lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw2, K, A, C, anchor_level, g0, lc0, lc1,
+                            gc0, gc1, gamma, beta, half_smoothing, ignore_index, MODE, STATS, False, False, False,
+                            True, LOSS_KIND, GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT,
+                            COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
             if CLASS_ALIGNED:
-                j, ht, a, ct, acc, _u1, _u2, _u3 = _tile_loop(  # tile loop: NCHW full
-                    j, full_end, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc, unused, unused, unused, xp, op, gp,
-                    lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, anchor_level, g0, lc0, lc1, gc0, gc1,
-                    gamma, beta, half_smoothing, ignore_index, MODE, STATS, False, False, False, False, LOSS_KIND,
-                    GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
-            j, ht, a, ct, acc, _u1, _u2, _u3 = _tile_loop(  # tile loop: NCHW edge
-                j, end, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc, unused, unused, unused, xp, op, gp,
-                lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, anchor_level, g0, lc0, lc1, gc0, gc1,
-                gamma, beta, half_smoothing, ignore_index, MODE, STATS, True, False, False, False, LOSS_KIND,
-                GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
+                while j < full_end:  # tile loop: NCHW full
+                    j, ht, a, ct, acc, _u1, _u2, _u3 = _tile_step(
+                        j, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc, unused, unused, unused, xp, op, gp, lab_ptr,
+                        w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, anchor_level, g0, lc0, lc1, gc0, gc1, gamma,
+                        beta, half_smoothing, ignore_index, MODE, STATS, False, False, False, False, LOSS_KIND, GAMMA,
+                        HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
+            while j < end:  # tile loop: NCHW edge
+                j, ht, a, ct, acc, _u1, _u2, _u3 = _tile_step(
+                    j, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc, unused, unused, unused, xp, op, gp, lab_ptr, w_ptr,
+                    s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, anchor_level, g0, lc0, lc1, gc0, gc1, gamma, beta,
+                    half_smoothing, ignore_index, MODE, STATS, True, False, False, False, LOSS_KIND, GAMMA,
+                    HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
         mb += hw * A
         lvl += 1
     if MODE == 0:

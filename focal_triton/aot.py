@@ -207,7 +207,7 @@ def multilevel_spec(x_dtype, lab: str, mode: int, power: int, aligned_c: bool, t
     xs = TORCH_TO_TRITON[x_dtype]
     loss_dtype = loss_dtype or xs
     acc = "fp64" if x_dtype == torch.float64 else "fp32"
-    num_warps = mf.gpu_num_warps(_itemsize(x_dtype))
+    num_warps = mf.gpu_num_warps(_itemsize(x_dtype), aligned_c)
     per_thread = tile[0] * tile[1] // (num_warps * 32)
     ce = mf.kernel_constexprs(x_dtype, mode, power, aligned_c, tile, kind, stats, *options)
     ptr_types = {"x": xs, "o": loss_dtype if mode == mf.MODE_NONE else xs,

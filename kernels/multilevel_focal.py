@@ -622,15 +622,16 @@ INTERPRETER_TILE = (32, 4)
 INTERPRETER_PROGRAMS_PER_IMAGE = 2
 # Classes per tile on a GPU: 16 (COCO's 80 is five full tiles; 91 wastes 5 % of a tile's lanes on masked classes).
 GPU_BLOCK_C = 16
-# Positions per tile and warps on a GPU: 64 x 16 tiles; 16-bit logits with 2 warps (16 logits, 32 bytes per thread:
-# one row of 16 classes per thread in channels_last), float32 with 4 warps (8 logits, 32 bytes), float64 with 4
-# warps and 32 x 16 (4 logits). Wider rows per thread spread a tile's fixed work (its label, coordinates and
+# Positions per tile and warps on a GPU: 64 x 16 tiles; 16-bit logits of a class-aligned head with 2 warps (16
+# logits, 32 bytes per thread: one row of 16 classes per thread in channels_last), float32 and the other 16-bit heads
+# with 4 warps (8 logits; without the pair reads 16 logits per thread leave ptxas short of registers), float64 with
+# 4 warps and 32 x 16 (4 logits). Wider rows per thread spread a tile's fixed work (its label, coordinates and
 # addresses) over more logits; a row per thread keeps the label in the layout of the logits (no shuffle).
 GPU_BLOCK_HW = 64
 
 
-def gpu_num_warps(itemsize: int) -> int:
-    return 2 if itemsize == 2 else 4
+def gpu_num_warps(itemsize: int, class_aligned: bool = True) -> int:
+    return 2 if (itemsize == 2 and class_aligned) else 4
 
 
 def gpu_tile(itemsize: int):
@@ -645,12 +646,12 @@ def tile_for(device: torch.device, itemsize: int):
     return gpu_tile(itemsize) if device.type == "cuda" else INTERPRETER_TILE
 
 
-def launch_options(device: torch.device, itemsize: int) -> dict:
+def launch_options(device: torch.device, itemsize: int, class_aligned: bool = True) -> dict:
     """num_warps (and num_stages where tuning chose them) of a launch."""
     cfg = forced()
     if cfg is not None and "BLOCK_HW" in cfg:
         return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return dict(num_warps=gpu_num_warps(itemsize) if device.type == "cuda" else 1)
+    return dict(num_warps=gpu_num_warps(itemsize, class_aligned) if device.type == "cuda" else 1)
 
 
 def _tuning_key(mode: str, levels, num_anchors: int, loss, gamma, weights, alpha, smoothing, ignore_index) -> str:
@@ -715,7 +716,7 @@ class Plan:
         else:
             from .launch import ElementwiseConfig
 
-            opts = launch_options(self.device, self.itemsize)
+            opts = launch_options(self.device, self.itemsize, self.C % 16 == 0)
             cfg = ElementwiseConfig(self.tile[0] * self.tile[1], opts["num_warps"], num_stages=opts.get("num_stages"))
             # No integer argument is specialized, so their values do not change the compiled kernel: zeros keep
             # the occupancy cache to one entry per (dtype, constexprs) instead of one per combination of sizes.
@@ -769,7 +770,8 @@ def _launch(mode, levels, outs, grads, labels, weights, alpha, gamma, smoothing,
         # Only the types and alignment of the arguments size the grid: an empty stand-in for the partial sums.
         P = plan.programs_per_image(args(torch.empty(0, dtype=partials_dtype, device=x.device), 1), constexprs)
         partials = torch.empty(plan.N * P if mode == MODE_SUM else 0, dtype=partials_dtype, device=x.device)
-        multilevel_focal_kernel[(plan.N * P,)](*args(partials, P), **launch_options(x.device, x.element_size()),
+        multilevel_focal_kernel[(plan.N * P,)](*args(partials, P),
+                                               **launch_options(x.device, x.element_size(), plan.C % 16 == 0),
                                                **constexprs)
     # Each anchor's loss: its class tiles' row sums, added in class order (deterministic).
     per_anchor = stats.view(plan.N, plan.num_anchors_total, class_tiles).sum(-1) if with_stats else None

@@ -2,6 +2,8 @@
 
 - Each representative kernel specialization compiled for sm_80 and sm_90 (focal_triton/aot.py: triton.compile +
   the cuobjdump of the triton wheel): registers, spills, shared memory, width of its global loads and stores.
+- The per-logit cost of the tile loops counted in their sm_90 SASS (focal_triton/roofline.py: instructions and
+  MUFU per logit, accesses by width) and the RetinaNet batch-16 times it models on an H100 and H200 (a model).
 - Bytes per logit each pass moves by design (modeled from the code, see README "The kernels"), and the bytes per
   logit of the eager detector code counted from the ops it dispatches (a TorchDispatchMode adds the input and
   output bytes of every op, forward and backward: a lower bound of its traffic, caches ignored).
@@ -23,26 +25,27 @@ BANDWIDTH_TBS = {"H100 (3.0 TB/s measured copy)": 3.0, "A100 (1.7 TB/s, modeled)
 
 # (what, label prefix in focal_triton.aot.specializations(), passes of the fwd+bwd it stands for)
 KERNELS = [
-    ("dense forward sum, bf16", "fwd x=bf16 reduce=True t=bf16 int_gamma=True int64=False"),
-    ("dense backward (scalar upstream), bf16", "bwd x=bf16 grad=sum upstream=bf16 t=bf16 int_gamma=True int64=False"),
-    ("multi-level forward sum, bf16, C % 16 = 0", "multilevel x=bf16 labels=i64 mode=0 int_gamma=True "
-                                                  "class_aligned=True"),
-    ("multi-level backward (scalar upstream), bf16, C % 16 = 0", "multilevel x=bf16 labels=i64 mode=2 "
-                                                                 "int_gamma=True class_aligned=True"),
-    ("multi-level forward sum, fp32, C % 16 = 0", "multilevel x=fp32 labels=i64 mode=0 int_gamma=True "
-                                                  "class_aligned=True"),
-    ("multi-level backward (scalar upstream), fp32, C % 16 = 0", "multilevel x=fp32 labels=i64 mode=2 "
-                                                                 "int_gamma=True class_aligned=True"),
+    ("dense forward sum, bf16", "fwd x=bf16 reduce=True t=bf16 pow=2 int64=False n=i32 block=1024"),
+    ("dense backward (scalar upstream), bf16", "bwd x=bf16 grad=sum upstream=bf16 t=bf16 pow=2 int64=False n=i32 "
+                                               "block=1024"),
+    ("multi-level forward sum, bf16, C % 16 = 0", "multilevel x=bf16 labels=i64 mode=0 pow=2 class_aligned=True "
+                                                  "tile=64x16 opts=i"),
+    ("multi-level backward (scalar upstream), bf16, C % 16 = 0", "multilevel x=bf16 labels=i64 mode=2 pow=2 "
+                                                                 "class_aligned=True tile=64x16 opts=i"),
+    ("multi-level forward sum, fp32, C % 16 = 0", "multilevel x=fp32 labels=i64 mode=0 pow=2 class_aligned=True "
+                                                  "tile=64x16 opts=i"),
+    ("multi-level backward (scalar upstream), fp32, C % 16 = 0", "multilevel x=fp32 labels=i64 mode=2 pow=2 "
+                                                                 "class_aligned=True tile=64x16 opts=i"),
 ]
 
 
-def _find(prefix):
+def _find(label):
     from focal_triton import aot
 
     for i, s in enumerate(aot.specializations()):
-        if s.label.startswith(prefix) and s.label.split()[-1].startswith(("block=", "tile=")):
+        if s.label == label:
             return i, s
-    raise LookupError(prefix)
+    raise LookupError(label)
 
 
 def _compile(args):
@@ -136,6 +139,12 @@ def predicted_ms(bytes_total: float, tbs: float) -> float:
 
 def report(compile_kernels: bool = True, workers: int = 2) -> dict:
     rows = compile_facts(workers) if compile_kernels else []
+    loop_costs, model = [], {}
+    if compile_kernels:
+        from focal_triton import roofline
+
+        loop_costs = roofline.report((90,), workers)
+        model = {gpu: roofline.fwd_bwd_summary(roofline.modeled_times(loop_costs, gpu)) for gpu in ("H100", "H200")}
     fwd16, fb16 = design_bytes_per_logit(2)
     fwd32, fb32 = design_bytes_per_logit(4)
     eager16, ops16 = eager_bytes_per_logit(torch.bfloat16)
@@ -147,7 +156,7 @@ def report(compile_kernels: bool = True, workers: int = 2) -> dict:
         predictions.append({"what": name, "bytes_per_logit": round(per_logit, 2),
                             **{gpu: round(predicted_ms(per_logit * numel, tbs), 2)
                                for gpu, tbs in BANDWIDTH_TBS.items()}})
-    return {"kernels": rows,
+    return {"kernels": rows, "per_logit": loop_costs, "modeled_fwd_bwd_ms_retinanet_b16": model,
             "design_bytes_per_logit": {"bf16 fwd": fwd16, "bf16 fwd+bwd": fb16, "fp32 fwd": fwd32,
                                        "fp32 fwd+bwd": fb32,
                                        "note": "logit bytes plus int64 labels read once per 16-class tile"},
@@ -168,6 +177,12 @@ def format_report(rep: dict) -> str:
             lines.append(f"{r['kernel']:58s} {r['arch']:6s} {r['registers']:4d} {r['spills']:6d} "
                          f"{r['shared_bytes']:6d} {r['ld_global']:>11d} ({r['ld_global_128']:d}) "
                          f"{r['st_global_128']:13d}")
+    if rep.get("per_logit"):
+        from focal_triton import roofline
+
+        lines.append("Per-logit cost of the tile loops (sm_90 SASS; focal_triton/roofline.py):")
+        lines.append(roofline.format_rows(rep["per_logit"]))
+        lines.append(roofline.format_model(rep["per_logit"]))
     d, e = rep["design_bytes_per_logit"], rep["eager_bytes_per_logit"]
     lines.append(f"bytes per logit by design: bf16 fwd {d['bf16 fwd']:.2f}, fwd+bwd {d['bf16 fwd+bwd']:.2f}; "
                  f"fp32 fwd {d['fp32 fwd']:.2f}, fwd+bwd {d['fp32 fwd+bwd']:.2f} ({d['note']})")

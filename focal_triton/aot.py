@@ -1,11 +1,14 @@
-"""Ahead-of-time compilation of every kernel specialization the library can launch, for GPUs this machine may lack.
+"""Ahead-of-time compilation of the kernels' specializations, for GPUs this machine may lack.
 
 `triton.compile` builds TTIR, PTX and a cubin for sm_80 / sm_90 without a GPU or driver; the cubin's resource usage
 comes from the `cuobjdump` that the triton wheel ships. This catches compile errors, register spills and narrow
 loads that the interpreter cannot see. Must run in a process where TRITON_INTERPRET is not set (the interpreter
 replaces the kernels by Python functions that cannot be compiled).
 
-    python -m focal_triton.aot          # prints one line of facts per specialization and architecture
+    python -m focal_triton.aot          # one line of facts per specialization and architecture, then the
+                                        # per-logit cost table and the modeled times (focal_triton/roofline.py)
+    python -m focal_triton.aot --per-logit --sass-dir DIR   # only the per-logit set, for sm_80 and sm_90: each
+                                        # cubin as DIR/<name>_sm<arch>.cubin, its SASS beside it, DIR/index.json
 """
 import collections
 import functools
@@ -87,62 +90,95 @@ def _vector_bytes(per_thread: int, *dtypes) -> int:
 INDEX_CASES = ((False, "i32"), (True, "i32"), (True, "i64"))
 # The relatives of FL (LOSS_KIND 1 FL*, 2 QFL, 3 VFL) differ from FL only in the elementwise math: they are compiled
 # for sm_90, bf16 and fp32 logits, the loss and targets in the logits' dtype, 32-bit indexing, and int64 labels in
-# the multi-level kernel (about 130 compiles beside FL's 760). FL* has no power: INT_GAMMA only.
+# the multi-level kernel. FL* has no power: GAMMA = 0 only.
 NEW_LOSS_KINDS = (1, 2, 3)
 NEW_KIND_DTYPES = (torch.bfloat16, torch.float32)
+# The exponent specializations of the matrix: gamma = 2 (compiled in) and a fractional one (the runtime path);
+# the other compiled-in integers (0, 1, 3, 4) are compiled once each for bf16 logits (sm_90).
+MATRIX_POWERS = (2, -1)
+OTHER_POWERS = (0, 1, 3, 4)
 
 
-def _int_gamma_cases(loss_kind: int) -> tuple:
-    return (True,) if loss_kind == 1 else (True, False)
+def _powers(loss_kind: int) -> tuple:
+    return (0,) if loss_kind == 1 else MATRIX_POWERS
+
+
+def dense_forward_spec(x_dtype, t_dtype, reduce: bool, loss_dtype: str, power: int, cfg, kind: int = 0,
+                       int64: bool = False, n_type: str = "i32", archs=ARCHS) -> Specialization:
+    """The dense forward kernel as its launcher compiles it (sigmoid_focal.forward_constexprs)."""
+    from .kernels import sigmoid_focal as sf
+
+    xs, ts = TORCH_TO_TRITON[x_dtype], TORCH_TO_TRITON[t_dtype]
+    per_thread = cfg.block // (cfg.num_warps * 32)
+    ce = sf.forward_constexprs(x_dtype, reduce, power, int64, cfg.block, kind)
+    sig = {"x_ptr": f"*{xs}", "t_ptr": f"*{ts}", "out_ptr": f"*{loss_dtype}", **_dense_scalars(n_type),
+           **{k: "constexpr" for k in ce}}
+    return Specialization(
+        sf.sigmoid_focal_fwd_kernel, sig, ce, cfg.num_warps,
+        f"fwd x={xs} reduce={reduce}{'' if reduce else f' out={loss_dtype}'} "
+        f"{_dense_tag(ts, power, int64, n_type, cfg, kind)}",
+        aligned=(0, 1, 2), vector_load_bytes=_vector_bytes(per_thread, x_dtype, t_dtype),
+        elements_per_thread=per_thread,
+        vector_store_bytes=0 if reduce else _vector_bytes(per_thread, _TRITON_TO_TORCH[loss_dtype]),
+        archs=archs if reduce else _loss_archs(xs, loss_dtype, archs))
+
+
+def dense_backward_spec(x_dtype, t_dtype, grad_mode: str, loss_dtype: str, power: int, cfg, kind: int = 0,
+                        int64: bool = False, n_type: str = "i32", archs=ARCHS) -> Specialization:
+    """The dense backward kernel (grad_mode "tensor", "sum" or "mean") as its launcher compiles it."""
+    from .kernels import sigmoid_focal as sf
+
+    xs, ts = TORCH_TO_TRITON[x_dtype], TORCH_TO_TRITON[t_dtype]
+    per_thread = cfg.block // (cfg.num_warps * 32)
+    ce = sf.backward_constexprs(x_dtype, grad_mode != "tensor", grad_mode == "mean", power, int64, cfg.block, kind)
+    sig = {"x_ptr": f"*{xs}", "t_ptr": f"*{ts}", "grad_out_ptr": f"*{loss_dtype}", "grad_in_ptr": f"*{xs}",
+           **_dense_scalars(n_type), **{k: "constexpr" for k in ce}}
+    upstream_bytes = _vector_bytes(per_thread, _TRITON_TO_TORCH[loss_dtype])
+    return Specialization(
+        sf.sigmoid_focal_bwd_kernel, sig, ce, cfg.num_warps,
+        f"bwd x={xs} grad={grad_mode} upstream={loss_dtype} {_dense_tag(ts, power, int64, n_type, cfg, kind)}",
+        aligned=(0, 1, 2, 3),
+        vector_load_bytes=(_vector_bytes(per_thread, x_dtype, t_dtype)
+                           + (upstream_bytes if grad_mode == "tensor" else 0)),
+        vector_store_bytes=_vector_bytes(per_thread, x_dtype), elements_per_thread=per_thread,
+        archs=_loss_archs(xs, loss_dtype, archs))
+
+
+def _dense_scalars(n_type: str) -> dict:
+    return {"n": n_type, "c0": "fp32", "c1": "fp32", "gamma": "fp32", "beta": "fp32"}
+
+
+def _dense_tag(ts, power, int64, n_type, cfg, kind) -> str:
+    return f"t={ts} pow={power} int64={int64} n={n_type} block={cfg.block}" + (f" loss_kind={kind}" if kind else "")
 
 
 @functools.lru_cache(maxsize=None)
 def specializations():
-    """Every (kernel, types, constexprs, config) the launchers in focal_triton.kernels can produce on a GPU."""
+    """The matrix of (kernel, types, constexprs, config) that the report compiles: every dtype, target dtype, mode,
+    loss dtype and index width the dense launchers produce, for gamma = 2 and a fractional gamma; the other
+    compiled-in exponents once each; then the multi-level kernel's (multilevel_specializations)."""
     from .kernels import launch
     from .kernels import sigmoid_focal as sf
 
     specs = []
-    cases = [(x_dtype, 0, t_dtype, int_gamma, index, _loss_dtypes(x_dtype))
+    cases = [(x_dtype, 0, t_dtype, power, index, _loss_dtypes(x_dtype), ARCHS)
              for x_dtype in LOGIT_DTYPES
-             for t_dtype, int_gamma, index in itertools.product(_target_dtypes(x_dtype), (True, False), INDEX_CASES)]
-    cases += [(x_dtype, kind, x_dtype, int_gamma, INDEX_CASES[0], (TORCH_TO_TRITON[x_dtype],))
-              for kind in NEW_LOSS_KINDS for x_dtype in NEW_KIND_DTYPES for int_gamma in _int_gamma_cases(kind)]
-    for x_dtype, kind, t_dtype, int_gamma, (int64, n_type), loss_dtypes in cases:
-        xs = TORCH_TO_TRITON[x_dtype]
+             for t_dtype, power, index in itertools.product(_target_dtypes(x_dtype), MATRIX_POWERS, INDEX_CASES)]
+    cases += [(x_dtype, kind, x_dtype, power, INDEX_CASES[0], (TORCH_TO_TRITON[x_dtype],), (90,))
+              for kind in NEW_LOSS_KINDS for x_dtype in NEW_KIND_DTYPES for power in _powers(kind)]
+    for x_dtype, kind, t_dtype, power, (int64, n_type), loss_dtypes, archs in cases:
         acc = "fp64" if x_dtype == torch.float64 else "fp32"
         for cfg in launch.gpu_configs_for(_itemsize(x_dtype)):
-            per_thread = cfg.block // (cfg.num_warps * 32)
-            ts = TORCH_TO_TRITON[t_dtype]
-            tile_bytes = _vector_bytes(per_thread, x_dtype, t_dtype)
-            scalars = {"n": n_type, "c0": "fp32", "c1": "fp32", "gamma": "fp32", "gamma_int": "i32",
-                       "beta": "fp32"}
-            tag = f"t={ts} int_gamma={int_gamma} int64={int64} n={n_type} block={cfg.block}"
-            tag += f" loss_kind={kind}" if kind else ""
-            archs = ARCHS if kind == 0 else (90,)
             for reduce, loss_dtype in [(True, acc)] + [(False, d) for d in loss_dtypes]:
-                ce = sf.forward_constexprs(x_dtype, reduce, int_gamma, int64, cfg.block, kind)
-                sig = {"x_ptr": f"*{xs}", "t_ptr": f"*{ts}", "out_ptr": f"*{loss_dtype}", **scalars,
-                       **{k: "constexpr" for k in ce}}
-                specs.append(Specialization(
-                    sf.sigmoid_focal_fwd_kernel, sig, ce, cfg.num_warps,
-                    f"fwd x={xs} reduce={reduce}{'' if reduce else f' out={loss_dtype}'} {tag}",
-                    aligned=(0, 1, 2), vector_load_bytes=tile_bytes, elements_per_thread=per_thread,
-                    vector_store_bytes=0 if reduce else _vector_bytes(per_thread, _TRITON_TO_TORCH[loss_dtype]),
-                    archs=archs if reduce else _loss_archs(xs, loss_dtype, archs)))
+                specs.append(dense_forward_spec(x_dtype, t_dtype, reduce, loss_dtype, power, cfg, kind, int64,
+                                                n_type, archs))
             for grad_mode, loss_dtype in itertools.product(("tensor", "sum", "mean"), loss_dtypes):
-                ce = sf.backward_constexprs(x_dtype, grad_mode != "tensor", grad_mode == "mean", int_gamma,
-                                            int64, cfg.block, kind)
-                sig = {"x_ptr": f"*{xs}", "t_ptr": f"*{ts}", "grad_out_ptr": f"*{loss_dtype}",
-                       "grad_in_ptr": f"*{xs}", **scalars, **{k: "constexpr" for k in ce}}
-                grad_bytes = _vector_bytes(per_thread, x_dtype)
-                upstream_bytes = _vector_bytes(per_thread, _TRITON_TO_TORCH[loss_dtype])
-                specs.append(Specialization(
-                    sf.sigmoid_focal_bwd_kernel, sig, ce, cfg.num_warps,
-                    f"bwd x={xs} grad={grad_mode} upstream={loss_dtype} {tag}", aligned=(0, 1, 2, 3),
-                    vector_load_bytes=tile_bytes + (upstream_bytes if grad_mode == "tensor" else 0),
-                    vector_store_bytes=grad_bytes, elements_per_thread=per_thread,
-                    archs=_loss_archs(xs, loss_dtype, archs)))
+                specs.append(dense_backward_spec(x_dtype, t_dtype, grad_mode, loss_dtype, power, cfg, kind, int64,
+                                                 n_type, archs))
+    for x_dtype, power in itertools.product((torch.bfloat16,), OTHER_POWERS):
+        cfg = launch.gpu_configs_for(_itemsize(x_dtype))[0]
+        specs.append(dense_forward_spec(x_dtype, x_dtype, True, "fp32", power, cfg, archs=(90,)))
+        specs.append(dense_backward_spec(x_dtype, x_dtype, "sum", TORCH_TO_TRITON[x_dtype], power, cfg, archs=(90,)))
     for x_dtype in LOGIT_DTYPES:
         xs = TORCH_TO_TRITON[x_dtype]
         acc = "fp64" if x_dtype == torch.float64 else "fp32"
@@ -155,74 +191,102 @@ def specializations():
     return specs + multilevel_specializations()
 
 
-def multilevel_specializations():
-    """Every specialization of kernels/multilevel_focal.py a GPU launch can produce. Its integer arguments are
-    never specialized by the JIT (do_not_specialize), so only dtypes and constexprs vary."""
+# Options of the multi-level kernel (HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH): the matrix compiles torchvision's
+# RetinaNet case (an ignore value, nothing else), none, and all four together.
+OPTION_SETS = ((True, False, False, False), (False, False, False, False), (True, True, True, True))
+
+
+def multilevel_spec(x_dtype, lab: str, mode: int, power: int, aligned_c: bool, tile, kind: int = 0,
+                    stats: bool = False, loss_dtype: str = None, options=OPTION_SETS[0],
+                    archs=(90,)) -> Specialization:
+    """The multi-level kernel as multilevel_focal._launch compiles it. Its integer arguments are never specialized
+    by the JIT (do_not_specialize), so only dtypes and constexprs vary."""
     from .kernels import multilevel_focal as mf
 
     levels = mf.MAX_LEVELS
+    xs = TORCH_TO_TRITON[x_dtype]
+    loss_dtype = loss_dtype or xs
+    acc = "fp64" if x_dtype == torch.float64 else "fp32"
+    num_warps = mf.gpu_num_warps(_itemsize(x_dtype), aligned_c)
+    per_thread = tile[0] * tile[1] // (num_warps * 32)
+    ce = mf.kernel_constexprs(x_dtype, mode, power, aligned_c, tile, kind, stats, *options)
+    ptr_types = {"x": xs, "o": loss_dtype if mode == mf.MODE_NONE else xs,
+                 "g": loss_dtype if mode == mf.MODE_GRAD_TENSOR else xs}
+    sig = {}
+    for group in ("x", "o", "g"):
+        sig.update({f"{group}{i}{'_' if group == 'g' else ''}": f"*{ptr_types[group]}" for i in range(levels)})
+    sig.update({f"hw{i}": "i32" for i in range(levels)})
+    sig.update({f"ts{i}": "i32" for i in range(1, levels)})
+    sig.update(lab_ptr=f"*{lab}", w_ptr=f"*{acc}", s_ptr=f"*{acc}", alpha_ptr=f"*{acc}",
+               partials_ptr=f"*{acc}", grad_scalar_ptr=f"*{acc}", scale_ptr=f"*{acc}", stats_ptr=f"*{acc}")
+    sig.update({k: "i32" for k in ("tiles_per_image", "num_anchors_total", "num_levels", "cl_mask", "P", "A", "C")})
+    sig.update(c0="fp32", c1="fp32", gamma="fp32", beta="fp32", smoothing="fp32", ignore_index="i32")
+    sig.update({k: "constexpr" for k in ce})
+    names = list(sig)
+    pointers = tuple(i for i, k in enumerate(names) if sig[k].startswith("*"))
+    groups = {g: tuple(range(j * levels, (j + 1) * levels)) for j, g in enumerate("xog")}
+    groups["s"] = (names.index("stats_ptr"),)
+    wide = 16 if aligned_c else 0  # only channels_last tiles of a class-aligned head are contiguous rows
+    opts = "".join(flag for flag, on in zip("iwas", options) if on)
+    return Specialization(
+        mf.multilevel_focal_kernel, sig, ce, num_warps,
+        f"multilevel x={xs} labels={lab} mode={mode} pow={power} class_aligned={aligned_c} "
+        f"tile={tile[0]}x{tile[1]} opts={opts or '-'}{f' loss={loss_dtype}' if loss_dtype != xs else ''}"
+        f"{f' loss_kind={kind}' if kind else ''}{' stats' if stats else ''}", aligned=pointers,
+        vector_load_bytes=wide * (2 if mode == mf.MODE_GRAD_TENSOR else 1),
+        vector_store_bytes=0 if mode == mf.MODE_SUM else wide, elements_per_thread=per_thread,
+        tile_access_bytes={g: per_thread * _itemsize(_TRITON_TO_TORCH[t]) for g, t in ptr_types.items()},
+        # masked NCHW and channels_last, and for a class-aligned head their unmasked full tiles (bf16: NCHW twice,
+        # as pairs of positions and singly)
+        tile_bodies=(5 if x_dtype == torch.bfloat16 else 4) if aligned_c else 2, param_groups=groups,
+        tile_bytes=per_thread * _itemsize(x_dtype),
+        archs=archs, tile_loop_depth=2)
+
+
+def multilevel_specializations():
+    """The multi-level kernel's matrix: every logit dtype, int32 / int64 labels, mode (and float32 losses under
+    autocast), gamma = 2 and fractional, class-aligned or not, with torchvision's options (an ignore value); the
+    other option sets, exponents, loss kinds and statistics on bf16 / fp32 logits with int64 labels."""
+    from .kernels import multilevel_focal as mf
+
     specs = []
     for x_dtype in LOGIT_DTYPES:
         xs = TORCH_TO_TRITON[x_dtype]
         acc = "fp64" if x_dtype == torch.float64 else "fp32"
         tile = mf.gpu_tile(_itemsize(x_dtype))
-        per_thread = tile[0] * tile[1] // (mf.GPU_NUM_WARPS * 32)
         # MODE 1 writes, MODE 3 reads, an elementwise loss or its gradient: in the logits' dtype or, under
         # autocast, float32.
-        loss_kinds = [(m, xs, False) for m in range(4)] + [(m, "fp32", False) for m in (1, 3) if xs in ("fp16", "bf16")]
-        cases = [(0, lab, int_gamma, aligned_c, mode_dtype) for lab, int_gamma, aligned_c, mode_dtype in
-                 itertools.product(("i32", "i64"), (True, False), (True, False), loss_kinds)]
-        if x_dtype in NEW_KIND_DTYPES:
-            cases += [(kind, "i64", int_gamma, aligned_c, (mode, xs, False)) for kind in NEW_LOSS_KINDS
-                      for int_gamma in _int_gamma_cases(kind) for aligned_c in (True, False) for mode in range(4)]
-            # The forward with loss statistics (MODE 0, STATS) of FL: bf16 and fp32 logits with int64 labels.
-            cases += [(0, "i64", int_gamma, aligned_c, (mf.MODE_SUM, xs, True)) for int_gamma in (True, False)
-                      for aligned_c in (True, False)]
-        for kind, lab, int_gamma, aligned_c, (mode, loss_dtype, stats) in cases:
-            ce = mf.kernel_constexprs(x_dtype, mode, int_gamma, aligned_c, tile, kind, stats)
-            ptr_types = {"x": xs, "o": loss_dtype if mode == mf.MODE_NONE else xs,
-                         "g": loss_dtype if mode == mf.MODE_GRAD_TENSOR else xs}
-            sig = {}
-            for group in ("x", "o", "g"):
-                sig.update({f"{group}{i}{'_' if group == 'g' else ''}": f"*{ptr_types[group]}" for i in range(levels)})
-            sig.update({f"hw{i}": "i32" for i in range(levels)})
-            sig.update({f"ts{i}": "i32" for i in range(1, levels)})
-            sig.update(lab_ptr=f"*{lab}", w_ptr=f"*{acc}", s_ptr=f"*{acc}", alpha_ptr=f"*{acc}",
-                       partials_ptr=f"*{acc}", grad_scalar_ptr=f"*{acc}", scale_ptr=f"*{acc}", stats_ptr=f"*{acc}")
-            sig.update({k: "i32" for k in ("tiles_per_image", "num_anchors_total", "num_levels", "cl_mask", "P",
-                                           "A", "C")})
-            sig.update(c0="fp32", c1="fp32", gamma="fp32", gamma_int="i32", beta="fp32", smoothing="fp32",
-                       ignore_index="i32", has_ignore="i32", has_weight="i32", has_alpha="i32")
-            sig.update({k: "constexpr" for k in ce})
-            names = list(sig)
-            pointers = tuple(i for i, k in enumerate(names) if sig[k].startswith("*"))
-            groups = {g: tuple(range(j * levels, (j + 1) * levels)) for j, g in enumerate("xog")}
-            groups["s"] = (names.index("stats_ptr"),)
-            wide = 16 if aligned_c else 0  # only channels_last tiles of a class-aligned head are contiguous rows
-            # Every specialization for sm_90; for sm_80 those of bf16 and fp32 logits with int64 labels (a
-            # representative subset that keeps the report's run time in check on 2 cores).
-            archs = ARCHS if (lab == "i64" and x_dtype in (torch.bfloat16, torch.float32)) else (90,)
-            archs = tuple(a for a in archs if a in _loss_archs(xs, loss_dtype)) if kind == 0 and not stats else (90,)
-            specs.append(Specialization(
-                mf.multilevel_focal_kernel, sig, ce, mf.GPU_NUM_WARPS,
-                f"multilevel x={xs} labels={lab} mode={mode} int_gamma={int_gamma} class_aligned={aligned_c} "
-                f"tile={tile[0]}x{tile[1]}{f' loss={loss_dtype}' if loss_dtype != xs else ''}"
-                f"{f' loss_kind={kind}' if kind else ''}{' stats' if stats else ''}", aligned=pointers,
-                vector_load_bytes=wide * (2 if mode == mf.MODE_GRAD_TENSOR else 1),
-                vector_store_bytes=0 if mode == mf.MODE_SUM else wide, elements_per_thread=per_thread,
-                tile_access_bytes={g: per_thread * _itemsize(_TRITON_TO_TORCH[t]) for g, t in ptr_types.items()},
-                # masked NCHW, masked channels_last, and for a class-aligned head unmasked channels_last
-                tile_bodies=3 if aligned_c else 2, param_groups=groups, tile_bytes=per_thread * _itemsize(x_dtype),
-                archs=archs, tile_loop_depth=2))
+        mode_dtypes = [(m, xs) for m in range(4)] + [(m, "fp32") for m in (1, 3) if xs in ("fp16", "bf16")]
+        for lab, power, aligned_c, (mode, loss_dtype) in itertools.product(("i32", "i64"), MATRIX_POWERS,
+                                                                            (True, False), mode_dtypes):
+            # sm_90 for all; sm_80 too for bf16 and fp32 logits with int64 labels and losses in the logits' dtype
+            # (a representative subset that keeps the report's run time in check on 2 cores).
+            archs = ARCHS if (lab == "i64" and x_dtype in NEW_KIND_DTYPES and loss_dtype == xs) else (90,)
+            specs.append(multilevel_spec(x_dtype, lab, mode, power, aligned_c, tile, loss_dtype=loss_dtype,
+                                         archs=archs))
+        if x_dtype not in NEW_KIND_DTYPES:
+            continue
+        if x_dtype == torch.bfloat16:  # the other option sets and exponents: bf16 (the pair path) only
+            for mode, aligned_c, options in itertools.product(range(4), (True, False), OPTION_SETS[1:]):
+                specs.append(multilevel_spec(x_dtype, "i64", mode, 2, aligned_c, tile, options=options))
+            for mode, power in itertools.product((mf.MODE_SUM, mf.MODE_GRAD_SCALAR), OTHER_POWERS):
+                specs.append(multilevel_spec(x_dtype, "i64", mode, power, True, tile))
+        for kind, aligned_c, mode in itertools.product(NEW_LOSS_KINDS, (True, False), range(4)):
+            for power in _powers(kind):
+                specs.append(multilevel_spec(x_dtype, "i64", mode, power, aligned_c, tile, kind))
+        # The forward with loss statistics (MODE 0, STATS) of FL.
+        for power, aligned_c in itertools.product(MATRIX_POWERS, (True, False)):
+            specs.append(multilevel_spec(x_dtype, "i64", mf.MODE_SUM, power, aligned_c, tile, stats=True))
+    for x_dtype in (torch.float32, torch.float64):  # one per accumulation dtype
+        acc = "fp64" if x_dtype == torch.float64 else "fp32"
         for norm_mode, norm_dtype in ((0, "fp32"), (1, acc), (1, "i64"), (2, acc), (2, "i64")):
             sig = {"partials_ptr": f"*{acc}", "norm_ptr": f"*{norm_dtype}", "scale_ptr": f"*{acc}",
                    "out_ptr": f"*{acc}", "N": "i32", "P": "i32", "norm_hi": "fp32", "norm_lo": "fp32",
                    "NORM_MODE": "constexpr", "BLOCK": "constexpr"}
-            if x_dtype in (torch.float32, torch.float64):  # one per accumulation dtype
-                specs.append(Specialization(
-                    mf.normalize_partials_kernel, sig, {"NORM_MODE": norm_mode, "BLOCK": launch_partial_block()},
-                    4, f"normalize_partials acc={acc} norm_mode={norm_mode} normalizer={norm_dtype}",
-                    aligned=(0, 1, 2, 3)))
+            specs.append(Specialization(
+                mf.normalize_partials_kernel, sig, {"NORM_MODE": norm_mode, "BLOCK": launch_partial_block()},
+                4, f"normalize_partials acc={acc} norm_mode={norm_mode} normalizer={norm_dtype}",
+                aligned=(0, 1, 2, 3)))
     return specs
 
 
@@ -245,6 +309,19 @@ _ST128_RE = re.compile(r"\bst\.global(?:\.[a-z]+)*\.(?:v4\.(?:b|f|u|s)32|v2\.(?:
 _LD_RE = re.compile(r"\bld\.global\b")
 _SASS_LOCAL_RE = re.compile(r"\b(?:STL|LDL)\b")
 _MATH_RE = re.compile(r"= math\.(\w+) .*: tensor<")
+_MATH_SHAPE_RE = re.compile(r"= math\.(\w+) [^\n]*?: tensor<((?:\d+x)+)(?:f32|f64|f16|bf16)")
+
+
+def math_per_logit(ttir: str, tile_elements: int, bodies: int) -> dict:
+    """Elementwise math ops of the TTIR (math.exp2, math.rsqrt, ...) per logit of one tile body: each op weighs its
+    tensor's elements, the sum is divided by the tile's elements and the number of tile bodies."""
+    out = collections.Counter()
+    for name, shape in _MATH_SHAPE_RE.findall(ttir):
+        elements = 1
+        for d in shape.rstrip("x").split("x"):
+            elements *= int(d)
+        out[name] += elements
+    return {k: round(v / (tile_elements * bodies), 3) for k, v in sorted(out.items())}
 _WHILE_RE = re.compile(r"scf\.while \(([^)]*)\) : \(([^)]*)\)")
 
 
@@ -335,26 +412,39 @@ def _run_tool(name: str, *args: str) -> str:
     return subprocess.run([_tool(name), *args], capture_output=True, text=True, check=True).stdout
 
 
-def compile_specialization(spec: Specialization, arch: int) -> dict:
-    """Compile `spec` for sm_<arch> and return its facts: registers, stack, shared and local (spill) bytes, counts
-    of global loads / stores and of the 128-bit ones, the loop induction type, and the PTX / TTIR text."""
+def compile_cubin(spec: Specialization, arch: int):
+    """triton.compile of `spec` for sm_<arch> (TTIR, PTX, cubin in .asm), with the pointer alignment torch gives."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     attrs = {(i,): [["tt.divisibility", 16]] for i in spec.aligned}
     src = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec.num_warps})
-    ptx = compiled.asm["ptx"]
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec.num_warps})
+
+
+def cubin_resources(cubin: bytes) -> dict:
+    """Registers, stack, shared and local bytes (cuobjdump -res-usage), the SASS, and its STL / LDL count."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
+        f.write(cubin)
         f.flush()
         res = _run_tool("cuobjdump", "-res-usage", f.name)
         sass = _run_tool("cuobjdump", "-sass", f.name)
     m = _RES_RE.search(res)
     if m is None:
-        raise RuntimeError(f"cannot read resource usage of {spec.label} from cuobjdump:\n{res}")
+        raise RuntimeError(f"cannot read resource usage from cuobjdump:\n{res}")
     reg, stack, shared, local = map(int, m.groups())
+    return {"regs": reg, "stack": stack, "shared": shared, "local": local, "sass": sass,
+            "spill_instructions": len(_SASS_LOCAL_RE.findall(sass))}
+
+
+def compile_specialization(spec: Specialization, arch: int) -> dict:
+    """Compile `spec` for sm_<arch> and return its facts: registers, stack, shared and local (spill) bytes, counts
+    of global loads / stores and of the 128-bit ones, the loop induction type, and the PTX / TTIR text."""
+    compiled = compile_cubin(spec, arch)
+    ptx = compiled.asm["ptx"]
+    res = cubin_resources(compiled.asm["cubin"])
+    reg, stack, shared, local, sass = res["regs"], res["stack"], res["shared"], res["local"], res["sass"]
     ttir = compiled.asm["ttir"]
     return {
         "arch": f"sm_{arch}", "regs": reg, "stack": stack, "shared": shared, "local": local,
@@ -366,6 +456,8 @@ def compile_specialization(spec: Specialization, arch: int) -> dict:
         "sass_ldg_128": sass.count("LDG.E.128"), "sass_stg_128": sass.count("STG.E.128"),
         # Elementwise math ops on whole tiles in TTIR: one tile body is the loop's, one the masked tail's.
         "ttir_math": dict(collections.Counter(_MATH_RE.findall(ttir))),
+        "ttir_math_per_logit": math_per_logit(ttir, spec.elements_per_thread * spec.num_warps * 32,
+                                              spec.tile_bodies) if spec.elements_per_thread else {},
         "tile_loop_index": tile_index_types(ttir),
         "param_bytes": ptx_param_accesses(ptx, spec.param_groups) if spec.param_groups else {},
     }
@@ -402,26 +494,44 @@ def main(argv=None) -> None:
     import argparse
     import json
 
+    from . import roofline
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", help="also write the facts to this file")
+    parser.add_argument("--json", help="also write the facts to this file ({'specializations': [...], "
+                                       "'per_logit': [...], 'model': {...}})")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--per-logit", action="store_true",
+                        help="compile only the per-logit report's specializations (for sm_80 and sm_90)")
+    parser.add_argument("--sass-dir", help="with --per-logit: write DIR/<name>.cubin, its SASS beside it, and "
+                                           "DIR/index.json")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
-    rows = report(args.workers)
-    for f in rows:
-        if "error" in f:
-            print(f"{f['arch']} {f['label']}: ERROR {f['error']}")
-            continue
-        print(f"{f['arch']} {f['label']}: regs={f['regs']} stack={f['stack']} "
-              f"shared={f['shared']} ld.global={f['loads']} (128-bit {f['loads_128']}) "
-              f"st.global.128={f['stores_128']} spills={f['spill_instructions']} "
-              f"(loop depths {f['spill_loop_depths']}) math={f['ttir_math']}"
-              + (f" ptx bytes/thread {f['param_bytes']}" if f["param_bytes"] else ""))
+    if args.sass_dir and not args.per_logit:
+        parser.error("--sass-dir goes with --per-logit")
+    rows = []
+    if not args.per_logit:
+        rows = report(args.workers)
+        for f in rows:
+            if "error" in f:
+                print(f"{f['arch']} {f['label']}: ERROR {f['error']}")
+                continue
+            print(f"{f['arch']} {f['label']}: regs={f['regs']} stack={f['stack']} "
+                  f"shared={f['shared']} ld.global={f['loads']} (128-bit {f['loads_128']}) "
+                  f"st.global.128={f['stores_128']} spills={f['spill_instructions']} "
+                  f"(loop depths {f['spill_loop_depths']}) math={f['ttir_math']}"
+                  + (f" ptx bytes/thread {f['param_bytes']}" if f["param_bytes"] else ""))
+    # The per-logit cost of the tile loops, from SASS (focal_triton/roofline.py): sm_90 beside the full report,
+    # sm_80 and sm_90 on its own.
+    per_logit = roofline.report(ARCHS if args.per_logit else (90,), args.workers, args.sass_dir)
+    print("\nPer-logit cost of the tile loops (SASS, longest path through the loop body / logits per thread):")
+    print(roofline.format_rows(per_logit))
+    print(roofline.format_model(per_logit))
     if args.json:
+        model = {gpu: roofline.fwd_bwd_summary(roofline.modeled_times(per_logit, gpu)) for gpu in roofline.GPUS}
         with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
-    if any("error" in f for f in rows):
+            json.dump({"specializations": rows, "per_logit": per_logit, "model": model}, fh, indent=1)
+    if any("error" in f for f in rows + per_logit):
         raise SystemExit(1)
 
 

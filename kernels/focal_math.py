@@ -1,13 +1,20 @@
 """Elementwise focal-loss math shared by every kernel of the family (``@triton.jit`` helpers only).
 
-Notation, per element: logit x, target t in [0, 1] (the modulating target), BCE target t_s (t_s = t, or the
+Notation, per element: logit x, a = |x|, target t in [0, 1] (the modulating target), BCE target t_s (t_s = t, or the
 label-smoothed t (1 - s) + s / 2 of the class-index kernels),
-    e = exp(-|x|)                  (the only exp)
-    p = sigmoid(x),  q = 1 - p     (both formed without cancellation)
+    e = exp(-a)                    (the only exp)
+    r = sigmoid(a) = 1 / (1 + e),  er = sigmoid(-a) = e r,  p = sigmoid(x), q = 1 - p  (selects of r and er)
+    L = log(1 + e)                 (softplus(-a); BCE is L plus a linear part)
     u = 1 - p_t = p (1 - t) + q t  (p_t = p t + q (1 - t))
-    ce = BCE(x, t_s) = (x >= 0 ? (1 - t_s) x : -t_s x) + log1p(e)   (the only log)
+    ce = BCE(x, t_s) = (x >= 0 ? (1 - t_s) x : -t_s x) + L
     FL = alpha_t * u**gamma * ce,  alpha_t = c0 + c1 t  (c0 = 1 - alpha, c1 = 2 alpha - 1; c0 = 1, c1 = 0 without alpha)
     dFL/dx = alpha_t * (u**gamma (p - t_s) + gamma u**(gamma - 1) p q (1 - 2 t) ce)
+
+Hard targets (t in {0, 1}, the class-index kernels' FL: `focal_binary_loss_and_grad`) take the form of the logit seen
+from the wrong side, z = t ? -x : x: u = sigmoid(z), 1 - u = sigmoid(-z), ce = softplus(z) - (s / 2) z, and
+    FL = alpha_t u**gamma ce,   dFL/dz = alpha_t u**gamma (gamma (1 - u) ce + u - s / 2),   dz/dx = t ? -1 : 1,
+the same for every gamma > 0 (no u**(gamma - 1), no division), with u**gamma = exp2(-gamma log2(e) softplus(-z))
+for fractional gamma (softplus(-z) = log(1 / u) is L plus a select: no log).
 
 The relatives of FL, chosen by the LOSS_KIND constexpr of `family_loss_and_grad` (one kernel source for all):
     0 FL   as above.
@@ -19,123 +26,252 @@ The relatives of FL, chosen by the LOSS_KIND constexpr of `family_loss_and_grad`
     3 VFL  (Zhang et al. 2021), t = q the IoU-aware score: w = c0 + c1 q (c0 = 0, c1 = 1: weighted by q; c0 = 1,
            c1 = 0: by 1), alpha of the negatives in beta:
            q > 0: VFL = w BCE(x, q), dVFL/dx = w (p - q);   q <= 0: VFL = FL(x, 0) with alpha_t = beta.
+
+Compile-time switches: GAMMA >= 0 is an integer gamma (powers by repeated multiplication, unrolled), GAMMA < 0 the
+runtime `gamma` (fractional: one exp2). FAST (float32 compute) selects the short forms below; float64 compute
+(gradcheck) keeps libdevice's exp and log and IEEE division.
+    e = exp2(-a log2(e))            one MUFU.EX2 (Triton's exp adds a denormal fix-up around it)
+    r = rsqrt(1 + e)**2             one MUFU.RSQ and one FMUL: 1 + e is in [1, 2], and Triton's `1 / w` (div.full)
+                                    adds range checks; no source the interpreter runs emits rcp.approx
+    L = er P(e)                     P a degree-7 minimax polynomial of log(1 + e) (1 + e) / e on [0, 1] (relative
+                                    error 5e-8), 7 FMAs: Triton's float32 log is a ~24-instruction polynomial too,
+                                    and lg2.approx (MUFU.LG2) has an absolute error near 1 that log1p cannot take.
 """
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def log1p_small(e):
-    """log(1 + e) for e in [0, 1], accurate where e << 1 (Goldberg: log(w) * e / (w - 1), w = 1 + e).
-
-    One log; libdevice.log1p is not available to the Triton interpreter.
-    """
-    w = 1.0 + e
-    return tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
-
-
-@triton.jit
-def sigmoid_parts(x):
-    """(e, p, q) with e = exp(-|x|), p = sigmoid(x), q = sigmoid(-x); exact at x = +-inf, NaN stays NaN."""
-    e = tl.exp(-tl.abs(x))
-    r = 1.0 / (1.0 + e)
-    er = e * r
-    pos = x >= 0
-    return e, tl.where(pos, r, er), tl.where(pos, er, r)
-
-
-@triton.jit
-def bce_with_logits(x, t, e):
-    """BCE(x, t) = t softplus(-x) + (1 - t) softplus(x).
-
-    The linear part is zeroed where its coefficient is exactly 0, so x = +inf with t = 1 (and -inf with t = 0) give
-    0 instead of inf * 0 = NaN; a NaN logit still gives NaN through log1p(e).
-    """
-    lin = tl.where(x >= 0, tl.where(t == 1.0, 0.0, (1.0 - t) * x), tl.where(t == 0.0, 0.0, -t * x))
-    return lin + log1p_small(e)
+_LOG2E = tl.constexpr(1.4426950408889634)
+# Largest float32: caps a cross-entropy that only a vanishing factor multiplies (0 * inf = NaN otherwise).
+_FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
+# P(e) ~ log(1 + e) (1 + e) / e on [0, 1], coefficients of e**0 .. e**7 (float32; Lawson-iterated least squares,
+# relative error 5e-8), and a degree-4 one (relative error 1.1e-5) for results rounded to 16 bits (bf16 / fp16
+# gradients: 1/40 of fp16's half-ulp).
+_P0 = tl.constexpr(1.0)
+_P1 = tl.constexpr(0.499996542930603)
+_P2 = tl.constexpr(-0.1665850430727005)
+_P3 = tl.constexpr(0.08259351551532745)
+_P4 = tl.constexpr(-0.04662107303738594)
+_P5 = tl.constexpr(0.02446727082133293)
+_P6 = tl.constexpr(-0.009295516647398472)
+_P7 = tl.constexpr(0.0017386733088642359)
+_Q0 = tl.constexpr(1.0000109672546387)
+_Q1 = tl.constexpr(0.4993461072444916)
+_Q2 = tl.constexpr(-0.16046540439128876)
+_Q3 = tl.constexpr(0.061771102249622345)
+_Q4 = tl.constexpr(-0.014383568428456783)
 
 
 @triton.jit
-def modulation(u, p, q, gamma, gamma_int, INT_GAMMA: tl.constexpr):
-    """(m, g) = (u**gamma, gamma u**(gamma - 1) p q) for u = 1 - p_t in [0, 1]; g is dm/dx up to the sign (1 - 2t).
-
-    INT_GAMMA (gamma == gamma_int >= 0): powers by repeated multiplication, no transcendental; g is finite for
-    every gamma and 0 for gamma = 0. Otherwise gamma > 0 is fractional: m = exp2(gamma log2 u), the one pow, 0 at
-    u = 0; g = gamma m (p q / u) with p q / u <= max(p, q) <= 1 (u is a convex combination of p and q), taken as 0 at
-    u = 0, which is its limit times m. This avoids the u**(gamma - 1) = inf at u = 0 that makes autograd versions
-    NaN for 0 < gamma < 1.
-    """
-    if INT_GAMMA:
-        um1 = tl.full(u.shape, 1.0, u.dtype)
-        k = 1
-        while k < gamma_int:  # (while, not range: triton 3.6's interpreter cannot take a tensor bound)
-            um1 = um1 * u
-            k += 1
-        m = tl.where(gamma_int > 0, um1 * u, 1.0)
-        g = gamma_int * um1 * p * q
+def logistic_of_abs(a, FAST: tl.constexpr):
+    """(e, r, er) = (exp(-a), sigmoid(a), sigmoid(-a)) for a = |x| >= 0 (or NaN)."""
+    if FAST:
+        e = tl.exp2(a * -_LOG2E)
+        s = tl.rsqrt(1.0 + e)
+        r = s * s
     else:
-        m = tl.exp2(gamma * tl.log2(u))
-        g = gamma * m * tl.where(u > 0, p * q / u, 0.0)
+        e = tl.exp(-a)
+        r = 1.0 / (1.0 + e)
+    return e, r, e * r
+
+
+@triton.jit
+def logistic_parts(x, FAST: tl.constexpr):
+    """(a, e, r, er) = (|x|, exp(-|x|), sigmoid(|x|), sigmoid(-|x|)): p = x >= 0 ? r : er, q = x >= 0 ? er : r,
+    both without cancellation; exact at x = +-inf, NaN stays NaN."""
+    a = tl.abs(x)
+    e, r, er = logistic_of_abs(a, FAST)
+    return a, e, r, er
+
+
+@triton.jit
+def log1p_exp(e, r, er, FAST: tl.constexpr, SHORT: tl.constexpr = False):
+    """L = log(1 + e) for e = exp(-|x|) in [0, 1] (r = 1 / (1 + e), er = e r), relatively accurate down to e -> 0.
+
+    FAST: er P(e) (see the module docstring; SHORT: the degree-4 P, for results rounded to 16 bits). Otherwise
+    log(w) + (e - (w - 1)) r with w = 1 + e: the rounding of w corrected to first order, with the caller's r (no
+    division of its own)."""
+    if FAST:
+        if SHORT:
+            p = _Q4 * e + _Q3
+            p = p * e + _Q2
+            p = p * e + _Q1
+            p = p * e + _Q0
+        else:
+            p = _P7 * e + _P6
+            p = p * e + _P5
+            p = p * e + _P4
+            p = p * e + _P3
+            p = p * e + _P2
+            p = p * e + _P1
+            p = p * e + _P0
+        return er * p
+    w = 1.0 + e
+    return tl.log(w) + (e - (w - 1.0)) * r
+
+
+@triton.jit
+def bce_with_logits(x, ts, a, L):
+    """BCE(x, t_s) = L + a t_o, t_o = the weight of the logit's own side (1 - t_s for x >= 0, t_s otherwise).
+
+    The linear part is zeroed where its weight is exactly 0, so x = +inf with t_s = 1 (and -inf with t_s = 0) give 0
+    instead of inf * 0 = NaN; a NaN logit still gives NaN through L."""
+    t_own = tl.where(x >= 0, 1.0 - ts, ts)
+    return tl.where(t_own == 0.0, L, L + t_own * a)
+
+
+@triton.jit
+def log2_for_power(u, GAMMA: tl.constexpr):
+    """log2(u) where `modulation` needs it (fractional gamma), else u unchanged (nothing is computed)."""
+    if GAMMA < 0:
+        lu = tl.log2(u)
+    else:
+        lu = u
+    return lu
+
+
+@triton.jit
+def modulation(u, log2_u, pq, gamma, GAMMA: tl.constexpr):
+    """(m, g) = (u**gamma, gamma u**(gamma - 1) p q) for u in [0, 1]; g is dm/dx up to the sign of du/dx.
+
+    GAMMA >= 0 (an integer gamma): powers by repeated multiplication, unrolled at compile time; g is finite for every
+    gamma and 0 for gamma = 0. GAMMA < 0: gamma > 0 is the runtime `gamma`, m = exp2(gamma log2_u) (log2_u =
+    log2(u), computed by the caller: only this path uses it), 0 at u = 0; g = gamma m (p q / u) with p q / u <=
+    max(p, q) <= 1 (u is a convex combination of p and q), taken as 0 at u = 0, which is its limit times m. This avoids
+    the u**(gamma - 1) = inf at u = 0 that makes autograd versions NaN for 0 < gamma < 1."""
+    if GAMMA == 0:
+        m = tl.full(u.shape, 1.0, u.dtype)
+        g = tl.zeros(u.shape, u.dtype)
+    elif GAMMA > 0:
+        um1 = tl.full(u.shape, 1.0, u.dtype)
+        for _ in tl.static_range(GAMMA - 1):
+            um1 = um1 * u
+        m = um1 * u
+        g = GAMMA * um1 * pq
+    else:
+        m = tl.exp2(gamma * log2_u)
+        g = gamma * m * tl.where(u > 0, pq / u, 0.0)
     return m, g
 
 
 @triton.jit
-def focal_loss_and_grad(x, t, ts, c0, c1, gamma, gamma_int, INT_GAMMA: tl.constexpr):
-    """(FL, dFL/dx) per element, in the dtype of x (float32 or float64). See the module docstring for the formulas:
-    t modulates (u, alpha_t), ts is the BCE target (pass t itself when there is no label smoothing).
+def focal_loss_and_grad(x, t, ts, c0, c1, gamma, GAMMA: tl.constexpr, FAST: tl.constexpr,
+                        SHORT: tl.constexpr = False):
+    """(FL, dFL/dx) per element for any target t in [0, 1], in the dtype of x (float32 or float64). See the module
+    docstring for the formulas: t modulates (u, alpha_t), ts is the BCE target (pass t itself without smoothing).
 
     Unused outputs cost nothing: the compiler drops the gradient in the forward kernel and keeps only what it needs.
     At saturation p q = 0 and ce may be inf (x = +inf, t = 0): the product g (1 - 2t) ce tends to 0 there and is
-    taken as 0, so the gradient stays finite; NaN inputs make g NaN and still propagate.
-    """
-    e, p, q = sigmoid_parts(x)
-    u = p * (1.0 - t) + q * t
-    ce = bce_with_logits(x, ts, e)
-    m, g = modulation(u, p, q, gamma, gamma_int, INT_GAMMA)
+    taken as 0 (ce is capped at the float32 maximum, which only a vanishing g multiplies), so the gradient stays
+    finite; NaN inputs make g NaN and still propagate. SHORT: L to the accuracy of a 16-bit result (log1p_exp), for
+    a caller that keeps only the gradient, rounded to bf16 / fp16."""
+    a, e, r, er = logistic_parts(x, FAST)
+    L = log1p_exp(e, r, er, FAST, SHORT)
+    pos = x >= 0
+    # The weights of the logit's own side (1 - t for x >= 0, t otherwise): u = er + t_own (r - er) is a sum of two
+    # non-negative terms, and p - ts = sign(x) (ts_own - er), 1 - 2t = sign(x) (2 t_own - 1) carry no cancellation
+    # where p and ts are both near 1 (r - 1 would lose the bits of er).
+    t_own = tl.where(pos, 1.0 - t, t)
+    ts_own = tl.where(pos, 1.0 - ts, ts)
+    u = er + t_own * (r - er)
+    ce = tl.where(ts_own == 0.0, L, L + ts_own * a)
+    m, g = modulation(u, log2_for_power(u, GAMMA), r * er, gamma, GAMMA)
     alpha_t = c0 + c1 * t
     loss = alpha_t * m * ce
-    grad = alpha_t * (m * (p - ts) + tl.where(g == 0.0, 0.0, g * (1.0 - 2.0 * t) * ce))
+    grad = tl.where(pos, alpha_t, -alpha_t) * (m * (ts_own - er) + g * (2.0 * t_own - 1.0) *
+                                               tl.minimum(ce, _FLOAT32_MAX))
     return loss, grad
 
 
 @triton.jit
-def focal_star_loss_and_grad(x, t, c0, c1, gamma, beta):
-    """(FL*, dFL*/dx): softplus(-z) = max(-z, 0) + log1p(exp(-|z|)), one exp and one log, finite wherever z is
+def focal_binary_loss_and_grad(a, nonneg, hit, loss_c0, loss_c1, grad_c0, grad_c1, gamma, half_smoothing,
+                               GAMMA: tl.constexpr, SMOOTH: tl.constexpr, FAST: tl.constexpr,
+                               SHORT: tl.constexpr = False):
+    """(loss_c * FL, grad_c * dFL/dx) of the logit x given as a = |x| and nonneg = (x >= 0; for NaN either), for a
+    hard target t = hit (a boolean tensor) and the BCE target
+    t (1 - s) + s / 2 (SMOOTH; half_smoothing = s / 2), with the per-side factors loss_c = hit ? loss_c1 : loss_c0
+    and grad_c = hit ? grad_c1 : grad_c0 (alpha_t, times the upstream gradient, and for grad_c1 the sign dz/dx = -1:
+    the caller folds them so that each costs one select). FL and dFL/dz as in the module docstring. SHORT: L to the
+    accuracy of a 16-bit result (log1p_exp), for a caller that keeps only the gradient, rounded to bf16 / fp16.
+
+    Limits: x = +inf on its own class (u = 0, ce = 0) gives 0 and 0; on the other side (u = 1, ce = inf) inf and a
+    finite gradient (1 - u = 0 times a capped ce); a NaN logit gives NaN (every term carries it)."""
+    e, r, er = logistic_of_abs(a, FAST)
+    L = log1p_exp(e, r, er, FAST, SHORT)
+    hard = nonneg != hit  # z >= 0: the logit lies on the wrong side of its target
+    u = tl.where(hard, r, er)
+    v = tl.where(hard, er, r)  # 1 - u
+    if SMOOTH:
+        ce = L + a * tl.where(hard, 1.0 - half_smoothing, half_smoothing)
+        slope = u - half_smoothing  # dce/dz
+    else:
+        ce = L + tl.where(hard, a, 0.0)
+        slope = u
+    if GAMMA == 0:
+        m = tl.full(u.shape, 1.0, u.dtype)
+    elif GAMMA > 0:
+        m = u
+        for _ in tl.static_range(GAMMA - 1):
+            m = m * u
+    else:
+        m = tl.exp2((L + tl.where(hard, 0.0, a)) * (gamma * -_LOG2E))  # u**gamma = exp(-gamma softplus(-z))
+    if GAMMA == 0:
+        dz = slope
+    elif GAMMA > 0:
+        dz = m * (GAMMA * v * tl.minimum(ce, _FLOAT32_MAX) + slope)
+    else:
+        dz = m * (gamma * v * tl.minimum(ce, _FLOAT32_MAX) + slope)
+    loss = tl.where(hit, loss_c1, loss_c0) * m * ce
+    grad = tl.where(hit, grad_c1, grad_c0) * dz
+    return loss, grad
+
+
+@triton.jit
+def focal_star_loss_and_grad(x, t, c0, c1, gamma, beta, FAST: tl.constexpr):
+    """(FL*, dFL*/dx): softplus(-z) = max(-z, 0) + log(1 + exp(-|z|)), one exp and one log, finite wherever z is
     finite or +inf. t = 1/2 makes x_t = 0 for every x (the limit, so x = +-inf stays finite); a NaN x stays NaN."""
     s = 2.0 * t - 1.0
     xt = tl.where((s == 0.0) & (x == x), 0.0, x * s)
     z = gamma * xt + beta
-    e, _, qz = sigmoid_parts(z)
+    _, e, r, er = logistic_parts(z, FAST)
+    qz = tl.where(z >= 0, er, r)
     alpha_t = c0 + c1 * t
-    loss = alpha_t * (tl.where(z >= 0, 0.0, -z) + log1p_small(e)) / gamma
+    loss = alpha_t * (tl.where(z >= 0, 0.0, -z) + log1p_exp(e, r, er, FAST)) / gamma
     grad = -alpha_t * s * qz
     return loss, grad
 
 
 @triton.jit
-def quality_focal_loss_and_grad(x, y, beta, beta_int, INT_BETA: tl.constexpr):
-    """(QFL, dQFL/dx) with the exponent beta (see the module docstring). |d| goes through `modulation`, whose
-    du/dx bound p q / u <= max(p, q) does not hold here: near d = 0 with 0 < beta < 1 the gradient is large, as the
-    formula's (it is infinite at d = 0, taken as 0 there, the subgradient of |d|). Saturated logits: the loss is 0
-    or inf (its limit), the gradient finite (p q = 0 makes the modulation term 0)."""
-    e, p, q = sigmoid_parts(x)
+def quality_focal_loss_and_grad(x, y, beta, BETA: tl.constexpr, FAST: tl.constexpr):
+    """(QFL, dQFL/dx) with the exponent beta (BETA: its integer value or < 0, as GAMMA; see the module docstring).
+    |d| goes through `modulation`, whose du/dx bound p q / u <= max(p, q) does not hold here: near d = 0 with
+    0 < beta < 1 the gradient is large, as the formula's (it is infinite at d = 0, taken as 0 there, the subgradient
+    of |d|). Saturated logits: the loss is 0 or inf (its limit), the gradient finite (p q = 0 makes the modulation
+    term 0)."""
+    a, e, r, er = logistic_parts(x, FAST)
+    pos = x >= 0
+    p = tl.where(pos, r, er)
+    q = tl.where(pos, er, r)
     d = y * q - (1.0 - y) * p
     u = tl.where(d < 0, -d, d)
-    ce = bce_with_logits(x, y, e)
-    m, g = modulation(u, p, q, beta, beta_int, INT_BETA)
+    ce = bce_with_logits(x, y, a, log1p_exp(e, r, er, FAST))
+    m, g = modulation(u, log2_for_power(u, BETA), r * er, beta, BETA)
     gs = tl.where(d < 0, g, -g)
     grad = m * (0.0 - d) + tl.where((g == 0.0) | (d == 0.0), 0.0, gs * ce)
     return m * ce, grad
 
 
 @triton.jit
-def varifocal_loss_and_grad(x, t, c0, c1, gamma, gamma_int, alpha_neg, INT_GAMMA: tl.constexpr):
-    """(VFL, dVFL/dx), t = q the target score (see the module docstring); the negatives' term is FL's at t = 0."""
-    e, p, q = sigmoid_parts(x)
+def varifocal_loss_and_grad(x, t, c0, c1, gamma, alpha_neg, GAMMA: tl.constexpr, FAST: tl.constexpr):
+    """(VFL, dVFL/dx), t = q the target score (see the module docstring); the negatives' term is FL's at t = 0,
+    whose u = p has log2(p) = -log2(e) softplus(-x), a select and no log."""
+    a, e, r, er = logistic_parts(x, FAST)
+    L = log1p_exp(e, r, er, FAST)
     pos = t > 0
+    xpos = x >= 0
+    p = tl.where(xpos, r, er)
     ts = tl.where(t <= 0, 0.0, t)  # the BCE target: q for positives, 0 for negatives, NaN stays NaN
-    ce = bce_with_logits(x, ts, e)
-    m, g = modulation(p, p, q, gamma, gamma_int, INT_GAMMA)
+    ce = bce_with_logits(x, ts, a, L)
+    m, g = modulation(p, (L + tl.where(xpos, 0.0, a)) * -_LOG2E, r * er, gamma, GAMMA)
     w = c0 + c1 * t
     loss = tl.where(pos, w * ce, alpha_neg * m * ce)
     grad = tl.where(pos, w, alpha_neg * m) * (p - ts) + tl.where(pos | (g == 0.0), 0.0, alpha_neg * g * ce)
@@ -143,16 +279,17 @@ def varifocal_loss_and_grad(x, t, c0, c1, gamma, gamma_int, alpha_neg, INT_GAMMA
 
 
 @triton.jit
-def family_loss_and_grad(x, t, ts, c0, c1, gamma, gamma_int, beta, LOSS_KIND: tl.constexpr,
-                         INT_GAMMA: tl.constexpr):
-    """(loss, dloss/dx) of the loss kind LOSS_KIND (0 FL, 1 FL*, 2 QFL, 3 VFL; see the module docstring), chosen at
-    compile time: each specialization holds the code of one kind only, and FL's is `focal_loss_and_grad` as is."""
+def family_loss_and_grad(x, t, ts, c0, c1, gamma, beta, LOSS_KIND: tl.constexpr, GAMMA: tl.constexpr,
+                         FAST: tl.constexpr, SHORT: tl.constexpr = False):
+    """(loss, dloss/dx) of the loss kind LOSS_KIND (0 FL, 1 FL*, 2 QFL, 3 VFL; see the module docstring) for any
+    target in [0, 1], chosen at compile time: each specialization holds the code of one kind only. SHORT (FL):
+    see focal_loss_and_grad."""
     if LOSS_KIND == 0:
-        loss, grad = focal_loss_and_grad(x, t, ts, c0, c1, gamma, gamma_int, INT_GAMMA)
+        loss, grad = focal_loss_and_grad(x, t, ts, c0, c1, gamma, GAMMA, FAST, SHORT)
     elif LOSS_KIND == 1:
-        loss, grad = focal_star_loss_and_grad(x, t, c0, c1, gamma, beta)
+        loss, grad = focal_star_loss_and_grad(x, t, c0, c1, gamma, beta, FAST)
     elif LOSS_KIND == 2:
-        loss, grad = quality_focal_loss_and_grad(x, t, gamma, gamma_int, INT_GAMMA)
+        loss, grad = quality_focal_loss_and_grad(x, t, gamma, GAMMA, FAST)
     else:
-        loss, grad = varifocal_loss_and_grad(x, t, c0, c1, gamma, gamma_int, beta, INT_GAMMA)
+        loss, grad = varifocal_loss_and_grad(x, t, c0, c1, gamma, beta, GAMMA, FAST)
     return loss, grad

@@ -40,22 +40,23 @@ def _store_tile(ptr, offs, n, value, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _tile_loss_and_grad(x_ptr, t_ptr, offs, n, c0, c1, gamma, gamma_int, beta, MASKED: tl.constexpr,
-                        LOSS_KIND: tl.constexpr, INT_GAMMA: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+def _tile_loss_and_grad(x_ptr, t_ptr, offs, n, c0, c1, gamma, beta, MASKED: tl.constexpr,
+                        LOSS_KIND: tl.constexpr, GAMMA: tl.constexpr, FAST: tl.constexpr,
+                        COMPUTE_DTYPE: tl.constexpr, SHORT: tl.constexpr = False):
     """Read one tile of logits and targets (each once) and return (loss, dloss/dx) in COMPUTE_DTYPE; the target is
     t for FL / FL*, the soft score y for QFL and q for VFL."""
     x = _load_tile(x_ptr, offs, n, MASKED, COMPUTE_DTYPE)
     t = _load_tile(t_ptr, offs, n, MASKED, COMPUTE_DTYPE)
-    return family_loss_and_grad(x, t, t, c0, c1, gamma, gamma_int, beta, LOSS_KIND, INT_GAMMA)
+    return family_loss_and_grad(x, t, t, c0, c1, gamma, beta, LOSS_KIND, GAMMA, FAST, SHORT)
 
 
 @triton.jit
-def _fwd_tile(x_ptr, t_ptr, out_ptr, n, tile, acc, c0, c1, gamma, gamma_int, beta,
-              MASKED: tl.constexpr, REDUCE: tl.constexpr, LOSS_KIND: tl.constexpr, INT_GAMMA: tl.constexpr,
-              COMPUTE_DTYPE: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr):
+def _fwd_tile(x_ptr, t_ptr, out_ptr, n, tile, acc, c0, c1, gamma, beta,
+              MASKED: tl.constexpr, REDUCE: tl.constexpr, LOSS_KIND: tl.constexpr, GAMMA: tl.constexpr,
+              FAST: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr):
     offs = _tile_offsets(tile, BLOCK, INT64)
-    loss, _ = _tile_loss_and_grad(x_ptr, t_ptr, offs, n, c0, c1, gamma, gamma_int, beta, MASKED, LOSS_KIND,
-                                  INT_GAMMA, COMPUTE_DTYPE)
+    loss, _ = _tile_loss_and_grad(x_ptr, t_ptr, offs, n, c0, c1, gamma, beta, MASKED, LOSS_KIND, GAMMA, FAST,
+                                  COMPUTE_DTYPE)
     if REDUCE:
         if MASKED:
             loss = tl.where(offs < n, loss, 0.0)
@@ -68,11 +69,11 @@ def _fwd_tile(x_ptr, t_ptr, out_ptr, n, tile, acc, c0, c1, gamma, gamma_int, bet
 # Integer arguments are not specialized by the JIT (an argument equal to 1 would become a Python int constant,
 # on which `n.to(...)` does not compile; multiples of 16 would compile a variant of their own): the JIT compiles
 # what the ahead-of-time report checks, with n as i32 (i64 above 2**31 - 1).
-@triton.jit(do_not_specialize=["n", "gamma_int"])
+@triton.jit(do_not_specialize=["n"])
 def sigmoid_focal_fwd_kernel(
-    x_ptr, t_ptr, out_ptr, n, c0, c1, gamma, gamma_int, beta,
-    REDUCE: tl.constexpr, LOSS_KIND: tl.constexpr, INT_GAMMA: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
-    INT64: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr, t_ptr, out_ptr, n, c0, c1, gamma, beta,
+    REDUCE: tl.constexpr, LOSS_KIND: tl.constexpr, GAMMA: tl.constexpr, FAST: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Persistent grid-stride loop over the full tiles of BLOCK elements, then the masked tail tile (if any) on
     program num_full % nprog. (Loops are while loops: triton 3.6's interpreter cannot take tensor range() bounds.)
@@ -87,13 +88,14 @@ def sigmoid_focal_fwd_kernel(
     num_full = n // BLOCK
     acc = tl.zeros([BLOCK], COMPUTE_DTYPE)
     tile = pid
-    while tile < num_full:
-        acc = _fwd_tile(x_ptr, t_ptr, out_ptr, n, tile, acc, c0, c1, gamma, gamma_int, beta,
-                        False, REDUCE, LOSS_KIND, INT_GAMMA, COMPUTE_DTYPE, INT64, BLOCK)
+    # (tile + 1) * BLOCK <= n is tile < num_full with nothing kept across the loop: n is a kernel argument.
+    while (tile + 1) * BLOCK <= n:  # tile loop: flat full
+        acc = _fwd_tile(x_ptr, t_ptr, out_ptr, n, tile, acc, c0, c1, gamma, beta,
+                        False, REDUCE, LOSS_KIND, GAMMA, FAST, COMPUTE_DTYPE, INT64, BLOCK)
         tile += nprog
     if (num_full * BLOCK < n) & (pid == num_full % nprog):
-        acc = _fwd_tile(x_ptr, t_ptr, out_ptr, n, num_full, acc, c0, c1, gamma, gamma_int, beta,
-                        True, REDUCE, LOSS_KIND, INT_GAMMA, COMPUTE_DTYPE, INT64, BLOCK)
+        acc = _fwd_tile(x_ptr, t_ptr, out_ptr, n, num_full, acc, c0, c1, gamma, beta,
+                        True, REDUCE, LOSS_KIND, GAMMA, FAST, COMPUTE_DTYPE, INT64, BLOCK)
     if REDUCE:
         tl.store(out_ptr + pid, tl.sum(acc, axis=0))
 
@@ -114,12 +116,13 @@ def sum_partials_kernel(partials_ptr, out_ptr, num_partials, n, MEAN: tl.constex
 
 
 @triton.jit
-def _bwd_tile(x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, tile, g0, c0, c1, gamma, gamma_int, beta,
-              MASKED: tl.constexpr, GRAD_SCALAR: tl.constexpr, LOSS_KIND: tl.constexpr, INT_GAMMA: tl.constexpr,
-              COMPUTE_DTYPE: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr):
+def _bwd_tile(x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, tile, g0, c0, c1, gamma, beta,
+              MASKED: tl.constexpr, GRAD_SCALAR: tl.constexpr, LOSS_KIND: tl.constexpr, GAMMA: tl.constexpr,
+              FAST: tl.constexpr, SHORT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INT64: tl.constexpr,
+              BLOCK: tl.constexpr):
     offs = _tile_offsets(tile, BLOCK, INT64)
-    _, dfl = _tile_loss_and_grad(x_ptr, t_ptr, offs, n, c0, c1, gamma, gamma_int, beta, MASKED, LOSS_KIND,
-                                 INT_GAMMA, COMPUTE_DTYPE)
+    _, dfl = _tile_loss_and_grad(x_ptr, t_ptr, offs, n, c0, c1, gamma, beta, MASKED, LOSS_KIND, GAMMA, FAST,
+                                 COMPUTE_DTYPE, SHORT)
     if GRAD_SCALAR:
         g = g0
     else:
@@ -127,11 +130,11 @@ def _bwd_tile(x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, tile, g0, c0, c1, gamm
     _store_tile(grad_in_ptr, offs, n, g * dfl, MASKED)
 
 
-@triton.jit(do_not_specialize=["n", "gamma_int"])
+@triton.jit(do_not_specialize=["n"])
 def sigmoid_focal_bwd_kernel(
-    x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, c0, c1, gamma, gamma_int, beta,
-    GRAD_SCALAR: tl.constexpr, MEAN: tl.constexpr, LOSS_KIND: tl.constexpr, INT_GAMMA: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, c0, c1, gamma, beta,
+    GRAD_SCALAR: tl.constexpr, MEAN: tl.constexpr, LOSS_KIND: tl.constexpr, GAMMA: tl.constexpr,
+    FAST: tl.constexpr, SHORT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """dx[i] = g * dFL/dx(x[i], t[i]), g = grad_out[0] (GRAD_SCALAR; divided by n for MEAN) or grad_out[i].
 
@@ -149,13 +152,13 @@ def sigmoid_focal_bwd_kernel(
             g0 = g0 / n.to(COMPUTE_DTYPE)
     num_full = n // BLOCK
     tile = pid
-    while tile < num_full:
-        _bwd_tile(x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, tile, g0, c0, c1, gamma, gamma_int, beta,
-                  False, GRAD_SCALAR, LOSS_KIND, INT_GAMMA, COMPUTE_DTYPE, INT64, BLOCK)
+    while (tile + 1) * BLOCK <= n:  # tile loop: flat full
+        _bwd_tile(x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, tile, g0, c0, c1, gamma, beta,
+                  False, GRAD_SCALAR, LOSS_KIND, GAMMA, FAST, SHORT, COMPUTE_DTYPE, INT64, BLOCK)
         tile += nprog
     if (num_full * BLOCK < n) & (pid == num_full % nprog):
-        _bwd_tile(x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, num_full, g0, c0, c1, gamma, gamma_int, beta,
-                  True, GRAD_SCALAR, LOSS_KIND, INT_GAMMA, COMPUTE_DTYPE, INT64, BLOCK)
+        _bwd_tile(x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, num_full, g0, c0, c1, gamma, beta,
+                  True, GRAD_SCALAR, LOSS_KIND, GAMMA, FAST, SHORT, COMPUTE_DTYPE, INT64, BLOCK)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -168,7 +171,8 @@ def compute_dtype(x_dtype: torch.dtype):
 
 
 def gamma_params(gamma: float):
-    """(gamma, gamma_int, INT_GAMMA): integer gamma takes the multiply-only path, any other the one-pow path."""
+    """(gamma, gamma_int, is_int): the exponent, its integer value (0 when fractional) and whether it is an integer
+    (the kernels compile small integers in: power_constexpr)."""
     is_int = float(gamma).is_integer()
     return float(gamma), int(gamma) if is_int else 0, is_int
 
@@ -196,10 +200,10 @@ class LossSpec(NamedTuple):
 
 
 def kernel_scalars(loss_kind: int, alpha: float, gamma: float, beta: float, iou_weighted: bool = True):
-    """(c0, c1, gamma, gamma_int, beta, INT_GAMMA) of the kernels for a kind's public parameters: FL / FL* alpha_t
-    = c0 + c1 t; QFL's exponent beta goes where FL's gamma goes (the same integer / fractional power paths); VFL's
-    positives weight q (iou_weighted) or 1 as c0 + c1 q, and its alpha (of the negatives) goes in beta. FL* has no
-    power (gamma only scales): it takes the INT_GAMMA specialization."""
+    """(c0, c1, gamma, gamma_int, beta, is_int) for a kind's public parameters (gamma_params for the exponent): FL /
+    FL* alpha_t = c0 + c1 t; QFL's exponent beta goes where FL's gamma goes (the same integer / fractional power
+    paths); VFL's positives weight q (iou_weighted) or 1 as c0 + c1 q, and its alpha (of the negatives) goes in beta.
+    FL* has no power (gamma only scales): it counts as integer."""
     if loss_kind == QFL:
         g, gi, ig = gamma_params(beta)
         return 1.0, 0.0, g, gi, 0.0, ig
@@ -214,25 +218,63 @@ def kernel_scalars(loss_kind: int, alpha: float, gamma: float, beta: float, iou_
     return c0, c1, g, gi, 0.0, ig
 
 
-def forward_constexprs(x_dtype, reduce: bool, int_gamma: bool, int64: bool, block: int, loss_kind: int = FL) -> dict:
-    return dict(REDUCE=reduce, LOSS_KIND=loss_kind, INT_GAMMA=int_gamma, COMPUTE_DTYPE=compute_dtype(x_dtype),
-                INT64=int64, BLOCK=block)
+# Integer exponents up to this one are compiled in (GAMMA = the exponent: multiplications, no transcendental);
+# fractional and larger ones take the runtime-exponent path (GAMMA = -1). Bounded: at most 6 variants per kernel.
+MAX_CONSTANT_POWER = 4
 
 
-def backward_constexprs(x_dtype, grad_scalar: bool, mean: bool, int_gamma: bool, int64: bool, block: int,
-                        loss_kind: int = FL) -> dict:
-    return dict(GRAD_SCALAR=grad_scalar, MEAN=mean, LOSS_KIND=loss_kind, INT_GAMMA=int_gamma,
+def power_constexpr(exponent: float) -> int:
+    """The GAMMA constexpr of an exponent (FL's gamma, QFL's beta): the integer itself in [0, MAX_CONSTANT_POWER],
+    else -1 (the runtime path, exact for integers too)."""
+    exponent = float(exponent)
+    return int(exponent) if exponent.is_integer() and 0 <= exponent <= MAX_CONSTANT_POWER else -1
+
+
+def kind_power_constexpr(loss_kind: int, gamma: float, beta: float) -> int:
+    """GAMMA of a launch: QFL's exponent is beta; FL* has no power (gamma only scales it): 0."""
+    if loss_kind == FL_STAR:
+        return 0
+    return power_constexpr(beta if loss_kind == QFL else gamma)
+
+
+def fast_math(x_dtype) -> bool:
+    """FAST constexpr: float32 compute takes the short exp2 / rsqrt / polynomial forms (focal_math), float64 the
+    libdevice ones."""
+    return compute_dtype(x_dtype) == tl.float32
+
+
+def short_log(x_dtype, backward: bool) -> bool:
+    """SHORT constexpr: the backward of 16-bit logits, whose gradient is rounded to 16 bits, takes the short log1p
+    (focal_math.log1p_exp)."""
+    return fast_math(x_dtype) and backward and x_dtype.itemsize == 2
+
+
+def forward_constexprs(x_dtype, reduce: bool, power: int, int64: bool, block: int, loss_kind: int = FL) -> dict:
+    return dict(REDUCE=reduce, LOSS_KIND=loss_kind, GAMMA=power, FAST=fast_math(x_dtype),
                 COMPUTE_DTYPE=compute_dtype(x_dtype), INT64=int64, BLOCK=block)
 
 
-def _dense_key(launcher, x, t, mode, loss_kind):
-    """Tuning key of a dense launch (tuning.py): size bucket, dtypes, mode, and the loss kind beyond FL."""
+def backward_constexprs(x_dtype, grad_scalar: bool, mean: bool, power: int, int64: bool, block: int,
+                        loss_kind: int = FL) -> dict:
+    return dict(GRAD_SCALAR=grad_scalar, MEAN=mean, LOSS_KIND=loss_kind, GAMMA=power, FAST=fast_math(x_dtype),
+                SHORT=short_log(x_dtype, True), COMPUTE_DTYPE=compute_dtype(x_dtype), INT64=int64, BLOCK=block)
+
+
+def power_key(power: int) -> str:
+    """The exponent specialization in a tuning key: it changes the compiled code (and its registers)."""
+    return f" pow={power}" if power >= 0 else " pow=runtime"
+
+
+def _dense_key(launcher, x, t, mode, loss_kind, gamma, beta):
+    """Tuning key of a dense launch (tuning.py): size bucket, dtypes, mode, the loss kind beyond FL and the
+    exponent specialization (GAMMA)."""
     suffix = f" kind={loss_kind}" if loss_kind else ""
+    suffix += power_key(kind_power_constexpr(loss_kind, gamma, beta))
     return make_key(launcher, x.numel(), 0, 0, x.dtype, f"{mode} t={t.dtype}{suffix}")
 
 
 @tuned("sigmoid_focal_fwd", lambda x, t, alpha, gamma, reduction, out_dtype=None, loss_kind=FL, beta=0.0,
-       iou_weighted=True: _dense_key("sigmoid_focal_fwd", x, t, reduction, loss_kind), DENSE_CANDIDATES)
+       iou_weighted=True: _dense_key("sigmoid_focal_fwd", x, t, reduction, loss_kind, gamma, beta), DENSE_CANDIDATES)
 def sigmoid_focal_forward(x: torch.Tensor, t: torch.Tensor, alpha: float, gamma: float, reduction: str,
                           out_dtype: torch.dtype = None, loss_kind: int = FL, beta: float = 0.0,
                           iou_weighted: bool = True):
@@ -243,15 +285,16 @@ def sigmoid_focal_forward(x: torch.Tensor, t: torch.Tensor, alpha: float, gamma:
     """
     n = x.numel()
     cfg = config_for(x.device, x.element_size())
-    c0, c1, gamma_f, gamma_i, beta_f, int_gamma = kernel_scalars(loss_kind, alpha, gamma, beta, iou_weighted)
+    c0, c1, gamma_f, _, beta_f, _ = kernel_scalars(loss_kind, alpha, gamma, beta, iou_weighted)
     reduce = reduction != "none"
-    constexprs = forward_constexprs(x.dtype, reduce, int_gamma, needs_int64(n, cfg.block), cfg.block, loss_kind)
+    constexprs = forward_constexprs(x.dtype, reduce, kind_power_constexpr(loss_kind, gamma, beta),
+                                    needs_int64(n, cfg.block), cfg.block, loss_kind)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     # For a reduction, an empty stand-in for the partial sums sizes the grid (only its type and alignment matter),
     # then the real buffer gets one float per program.
     out_dtype = out_dtype or x.dtype
     out = torch.empty(0, dtype=acc_dtype, device=x.device) if reduce else torch.empty_like(x, dtype=out_dtype)
-    args = [x, t, out, n, c0, c1, gamma_f, gamma_i, beta_f]
+    args = [x, t, out, n, c0, c1, gamma_f, beta_f]
     with device_guard(x.device):
         grid = persistent_grid(sigmoid_focal_fwd_kernel, args, constexprs, cfg, n, x.device)
         if reduce:
@@ -268,7 +311,7 @@ def sigmoid_focal_forward(x: torch.Tensor, t: torch.Tensor, alpha: float, gamma:
 
 @tuned("sigmoid_focal_bwd", lambda grad_out, x, t, alpha, gamma, reduction, loss_kind=FL, beta=0.0,
        iou_weighted=True: _dense_key("sigmoid_focal_bwd", x, t, "scalar" if grad_out.dim() == 0 else "tensor",
-                                     loss_kind), DENSE_CANDIDATES)
+                                     loss_kind, gamma, beta), DENSE_CANDIDATES)
 def sigmoid_focal_backward(grad_out: torch.Tensor, x: torch.Tensor, t: torch.Tensor, alpha: float, gamma: float,
                            reduction: str, loss_kind: int = FL, beta: float = 0.0,
                            iou_weighted: bool = True) -> torch.Tensor:
@@ -276,11 +319,12 @@ def sigmoid_focal_backward(grad_out: torch.Tensor, x: torch.Tensor, t: torch.Ten
     x): 0-d (mean/sum, or an expanded scalar for "none", passed as its one element) or dense with x's strides."""
     n = x.numel()
     cfg = config_for(x.device, x.element_size())
-    c0, c1, gamma_f, gamma_i, beta_f, int_gamma = kernel_scalars(loss_kind, alpha, gamma, beta, iou_weighted)
+    c0, c1, gamma_f, _, beta_f, _ = kernel_scalars(loss_kind, alpha, gamma, beta, iou_weighted)
     grad_in = torch.empty_like(x)
-    constexprs = backward_constexprs(x.dtype, grad_out.dim() == 0, reduction == "mean", int_gamma,
-                                     needs_int64(n, cfg.block), cfg.block, loss_kind)
-    args = (x, t, grad_out, grad_in, n, c0, c1, gamma_f, gamma_i, beta_f)
+    constexprs = backward_constexprs(x.dtype, grad_out.dim() == 0, reduction == "mean",
+                                     kind_power_constexpr(loss_kind, gamma, beta), needs_int64(n, cfg.block),
+                                     cfg.block, loss_kind)
+    args = (x, t, grad_out, grad_in, n, c0, c1, gamma_f, beta_f)
     with device_guard(x.device):
         grid = persistent_grid(sigmoid_focal_bwd_kernel, args, constexprs, cfg, n, x.device)
         sigmoid_focal_bwd_kernel[(grid,)](*args, **cfg.options(), **constexprs)

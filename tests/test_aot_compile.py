@@ -1,9 +1,10 @@
-"""Ahead-of-time compilation of every kernel specialization for sm_80 and sm_90, without a GPU.
+"""Ahead-of-time compilation of the kernels' specializations for sm_80 and sm_90, without a GPU.
 
 Runs `python -m focal_triton.aot` in a child process without TRITON_INTERPRET (interpreted kernels cannot be
 compiled), started by conftest.py when the tests are collected, and checks the facts of each compiled kernel: it
 compiles, spills nothing, moves its tiles with 128-bit global loads and stores, indexes with 64 bits exactly where it
-must, and uses the transcendentals it promises.
+must, and uses the transcendentals it promises; and the per-logit cost of the tile loops, counted in their sm_90
+SASS, against its budget (a regression fails here).
 """
 import json
 import os
@@ -31,16 +32,26 @@ def start_report():
 
 
 @pytest.fixture(scope="module")
-def facts(request):
+def report(request):
     proc, out = getattr(request.config, "focal_triton_aot", None) or start_report()
     try:
-        proc.wait(timeout=1500)
+        proc.wait(timeout=1800)
     except subprocess.TimeoutExpired:
         proc.kill()
-        pytest.fail("the compile report ran past 25 minutes")
+        pytest.fail("the compile report ran past 30 minutes")
     if not out.exists():
         pytest.fail(f"the compile report did not run:\n{out.with_suffix('.log').read_text()[-6000:]}")
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def facts(report):
+    return report["specializations"]
+
+
+@pytest.fixture(scope="module")
+def per_logit(report):
+    return report["per_logit"]
 
 
 DENSE = {"sigmoid_focal_fwd_kernel", "sigmoid_focal_bwd_kernel"}
@@ -79,13 +90,22 @@ def test_every_specialization_compiles_for_its_archs(facts):
     assert autocast and all(f["archs"] == ["sm_90"] for f in autocast)
     variants = [f for f in facts if loss_kind(f)]
     assert all(f["archs"] == ["sm_90"] and "loss_kind=" in f["label"] for f in variants)
-    assert {(f["kernel"], loss_kind(f), f["constexprs"]["INT_GAMMA"]) for f in variants} == {
-        (k, kind, ig) for k in DENSE | {MULTILEVEL} for kind in (1, 2, 3)
-        for ig in (("True",) if kind == 1 else ("True", "False"))}
+    assert {(f["kernel"], loss_kind(f), f["constexprs"]["GAMMA"]) for f in variants} == {
+        (k, kind, g) for k in DENSE | {MULTILEVEL} for kind in (1, 2, 3)
+        for g in (("0",) if kind == 1 else ("2", "-1"))}
+    # Every compiled-in exponent (0 .. 4) and the runtime one, in both kernels; every option of the multi-level
+    # kernel on and off.
+    assert {f["constexprs"]["GAMMA"] for f in dense(facts)} == {"0", "1", "2", "3", "4", "-1"}
+    assert {f["constexprs"]["GAMMA"] for f in multilevel(facts)} == {"0", "1", "2", "3", "4", "-1"}
+    for option in ("HAS_IGNORE", "HAS_WEIGHT", "HAS_ALPHA", "SMOOTH"):
+        assert {f["constexprs"][option] for f in multilevel(facts)} == {"True", "False"}, option
     assert {(loss_kind(f), f["constexprs"]["MODE"]) for f in multilevel(variants)} == {
         (kind, m) for kind in (1, 2, 3) for m in "0123"}
+    # The compiled-in exponents beyond 2 (0, 1, 3, 4) are compiled once each, for sm_90.
+    other_powers = [f for f in dense(facts) if f["constexprs"]["GAMMA"] in ("0", "1", "3", "4") and not loss_kind(f)]
+    assert other_powers and all(f["archs"] == ["sm_90"] for f in other_powers)
     assert all(set(f["archs"]) == ARCHS for f in facts
-               if f["kernel"] != MULTILEVEL and f not in autocast and f not in variants)
+               if f["kernel"] != MULTILEVEL and f not in autocast and f not in variants and f not in other_powers)
     assert all("sm_90" in f["archs"] for f in multilevel(facts))
     assert {a for f in multilevel(facts) for a in f["archs"]} == ARCHS
     kernels = {f["kernel"] for f in facts}
@@ -144,20 +164,25 @@ def test_64_bit_indexing_where_needed(facts):
 
 
 def test_transcendentals_per_element(facts):
-    """Per tile body (dense: the loop's and the masked tail's; multi-level: 2 or 3, see tile_bodies): integer gamma
-    uses exactly one exp and one log (log1p) per element and no pow; fractional gamma adds one exp2 and one log2.
-    The same for every loss kind (QFL's |y - sigma| is a select, not a third absf), except FL*'s gradient, which
-    needs no log (sigmoid(-z) only)."""
+    """Transcendental ops per logit of each tile body (TTIR ops weighted by their tensor's elements; dense: the
+    loop's and the masked tail's body; multi-level: 4 or 2, see tile_bodies). float32 math: one exp2 (e = exp(-|x|))
+    and one rsqrt (the sigmoid's reciprocal) per logit and no log (log(1 + e) is a polynomial); a runtime
+    exponent adds one exp2, and one log2 where u is not a sigmoid (FL with soft targets, QFL; the class-index FL
+    and VFL take log(u) from the softplus they have). float64 math (gradcheck): libdevice's exp and log instead,
+    the same exponent rule. FL* has no exponent; its backward needs no log."""
     for f in elementwise(facts):
-        b = f["tile_bodies"]
-        expected = {"absf": b, "exp": b, "log": b}
-        if f["constexprs"]["INT_GAMMA"] == "False":
-            expected.update(exp2=b, log2=b)
-        star_backward = loss_kind(f) == 1 and (f["kernel"] == "sigmoid_focal_bwd_kernel" or
-                                               f["constexprs"].get("MODE") in ("2", "3"))
-        if star_backward:
+        fast, runtime_power = f["constexprs"]["FAST"] == "True", f["constexprs"]["GAMMA"] == "-1"
+        kind, ml = loss_kind(f), f["kernel"] == MULTILEVEL
+        backward = f["kernel"] == "sigmoid_focal_bwd_kernel" or f["constexprs"].get("MODE") in ("2", "3")
+        expected = {"exp2": 1.0, "rsqrt": 1.0} if fast else {"exp": 1.0, "log": 1.0}
+        if kind == 1 and backward and not fast:
             del expected["log"]
-        assert f["ttir_math"] == expected, f["label"]
+        if runtime_power:
+            expected["exp2"] = expected.get("exp2", 0.0) + 1.0
+            if not ((ml and kind == 0) or kind == 3):
+                expected["log2"] = 1.0
+        got = {k: v for k, v in f["ttir_math_per_logit"].items() if k != "absf"}
+        assert got == expected, (f["label"], f["ttir_math_per_logit"])
 
 
 def test_multilevel_one_access_per_logit(facts):
@@ -178,3 +203,105 @@ def test_multilevel_one_access_per_logit(facts):
         assert "mixed" not in acc, (f["arch"], f["label"], acc)
         # Loss statistics: per-anchor row sums stored only by the forward that asks for them.
         assert (acc.get("store:s", 0) > 0) == (f["constexprs"]["STATS"] == "True"), (f["arch"], f["label"], acc)
+
+
+# Per-logit budgets of the tile loops (sm_90 SASS, focal_triton/roofline.py): instructions per logit along the
+# longest path through the loop body, and MUFU per logit. The numbers are what the loops measure now (the larger of
+# triton 3.8 and 3.6, whose ptxas schedules a few loops differently); a loop that grows by more than 2 % (or takes
+# one more MUFU) fails here, and an improvement should lower its number.
+BUDGET = {
+    # (kernel, logits, tile loop, mode, loss): (instructions, MUFU) per logit
+    ('multilevel', 'bf16', 'channels_last full', 'fwd sum', 'FL gamma=2'): (27.56, 2.0),
+    ('multilevel', 'bf16', 'channels_last edge', 'fwd sum', 'FL gamma=2'): (29.69, 2.0),
+    ('multilevel', 'bf16', 'NCHW full pairs', 'fwd sum', 'FL gamma=2'): (29.75, 2.0),
+    ('multilevel', 'bf16', 'NCHW full', 'fwd sum', 'FL gamma=2'): (30.44, 2.0),
+    ('multilevel', 'bf16', 'NCHW edge', 'fwd sum', 'FL gamma=2'): (31.75, 2.0),
+    ('multilevel', 'bf16', 'channels_last full', 'bwd scalar', 'FL gamma=2'): (29.25, 2.0),
+    ('multilevel', 'bf16', 'channels_last edge', 'bwd scalar', 'FL gamma=2'): (31.31, 2.0),
+    ('multilevel', 'bf16', 'NCHW full pairs', 'bwd scalar', 'FL gamma=2'): (34.19, 2.0),
+    ('multilevel', 'bf16', 'NCHW full', 'bwd scalar', 'FL gamma=2'): (39.06, 2.0),
+    ('multilevel', 'bf16', 'NCHW edge', 'bwd scalar', 'FL gamma=2'): (38.38, 2.0),
+    ('multilevel', 'bf16', 'channels_last full', 'fwd sum', 'FL gamma=1.5'): (29.56, 3.0),
+    ('multilevel', 'bf16', 'channels_last edge', 'fwd sum', 'FL gamma=1.5'): (31.69, 3.0),
+    ('multilevel', 'bf16', 'NCHW full pairs', 'fwd sum', 'FL gamma=1.5'): (31.75, 3.0),
+    ('multilevel', 'bf16', 'NCHW full', 'fwd sum', 'FL gamma=1.5'): (32.56, 3.0),
+    ('multilevel', 'bf16', 'NCHW edge', 'fwd sum', 'FL gamma=1.5'): (33.81, 3.0),
+    ('multilevel', 'bf16', 'channels_last full', 'bwd scalar', 'FL gamma=1.5'): (32.25, 3.0),
+    ('multilevel', 'bf16', 'channels_last edge', 'bwd scalar', 'FL gamma=1.5'): (34.19, 3.0),
+    ('multilevel', 'bf16', 'NCHW full pairs', 'bwd scalar', 'FL gamma=1.5'): (36.69, 3.0),
+    ('multilevel', 'bf16', 'NCHW full', 'bwd scalar', 'FL gamma=1.5'): (39.62, 3.0),
+    ('multilevel', 'bf16', 'NCHW edge', 'bwd scalar', 'FL gamma=1.5'): (41.12, 3.0),
+    ('multilevel', 'bf16', 'channels_last full', 'fwd sum', 'QFL beta=2'): (32.94, 2.0),
+    ('multilevel', 'bf16', 'channels_last edge', 'fwd sum', 'QFL beta=2'): (35.56, 2.0),
+    ('multilevel', 'bf16', 'NCHW full pairs', 'fwd sum', 'QFL beta=2'): (35.12, 2.0),
+    ('multilevel', 'bf16', 'NCHW full', 'fwd sum', 'QFL beta=2'): (38.19, 2.0),
+    ('multilevel', 'bf16', 'NCHW edge', 'fwd sum', 'QFL beta=2'): (38.81, 2.0),
+    ('multilevel', 'bf16', 'channels_last full', 'fwd sum', 'VFL gamma=2'): (30.94, 2.0),
+    ('multilevel', 'bf16', 'channels_last edge', 'fwd sum', 'VFL gamma=2'): (33.56, 2.0),
+    ('multilevel', 'bf16', 'NCHW full pairs', 'fwd sum', 'VFL gamma=2'): (33.12, 2.0),
+    ('multilevel', 'bf16', 'NCHW full', 'fwd sum', 'VFL gamma=2'): (35.94, 2.0),
+    ('multilevel', 'bf16', 'NCHW edge', 'fwd sum', 'VFL gamma=2'): (36.88, 2.0),
+    ('dense', 'bf16', 'flat full', 'fwd sum', 'FL gamma=2'): (30.0, 2.0),
+    ('dense', 'bf16', 'flat full', 'bwd scalar', 'FL gamma=2'): (38.5, 2.0),
+    ('dense', 'bf16', 'flat full', 'fwd sum', 'FL gamma=1.5'): (59.25, 3.0),
+    ('dense', 'bf16', 'flat full', 'bwd scalar', 'FL gamma=1.5'): (79.5, 4.0),
+    ('multilevel', 'fp32', 'channels_last full', 'fwd sum', 'FL gamma=2'): (30.25, 2.0),
+    ('multilevel', 'fp32', 'channels_last edge', 'fwd sum', 'FL gamma=2'): (31.38, 2.0),
+    ('multilevel', 'fp32', 'NCHW full', 'fwd sum', 'FL gamma=2'): (32.62, 2.0),
+    ('multilevel', 'fp32', 'NCHW edge', 'fwd sum', 'FL gamma=2'): (31.75, 2.0),
+    ('multilevel', 'fp32', 'channels_last full', 'bwd scalar', 'FL gamma=2'): (35.0, 2.0),
+    ('multilevel', 'fp32', 'channels_last edge', 'bwd scalar', 'FL gamma=2'): (38.5, 2.0),
+    ('multilevel', 'fp32', 'NCHW full', 'bwd scalar', 'FL gamma=2'): (39.0, 2.0),
+    ('multilevel', 'fp32', 'NCHW edge', 'bwd scalar', 'FL gamma=2'): (41.0, 2.0),
+    ('multilevel', 'fp32', 'channels_last full', 'fwd sum', 'FL gamma=1.5'): (32.62, 3.0),
+    ('multilevel', 'fp32', 'channels_last edge', 'fwd sum', 'FL gamma=1.5'): (33.38, 3.0),
+    ('multilevel', 'fp32', 'NCHW full', 'fwd sum', 'FL gamma=1.5'): (34.62, 3.0),
+    ('multilevel', 'fp32', 'NCHW edge', 'fwd sum', 'FL gamma=1.5'): (33.75, 3.0),
+    ('multilevel', 'fp32', 'channels_last full', 'bwd scalar', 'FL gamma=1.5'): (38.38, 3.0),
+    ('multilevel', 'fp32', 'channels_last edge', 'bwd scalar', 'FL gamma=1.5'): (40.5, 3.0),
+    ('multilevel', 'fp32', 'NCHW full', 'bwd scalar', 'FL gamma=1.5'): (42.12, 3.0),
+    ('multilevel', 'fp32', 'NCHW edge', 'bwd scalar', 'FL gamma=1.5'): (43.88, 3.0),
+    ('dense', 'fp32', 'flat full', 'fwd sum', 'FL gamma=2'): (28.25, 2.0),
+    ('dense', 'fp32', 'flat full', 'bwd scalar', 'FL gamma=2'): (39.25, 2.0),
+}
+# Issue 13's goal for the RetinaNet case (bf16, FL gamma = 2, torchvision's ignore value, C = 80, int64 labels):
+# at most 30 instructions and 3 MUFU per logit. Met by the full-tile loops below; not (yet) by the NCHW backward
+# (33.8 in levels of even h*w, 39.1 in the others) nor the dense backward (38.5): docs/kernels.md says why.
+GOAL = {"instructions_per_logit": 30.0, "mufu_per_logit": 3.0}
+GOAL_MET = [("multilevel", "bf16", "channels_last full", "fwd sum", "FL gamma=2"),
+            ("multilevel", "bf16", "channels_last full", "bwd scalar", "FL gamma=2"),
+            ("multilevel", "bf16", "NCHW full pairs", "fwd sum", "FL gamma=2"),
+            ("dense", "bf16", "flat full", "fwd sum", "FL gamma=2")]
+
+
+def _row_key(r):
+    return r["kernel"], r["dtype"], r["loop"], r["mode"], r["loss"]
+
+
+def test_per_logit_report_is_complete(per_logit):
+    """The report covers RetinaNet bf16 and fp32, FL gamma 2 and fractional, both layouts (full, pair and edge
+    tiles), forward sum and backward scalar, QFL / VFL forward, and the dense kernels; nothing failed or spilled."""
+    assert not [r for r in per_logit if "error" in r]
+    assert {_row_key(r) for r in per_logit} == set(BUDGET)
+    assert all(r["spills"] == 0 for r in per_logit)
+    assert all(r["arch"] == "sm_90" and r["logits_per_thread_per_iteration"] > 0 for r in per_logit)
+
+
+def test_per_logit_goal_retinanet_bf16(per_logit):
+    """Issue 13's goal where it is met: at most 30 instructions and 3 MUFU per logit."""
+    rows = {_row_key(r): r for r in per_logit}
+    for key in GOAL_MET:
+        assert rows[key]["instructions_per_logit"] <= GOAL["instructions_per_logit"], rows[key]
+        assert rows[key]["mufu_per_logit"] <= GOAL["mufu_per_logit"], rows[key]
+
+
+def test_per_logit_budgets(per_logit):
+    """No tile loop of the report costs more than its budget (BUDGET, + 2 % for instructions)."""
+    over = []
+    for r in per_logit:
+        instructions, mufu = BUDGET[_row_key(r)]
+        if r["instructions_per_logit"] > instructions * 1.02:
+            over.append(f"{_row_key(r)}: {r['instructions_per_logit']} instructions > {instructions}")
+        if r["mufu_per_logit"] > mufu + 1e-9:
+            over.append(f"{_row_key(r)}: {r['mufu_per_logit']} MUFU > {mufu}")
+    assert not over, "\n".join(over)

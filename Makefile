@@ -35,9 +35,11 @@ bench-results: $(VENV)/.installed-bench
 tune: $(VENV)/.installed-bench
 	$(PY) -m focal_triton.tune
 
-# Ahead-of-time compile report of every kernel specialization for sm_80 and sm_90 (no GPU needed).
+# Ahead-of-time compile checks of every kernel specialization for sm_80 and sm_90 (no GPU needed; `make test` checks
+# a representative subset): tests/test_aot.py on the whole matrix. The printed report: .venv/bin/python -m
+# focal_triton.aot (--subset, --per-logit --sass-dir DIR).
 aot: $(VENV)/.installed-test
-	$(PY) -m focal_triton.aot
+	FOCAL_TRITON_AOT=full $(VENV)/bin/pytest -q tests/test_aot.py
 
 # The GPU check (bench/gpu_check.py; docs/gpu-check.md): tests, smoke set, CUDA graphs, torch.compile, memcheck,
 # tuning and a quick benchmark on this machine's GPU in about 7 minutes, report in gpu-report/. Flags through ARGS

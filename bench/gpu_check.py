@@ -518,19 +518,19 @@ def child_stage(args):
         note.append("multi-level (check_labels=False) and dense forward + backward")
 
     with ck.check("CUDA graph capture and replay") as note:
-        # The README's example as it stands (the loss stage in static buffers: warm-up, capture, new labels, replay),
-        # then the same stage run eagerly on the new labels: the replay must give the same bits.
-        with open(os.path.join(ROOT, "README.md")) as f:
+        # docs/pytorch2.md's example as it stands (the loss stage in static buffers: warm-up, capture, new labels,
+        # replay), then the same stage run eagerly on the new labels: the replay must give the same bits.
+        with open(os.path.join(ROOT, "docs", "pytorch2.md")) as f:
             blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
         code = next(b for b in blocks if "torch.cuda.CUDAGraph" in b)
         ns = {}
-        exec(compile(code, "README.md (CUDA graph example)", "exec"), ns)
+        exec(compile(code, "docs/pytorch2.md (CUDA graph example)", "exec"), ns)
         torch.cuda.synchronize()
         replayed = ns["static_loss"].clone(), [x.grad.clone() for x in ns["levels"]]
         eager = fwd_bwd(ns["levels"], ns["labels"])
         assert torch.equal(replayed[0], eager[0]), f"replay {replayed[0].item()!r} != eager {eager[0].item()!r}"
         assert all(torch.equal(a, b) for a, b in zip(replayed[1], eager[1])), "replayed gradients differ"
-        note.append(f"README example: replay on new labels = eager (loss {eager[0].item():.6g})")
+        note.append(f"docs/pytorch2.md example: replay on new labels = eager (loss {eager[0].item():.6g})")
 
     with ck.check("torch.compile fullgraph") as note:
         compiled = torch.compile(loss_stage, fullgraph=True, dynamic=True)

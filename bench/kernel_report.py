@@ -4,7 +4,7 @@
   the cuobjdump of the triton wheel): registers, spills, shared memory, width of its global loads and stores.
 - The per-logit cost of the tile loops counted in their sm_90 SASS (focal_triton/roofline.py: instructions and
   MUFU per logit, accesses by width) and the RetinaNet batch-16 times it models on an H100 and H200 (a model).
-- Bytes per logit each pass moves by design (modeled from the code, see README "The kernels"), and the bytes per
+- Bytes per logit each pass moves by design (modeled from the code, see docs/kernels.md), and the bytes per
   logit of the eager detector code counted from the ops it dispatches (a TorchDispatchMode adds the input and
   output bytes of every op, forward and backward: a lower bound of its traffic, caches ignored).
 - The time those bytes predict at a measured copy bandwidth: H100 3.0 TB/s (measured copy), A100 1.7 TB/s

@@ -7,6 +7,7 @@ replaces the kernels by Python functions that cannot be compiled).
 
     python -m focal_triton.aot          # one line of facts per specialization and architecture, then the
                                         # per-logit cost table and the modeled times (focal_triton/roofline.py)
+    python -m focal_triton.aot --subset # the same for `representative()`, the default test suite's share
     python -m focal_triton.aot --per-logit --sass-dir DIR   # only the per-logit set, for sm_80 and sm_90: each
                                         # cubin as DIR/<name>_sm<arch>.cubin, its SASS beside it, DIR/index.json
 """
@@ -106,7 +107,7 @@ def _powers(loss_kind: int) -> tuple:
 def dense_forward_spec(x_dtype, t_dtype, reduce: bool, loss_dtype: str, power: int, cfg, kind: int = 0,
                        int64: bool = False, n_type: str = "i32", archs=ARCHS) -> Specialization:
     """The dense forward kernel as its launcher compiles it (sigmoid_focal.forward_constexprs)."""
-    from .kernels import sigmoid_focal as sf
+    from .kernels import dense as sf
 
     xs, ts = TORCH_TO_TRITON[x_dtype], TORCH_TO_TRITON[t_dtype]
     per_thread = cfg.block // (cfg.num_warps * 32)
@@ -126,7 +127,7 @@ def dense_forward_spec(x_dtype, t_dtype, reduce: bool, loss_dtype: str, power: i
 def dense_backward_spec(x_dtype, t_dtype, grad_mode: str, loss_dtype: str, power: int, cfg, kind: int = 0,
                         int64: bool = False, n_type: str = "i32", archs=ARCHS) -> Specialization:
     """The dense backward kernel (grad_mode "tensor", "sum" or "mean") as its launcher compiles it."""
-    from .kernels import sigmoid_focal as sf
+    from .kernels import dense as sf
 
     xs, ts = TORCH_TO_TRITON[x_dtype], TORCH_TO_TRITON[t_dtype]
     per_thread = cfg.block // (cfg.num_warps * 32)
@@ -158,7 +159,7 @@ def specializations():
     loss dtype and index width the dense launchers produce, for gamma = 2 and a fractional gamma; the other
     compiled-in exponents once each; then the multi-level kernel's (multilevel_specializations)."""
     from .kernels import launch
-    from .kernels import sigmoid_focal as sf
+    from .kernels import dense as sf
 
     specs = []
     cases = [(x_dtype, 0, t_dtype, power, index, _loss_dtypes(x_dtype), ARCHS)
@@ -199,9 +200,9 @@ OPTION_SETS = ((True, False, False, False), (False, False, False, False), (True,
 def multilevel_spec(x_dtype, lab: str, mode: int, power: int, aligned_c: bool, tile, kind: int = 0,
                     stats: bool = False, loss_dtype: str = None, options=OPTION_SETS[0],
                     archs=(90,)) -> Specialization:
-    """The multi-level kernel as multilevel_focal._launch compiles it. Its integer arguments are never specialized
+    """The multi-level kernel as multilevel._launch compiles it. Its integer arguments are never specialized
     by the JIT (do_not_specialize), so only dtypes and constexprs vary."""
-    from .kernels import multilevel_focal as mf
+    from .kernels import multilevel as mf
 
     levels = mf.MAX_LEVELS
     xs = TORCH_TO_TRITON[x_dtype]
@@ -247,7 +248,7 @@ def multilevel_specializations():
     """The multi-level kernel's matrix: every logit dtype, int32 / int64 labels, mode (and float32 losses under
     autocast), gamma = 2 and fractional, class-aligned or not, with torchvision's options (an ignore value); the
     other option sets, exponents, loss kinds and statistics on bf16 / fp32 logits with int64 labels."""
-    from .kernels import multilevel_focal as mf
+    from .kernels import multilevel as mf
 
     specs = []
     for x_dtype in LOGIT_DTYPES:
@@ -479,9 +480,40 @@ def _compile_task(args):
             **facts}
 
 
-def report(workers: int = 1, archs=ARCHS) -> list:
-    """Facts of every specialization for each of its architectures (a list of dicts, one per pair)."""
-    tasks = [(i, arch) for i, spec in enumerate(specializations()) for arch in archs if arch in spec.archs]
+def _family(spec) -> tuple:
+    words = spec.label.split()
+    return spec.kernel.fn.__name__, words[1], spec.constexprs.get("LOSS_KIND", 0)
+
+
+# The rarer cases of the matrix, each a (constexpr, value) or a label word, of which the subset takes one each.
+_RARE = (("INT64", True), "n=i64", ("CLASS_ALIGNED", False), ("MODE", 3), ("MODE", 2), ("MODE", 1), ("STATS", True),
+         ("HAS_WEIGHT", True), ("GAMMA", -1), ("GAMMA", 0), ("GAMMA", 3), "out=fp32", "upstream=fp32")
+
+
+def representative() -> list:
+    """Indices into specializations() of the default test suite's share (`make aot` compiles them all): the first
+    specialization of each (kernel, logits' dtype, loss kind), and per kernel the first of each rarer case (_RARE:
+    64-bit indexing and n, a head that is not class-aligned, each mode, statistics, the options, the runtime and
+    other compiled-in exponents, float32 losses of 16-bit logits)."""
+    specs = specializations()
+    chosen, families = [], set()
+    for i, spec in enumerate(specs):
+        if _family(spec) not in families:
+            families.add(_family(spec))
+            chosen.append(i)
+    for rare, kernel in itertools.product(_RARE, sorted({_family(spec)[0] for spec in specs})):
+        hit = [i for i, spec in enumerate(specs) if _family(spec)[0] == kernel and
+               (rare in spec.label.split() if isinstance(rare, str) else spec.constexprs.get(rare[0]) == rare[1])]
+        if hit and not set(hit) & set(chosen):
+            chosen.append(hit[0])
+    return sorted(chosen)
+
+
+def report(workers: int = 1, archs=ARCHS, subset: bool = False) -> list:
+    """Facts of every specialization (or of the representative subset) for each of its architectures (a list of
+    dicts, one per pair)."""
+    indices = representative() if subset else range(len(specializations()))
+    tasks = [(i, arch) for i in indices for arch in archs if arch in specializations()[i].archs]
     if workers <= 1:
         return [_compile_task(t) for t in tasks]
     import multiprocessing
@@ -500,6 +532,8 @@ def main(argv=None) -> None:
     parser.add_argument("--json", help="also write the facts to this file ({'specializations': [...], "
                                        "'per_logit': [...], 'model': {...}})")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--subset", action="store_true",
+                        help="compile only the representative subset of the matrix (the default test suite's)")
     parser.add_argument("--per-logit", action="store_true",
                         help="compile only the per-logit report's specializations (for sm_80 and sm_90)")
     parser.add_argument("--sass-dir", help="with --per-logit: write DIR/<name>.cubin, its SASS beside it, and "
@@ -511,7 +545,7 @@ def main(argv=None) -> None:
         parser.error("--sass-dir goes with --per-logit")
     rows = []
     if not args.per_logit:
-        rows = report(args.workers)
+        rows = report(args.workers, subset=args.subset)
         for f in rows:
             if "error" in f:
                 print(f"{f['arch']} {f['label']}: ERROR {f['error']}")
@@ -530,7 +564,8 @@ def main(argv=None) -> None:
     if args.json:
         model = {gpu: roofline.fwd_bwd_summary(roofline.modeled_times(per_logit, gpu)) for gpu in roofline.GPUS}
         with open(args.json, "w") as fh:
-            json.dump({"specializations": rows, "per_logit": per_logit, "model": model}, fh, indent=1)
+            json.dump({"specializations": rows, "per_logit": per_logit, "model": model, "subset": args.subset}, fh,
+                      indent=1)
     if any("error" in f for f in rows + per_logit):
         raise SystemExit(1)
 

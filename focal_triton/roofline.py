@@ -207,20 +207,21 @@ def per_logit_cases() -> list:
     sum and backward with a scalar upstream gradient (both layouts in one kernel), QFL / VFL forward, and the dense
     kernels (forward sum, backward scalar) on the same dtypes: the launch configs of the heuristic (no tuning)."""
     from .kernels import launch
-    from .kernels import multilevel_focal as mf
-    from .kernels import sigmoid_focal as sf
+    from .kernels import multilevel as mf
+    from .kernels.math import spec_power
+    from .losses import FL, QFL, VFL, encode
 
     cases = []
     for dt in ("bf16", "fp32"):
         x_dtype = _dtype(dt)
         tile = mf.gpu_tile(x_dtype.itemsize)
         per_thread = tile[0] * tile[1] // (mf.gpu_num_warps(x_dtype.itemsize) * 32)
-        losses = [("FL gamma=2", sf.FL, 2.0, 0.0), ("FL gamma=1.5", sf.FL, 1.5, 0.0)]
+        losses = [("FL gamma=2", FL, 2.0, 0.0), ("FL gamma=1.5", FL, 1.5, 0.0)]
         if dt == "bf16":
-            losses += [("QFL beta=2", sf.QFL, 2.0, 2.0), ("VFL gamma=2", sf.VFL, 2.0, 0.0)]
+            losses += [("QFL beta=2", QFL, 2.0, 2.0), ("VFL gamma=2", VFL, 2.0, 0.0)]
         for loss, kind, gamma, beta in losses:
-            power = sf.kind_power_constexpr(kind, gamma, beta)
-            modes = [("fwd sum", mf.MODE_SUM)] + ([("bwd scalar", mf.MODE_GRAD_SCALAR)] if kind == sf.FL else [])
+            power = spec_power(encode(kind, gamma=gamma, beta=beta))
+            modes = [("fwd sum", mf.MODE_SUM)] + ([("bwd scalar", mf.MODE_GRAD_SCALAR)] if kind == FL else [])
             for mode, m in modes:
                 spec = aot.multilevel_spec(x_dtype, "i64", m, power, True, tile, kind)
                 name = f"multilevel_{mode.replace(' ', '_')}_{dt}_{loss.split()[0].lower()}_" \
@@ -228,9 +229,9 @@ def per_logit_cases() -> list:
                 cases.append(Case(name, spec, "multilevel", dt, mode, loss, per_thread))
         cfg = launch.gpu_configs_for(x_dtype.itemsize)[0]
         per_thread = cfg.block // (cfg.num_warps * 32)
-        dense_losses = [("FL gamma=2", sf.FL, 2.0, 0.0)] + ([("FL gamma=1.5", sf.FL, 1.5, 0.0)] if dt == "bf16" else [])
+        dense_losses = [("FL gamma=2", FL, 2.0, 0.0)] + ([("FL gamma=1.5", FL, 1.5, 0.0)] if dt == "bf16" else [])
         for loss, kind, gamma, beta in dense_losses:
-            power = sf.kind_power_constexpr(kind, gamma, beta)
+            power = spec_power(encode(kind, gamma=gamma, beta=beta))
             for mode in ("fwd sum", "bwd scalar"):
                 if mode == "fwd sum":
                     spec = aot.dense_forward_spec(x_dtype, x_dtype, True, "fp32", power, cfg, kind, archs=(90,))
@@ -315,7 +316,7 @@ def modeled_times(rows: list, gpu: str = "H100") -> dict:
     for (dtype, layout, loss, mode, arch), loops in groups.items():
         if not {"full", "edge"} <= set(loops) or arch != GPUS[gpu]["arch"]:
             continue
-        tile_hw = 64  # the heuristic tiles of bf16 and fp32 (multilevel_focal.gpu_tile)
+        tile_hw = 64  # the heuristic tiles of bf16 and fp32 (kernels/multilevel.py gpu_tile)
         w = loop_weights(tile_hw, loops)
         ins = sum(w[k] * loops[k]["instructions_per_logit"] for k in w)
         mufu = sum(w[k] * loops[k]["mufu_per_logit"] for k in w)

@@ -1,10 +1,15 @@
-"""Triton kernels of focal_triton (installed as ``focal_triton.kernels``): ``@triton.jit`` code and launch helpers.
+"""Triton kernels of focal_triton (installed as ``focal_triton.kernels``): ``@triton.jit`` code and its launchers.
 
-No autograd and no ``nn.Module`` here: the torch-facing layer lives in ``focal_triton``.
+    math.py        the family's elementwise math (@triton.jit helpers) and its compile-time switches
+    dense.py       the dense kernels (a flat range of logits and targets): forward, backward
+    multilevel.py  the class-index kernel over all levels of a head, and its final reduction
+    launch.py      block sizes, warps, the persistent grid (occupancy), device and capture guards
+    tuning.py      autotuning per GPU, its JSON cache, and the config each launch is handed
+
+Imports only `focal_triton.losses` from the layers above (the loss kinds, LossSpec, limits). No autograd and no
+``nn.Module`` here: the ops layer (`focal_triton.ops`) calls `dense.forward/backward` and
+`multilevel.forward/backward`.
 """
 from .launch import interpreter_enabled
-from .multilevel_focal import multilevel_focal_backward, multilevel_focal_forward
-from .sigmoid_focal import sigmoid_focal_backward, sigmoid_focal_forward
 
-__all__ = ["interpreter_enabled", "sigmoid_focal_forward", "sigmoid_focal_backward", "multilevel_focal_forward",
-           "multilevel_focal_backward"]
+__all__ = ["interpreter_enabled"]

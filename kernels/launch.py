@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 import triton
 
-# Index arithmetic switches to 64 bits when an offset could pass this (tile starts go up to numel + BLOCK).
-INT32_MAX = 2**31 - 1
+# Index arithmetic switches to 64 bits when an offset could pass INT32_MAX (tile starts go up to numel + BLOCK).
+from ..losses import INT32_MAX
 
 
 @triton.jit
@@ -78,15 +78,12 @@ def compiled_path(device: torch.device) -> bool:
     return device.type == "cuda" or STANDIN.sm is not None
 
 
-def config_for(device: torch.device, itemsize: int) -> ElementwiseConfig:
-    """The config a launch uses for logits of this itemsize on this device: on CUDA the tuned one (tuning.py) when
-    tuning chose one for this launch, else the heuristic above."""
+def config_for(device: torch.device, itemsize: int, tuned: dict = None) -> ElementwiseConfig:
+    """The config of a launch for logits of this itemsize on this device: on the compiled path the tuned config
+    handed over by tuning.run_tuned when it holds one (BLOCK, num_warps), else the heuristic above."""
     if not compiled_path(device):
         return INTERPRETER_CONFIG
-    from .tuning import forced
-
-    tuned = forced()
-    if tuned is not None and "BLOCK" in tuned:
+    if tuned and "BLOCK" in tuned:
         return ElementwiseConfig(tuned["BLOCK"], tuned["num_warps"], num_stages=tuned.get("num_stages"))
     return ElementwiseConfig(gpu_block(itemsize), GPU_NUM_WARPS)
 

@@ -1,25 +1,835 @@
-"""Adapter (until the kernel files are renamed): the multi-level kernel's launchers with the op layer's contract."""
-from .dense import _public
-from .multilevel_focal import multilevel_focal_backward, multilevel_focal_forward
-from .sigmoid_focal import LossSpec as _KernelLoss
+"""Class-index focal loss over all FPN levels of a detector head in one launch, read in the head's native layout.
+
+Layout. Level l holds the logits of N images as (N, K, H_l, W_l), K = A * C (A anchors, C classes, channel
+k = a * C + c), either NCHW-contiguous or channels_last; `cl_mask` bit l says which. With HW_l = H_l * W_l, image n of
+level l is one dense block of K * HW_l elements starting at n * K * HW_l, in which element (hw, k) sits at
+    k * HW_l + hw   (NCHW: contiguous along hw)      or      hw * K + k   (channels_last: contiguous along k).
+Labels are (N, M) with M = sum_l HW_l * A; anchor (hw, a) of level l is label column mb_l + hw * A + a, where
+mb_l = A * sum_{k<l} HW_k (torchvision's and detectron2's anchor order). Weights, when given, are (N, M) and
+per-class alphas (C,), both in the compute dtype.
+
+Tiles. A tile is [BLOCK_HW positions, BLOCK_C classes] of one anchor a of one image: one label (and weight) per row,
+shared by the BLOCK_C classes of the row, so labels and weights cost one load per anchor per class tile, not per
+logit. Per image, the tiles of level l are numbered from ts_l on in (position tile, a, class tile) order for both
+layouts. The tiles of every position tile but the last, partial one are full (in a class-aligned head,
+CLASS_ALIGNED: C % 16 == 0, where the class tiles are full too): a prefix of the level's tiles, run by an unmasked
+loop; the rest by a masked one. Full channels_last tiles are rows of 16 aligned classes that load in 128-bit
+accesses; NCHW tiles run along hw, whose alignment is unknown: 16-bit accesses, or 32-bit for bf16 where hw is even
+(two positions per word). bf16 logits are read as int32 words of two and unpacked by bit operations.
+
+Grid: P = floor(resident programs / N) programs per image (one wave), program (n, p) = pid n * P + p takes the tiles
+p, p + P, ... of image n over all levels (a loop over levels picks each level's pointers and sizes once with a chain
+of scalar selects, nothing is read from a device table, then walks the program's tiles of that level, carrying the
+tile's (position tile, anchor, class tile) coordinates forward by P with additions: no division per tile). A
+program's partial sum therefore belongs to one image: the final one-program kernel adds each image's P partials in
+order, applies the normalizer (per image or global) and adds the images in order. Deterministic for a given
+(device, N), no atomics.
+
+Per element, with t = (label == c), keep = (label != ignore or no ignore value), w = weight of the anchor (1 without):
+    loss = keep ? w * alpha_t(c) * (1 - p_t)**gamma * BCE(x, t (1 - s) + s / 2) : 0     (math.py, smoothing s)
+and for the other kinds of LOSS_KIND (math.family_loss_and_grad) keep ? w * loss_kind(x, t) : 0, where for QFL
+and VFL t = score of the anchor (an (N, M) tensor like the weights, one load per row) on its label's class, else 0.
+Bytes moved by design per logit: forward reads it once; backward reads it once and writes its gradient once.
+"""
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from ..losses import FL, MAX_LEVELS, LossSpec
+from . import tuning
+from .launch import PARTIAL_SUM_BLOCK, ElementwiseConfig, compiled_path, device_guard, load_before_launch, max_programs
+from .math import (fast_math, family_loss_and_grad, focal_binary_loss_and_grad, power_key, short_log, spec_power,
+                   triton_compute_dtype)
+from .tuning import MULTILEVEL_CANDIDATES, make_key, options_of
+# No integer argument is specialized by the JIT (on divisibility by 16 or equality to 1): sizes change with every
+# image size in multi-scale training, and each new combination would compile a new kernel. What the compiler needs
+# to know for wide loads, whether C (and so K = A * C) is a multiple of 16, is the CLASS_ALIGNED constexpr.
+_INT_ARGS = ["hw0", "hw1", "hw2", "hw3", "hw4", "hw5", "hw6", "hw7", "ts1", "ts2", "ts3", "ts4", "ts5", "ts6",
+             "ts7", "tiles_per_image", "num_anchors_total", "num_levels", "cl_mask", "P", "A", "C", "ignore_index"]
 
 
-def _args(spec, alpha_per_class, scores):
-    alpha, gamma, beta, iou = _public(spec)
-    return (alpha_per_class if alpha_per_class is not None else alpha), gamma, _KernelLoss(int(spec.kind), beta, iou,
-                                                                                         scores)
+@triton.jit
+def _pick(lvl, v0, v1, v2, v3, v4, v5, v6, v7):
+    """v_lvl for a runtime level index lvl in [0, 8): a chain of scalar selects."""
+    r = tl.where(lvl == 1, v1, v0)
+    r = tl.where(lvl == 2, v2, r)
+    r = tl.where(lvl == 3, v3, r)
+    r = tl.where(lvl == 4, v4, r)
+    r = tl.where(lvl == 5, v5, r)
+    r = tl.where(lvl == 6, v6, r)
+    r = tl.where(lvl == 7, v7, r)
+    return r
 
 
-def forward(levels, labels, weights, scores, alpha_per_class, spec, ignore_index, num_anchors, reduction,
+@triton.jit
+def _advance(ht, a, ct, d_ht, d_a, d_ct, A, n_ct):
+    """(position tile, anchor, class tile) of the tile P tiles further on, P = (d_ht A + d_a) n_ct + d_ct with
+    d_a < A, d_ct < n_ct: additions and carries, no division."""
+    ct += d_ct
+    carry = ct >= n_ct
+    ct = tl.where(carry, ct - n_ct, ct)
+    a += d_a + carry.to(tl.int32)
+    carry = a >= A
+    a = tl.where(carry, a - A, a)
+    ht += d_ht + carry.to(tl.int32)
+    return ht, a, ct
+
+
+@triton.jit
+def _class_in_tile(label, c_start, BLOCK_C: tl.constexpr):
+    """label - c_start as int32 where the label is one of the tile's BLOCK_C classes, else -1 (once per row, so the
+    per-logit test is one 32-bit compare also for int64 labels)."""
+    rel = label - c_start
+    return tl.where((rel >= 0) & (rel < BLOCK_C), rel, -1).to(tl.int32)
+
+
+@triton.jit
+def _unpack_bf16_pairs(v):
+    """Two bf16 logits per int32 word v (the lower one first): (x, |x|, x >= 0) of each, by bit operations (the
+    compiler's own bf16 -> float32 path unpacks the halves into 16-bit registers first: twice the instructions)."""
+    x_lo = (v << 16).to(tl.float32, bitcast=True)
+    x_hi = (v & -65536).to(tl.float32, bitcast=True)
+    v_abs = v & 0x7FFF7FFF
+    a_lo = (v_abs << 16).to(tl.float32, bitcast=True)
+    a_hi = (v_abs & -65536).to(tl.float32, bitcast=True)
+    return x_lo, a_lo, (v & 0x8000) == 0, x_hi, a_hi, v >= 0
+
+
+@triton.jit
+def _terms(x, a, nonneg, rel, cols, c_start, C, score, alpha_ptr, g0, lc0, lc1, gc0, gc1, gamma, beta,
+           half_smoothing, LOSS_KIND: tl.constexpr, GAMMA: tl.constexpr, HAS_ALPHA: tl.constexpr,
+           SMOOTH: tl.constexpr, FAST: tl.constexpr, SHORT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """(loss, dloss/dx) of the logits x (a = |x|, nonneg = x >= 0) of the tile columns `cols` (class c_start +
+    cols), rel the row's label class within the tile (-1: none). For FL the factors alpha_t (loss: lc1 on the
+    label's class, lc0 elsewhere; gradient: gc1 / gc0, with g0 and the sign of dz/dx folded in) cost one select per
+    logit."""
+    hit = rel[:, None] == cols[None, :]
+    if HAS_ALPHA:
+        alpha_c = tl.load(alpha_ptr + c_start + cols, mask=(c_start + cols) < C, other=0.0).to(COMPUTE_DTYPE)
+        lc0v = (1.0 - alpha_c)[None, :]
+        lc1v = alpha_c[None, :]
+        gc0v = lc0v * g0
+        gc1v = lc1v * -g0
+    else:
+        lc0v = lc0
+        lc1v = lc1
+        gc0v = gc0
+        gc1v = gc1
+    if LOSS_KIND == 0:
+        loss, grad = focal_binary_loss_and_grad(a, nonneg, hit, lc0v, lc1v, gc0v, gc1v, gamma, half_smoothing, GAMMA,
+                                                SMOOTH, FAST, SHORT)
+    else:
+        if LOSS_KIND >= 2:
+            # QFL / VFL: the anchor's score on its label's class, 0 elsewhere.
+            t = tl.where(hit, score[:, None], 0.0)
+            ts = t
+        else:
+            t = hit.to(COMPUTE_DTYPE)
+            ts = t * (1.0 - 2.0 * half_smoothing) + half_smoothing
+        # alpha_t = c0 + c1 t with c0 = lc0, c1 = lc1 - lc0 (FL*); QFL and VFL take their own c0, c1.
+        loss, grad = family_loss_and_grad(x, t, ts, lc0v, lc1v - lc0v, gamma, beta, LOSS_KIND, GAMMA, FAST)
+        grad = grad * g0
+    return loss, grad
+
+
+@triton.jit
+def _finish(loss, grad, w, keep, mask, HAS_WEIGHT: tl.constexpr, HAS_IGNORE: tl.constexpr, MASKED: tl.constexpr,
+            MODE: tl.constexpr, STATS: tl.constexpr):
+    """The anchor's weight and ignore flag applied; for the statistics the masked lanes zeroed too (the plain
+    forward sum applies both in `_accumulate`)."""
+    if HAS_WEIGHT:
+        loss = loss * w[:, None]
+        grad = grad * w[:, None]
+    if HAS_IGNORE:
+        if (MODE != 0) or STATS:
+            loss = tl.where(keep[:, None], loss, 0.0)
+        grad = tl.where(keep[:, None], grad, 0.0)
+    if STATS:
+        if MASKED:
+            loss = tl.where(mask, loss, 0.0)
+    return loss, grad
+
+
+@triton.jit
+def _accumulate(acc, loss, keep, mask, HAS_IGNORE: tl.constexpr, MASKED: tl.constexpr):
+    """acc + loss where the anchor is kept and the lane inside the level (a select of the sum, so that the add
+    fuses with the loss's last product; an ignored NaN logit adds nothing)."""
+    if HAS_IGNORE:
+        if MASKED:
+            return tl.where(keep[:, None] & mask, acc + loss, acc)
+        return tl.where(keep[:, None], acc + loss, acc)
+    if MASKED:
+        return tl.where(mask, acc + loss, acc)
+    return acc + loss
+
+
+@triton.jit
+def _pair_part(x_ptr, o_ptr, g_ptr, part, lanes, K, rel, keep, row_mask, c_start, C, w, score, alpha_ptr, g0, lc0,
+               lc1, gc0, gc1, gamma, beta, half_smoothing, MODE: tl.constexpr, STATS: tl.constexpr,
+               MASKED: tl.constexpr, ZEROED: tl.constexpr, SELECT: tl.constexpr, LOSS_KIND: tl.constexpr,
+               GAMMA: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_ALPHA: tl.constexpr, SMOOTH: tl.constexpr,
+               FAST: tl.constexpr, SHORT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, BLOCK_HW: tl.constexpr,
+               PART_C: tl.constexpr):
+    """Classes PART_C part .. PART_C (part + 1) - 1 of a bf16 channels_last tile (x_ptr etc. at the tile's first
+    element): PART_C / 2 int32 words per row, one 128-bit load for PART_C = 8 (one row per thread, like its label),
+    the even and odd classes computed apart; stores the loss (MODE 1) or gradient (MODE 2, 3) joined again, returns
+    the (even, odd) losses. ZEROED: an ignored anchor's words are set to 0 (its factors are 0): a NaN there still
+    gives 0."""
+    quad = tl.arange(0, PART_C // 2)
+    # Word offsets: K and the tile's base are even (CLASS_ALIGNED), so each word holds classes 2i and 2i + 1.
+    w_offs = lanes[:, None] * (K // 2) + (part * (PART_C // 2) + quad)[None, :]
+    w_mask = row_mask[:, None] & ((c_start + part * PART_C + 2 * quad) < C)[None, :]
+    if MASKED:
+        v = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + w_offs, mask=w_mask, other=0)
+    else:
+        v = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + w_offs)
+    if ZEROED:
+        v = tl.where(keep[:, None], v, 0)
+    x0, a0, nn0, x1, a1, nn1 = _unpack_bf16_pairs(v)
+    loss0, grad0 = _terms(x0, a0, nn0, rel, part * PART_C + 2 * quad, c_start, C, score, alpha_ptr, g0, lc0, lc1,
+                          gc0, gc1, gamma, beta, half_smoothing, LOSS_KIND, GAMMA, HAS_ALPHA, SMOOTH, FAST, SHORT,
+                          COMPUTE_DTYPE)
+    loss1, grad1 = _terms(x1, a1, nn1, rel, part * PART_C + 2 * quad + 1, c_start, C, score, alpha_ptr, g0, lc0, lc1,
+                          gc0, gc1, gamma, beta, half_smoothing, LOSS_KIND, GAMMA, HAS_ALPHA, SMOOTH, FAST, SHORT,
+                          COMPUTE_DTYPE)
+    loss0, grad0 = _finish(loss0, grad0, w, keep, w_mask, HAS_WEIGHT, SELECT, MASKED, MODE, STATS)
+    loss1, grad1 = _finish(loss1, grad1, w, keep, w_mask, HAS_WEIGHT, SELECT, MASKED, MODE, STATS)
+    if MODE != 0:
+        if MODE == 1:
+            value = tl.reshape(tl.join(loss0, loss1), [BLOCK_HW, PART_C])
+        else:
+            value = tl.reshape(tl.join(grad0, grad1), [BLOCK_HW, PART_C])
+        part_cols = part * PART_C + tl.arange(0, PART_C)
+        offs = lanes[:, None] * K + part_cols[None, :]
+        mask = row_mask[:, None] & ((c_start + part_cols) < C)[None, :]
+        if MODE == 3:
+            if MASKED:
+                g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+            else:
+                g = tl.load(g_ptr + offs).to(COMPUTE_DTYPE)
+            value = g * value
+        _store(o_ptr, offs, mask, value, MASKED)
+    return loss0, loss1
+
+
+@triton.jit
+def _nchw_pair_tile(x_ptr, o_ptr, g_ptr, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, A, C, a, row0, c_start, ct,
+                    anchor_base, acc, g0, lc0, lc1, gc0, gc1, gamma, beta, half_smoothing, ignore_index,
+                    MODE: tl.constexpr, STATS: tl.constexpr, LOSS_KIND: tl.constexpr, GAMMA: tl.constexpr,
+                    HAS_IGNORE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_ALPHA: tl.constexpr,
+                    SMOOTH: tl.constexpr, FAST: tl.constexpr, SHORT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+                    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A full NCHW tile of bf16 logits in a level of even hw (`_tile`'s MODEs): each class row read as int32 words
+    of two positions (positions row0 + 2i and row0 + 2i + 1: the lower and upper half), each half with its own
+    labels, computed apart (both added to acc) and joined again for the store (32-bit stores of two positions).
+    With a scalar alpha an ignored anchor's half-words and factors are set to 0, as in `_pair_part`."""
+    i = tl.arange(0, BLOCK_HW // 2)
+    cols = tl.arange(0, BLOCK_C)
+    lab_tile = lab_ptr + (anchor_base + row0 * A)
+    lane_lo = (2 * i) * A
+    label_lo = tl.load(lab_tile + lane_lo)
+    label_hi = tl.load(lab_tile + lane_lo + A)
+    rel_lo = _class_in_tile(label_lo, c_start, BLOCK_C)
+    rel_hi = _class_in_tile(label_hi, c_start, BLOCK_C)
+    keep_lo = label_lo != ignore_index
+    keep_hi = label_hi != ignore_index
+    w_lo = 1.0
+    w_hi = 1.0
+    if HAS_WEIGHT:
+        w_lo = tl.load(w_ptr + (anchor_base + row0 * A) + lane_lo).to(COMPUTE_DTYPE)
+        w_hi = tl.load(w_ptr + (anchor_base + row0 * A) + lane_lo + A).to(COMPUTE_DTYPE)
+    score_lo = 0.0
+    score_hi = 0.0
+    if LOSS_KIND >= 2:
+        score_lo = tl.load(s_ptr + (anchor_base + row0 * A) + lane_lo).to(COMPUTE_DTYPE)
+        score_hi = tl.load(s_ptr + (anchor_base + row0 * A) + lane_lo + A).to(COMPUTE_DTYPE)
+    base = (a * C + c_start) * hw + row0  # even: hw is, and so is row0
+    v = tl.load((x_ptr + base).to(tl.pointer_type(tl.int32)) + (cols[None, :] * (hw // 2) + i[:, None]))
+    ZEROED: tl.constexpr = HAS_IGNORE and (not HAS_ALPHA) and (LOSS_KIND == 0)
+    SELECT: tl.constexpr = HAS_IGNORE and not ZEROED
+    lc0_lo, lc1_lo, gc0_lo, gc1_lo = lc0, lc1, gc0, gc1
+    lc0_hi, lc1_hi, gc0_hi, gc1_hi = lc0, lc1, gc0, gc1
+    if ZEROED:
+        v = v & (tl.where(keep_lo, 0xFFFF, 0) | tl.where(keep_hi, -65536, 0))[:, None]
+        zero = tl.zeros([BLOCK_HW // 2], COMPUTE_DTYPE)
+        lc0_lo, lc1_lo = tl.where(keep_lo, lc0, zero)[:, None], tl.where(keep_lo, lc1, zero)[:, None]
+        gc0_lo, gc1_lo = tl.where(keep_lo, gc0, zero)[:, None], tl.where(keep_lo, gc1, zero)[:, None]
+        lc0_hi, lc1_hi = tl.where(keep_hi, lc0, zero)[:, None], tl.where(keep_hi, lc1, zero)[:, None]
+        gc0_hi, gc1_hi = tl.where(keep_hi, gc0, zero)[:, None], tl.where(keep_hi, gc1, zero)[:, None]
+    x_lo, a_lo, nn_lo, x_hi, a_hi, nn_hi = _unpack_bf16_pairs(v)
+    loss_lo, grad_lo = _terms(x_lo, a_lo, nn_lo, rel_lo, cols, c_start, C, score_lo, alpha_ptr, g0, lc0_lo, lc1_lo,
+                              gc0_lo, gc1_lo, gamma, beta, half_smoothing, LOSS_KIND, GAMMA, HAS_ALPHA, SMOOTH, FAST,
+                              SHORT, COMPUTE_DTYPE)
+    loss_hi, grad_hi = _terms(x_hi, a_hi, nn_hi, rel_hi, cols, c_start, C, score_hi, alpha_ptr, g0, lc0_hi, lc1_hi,
+                              gc0_hi, gc1_hi, gamma, beta, half_smoothing, LOSS_KIND, GAMMA, HAS_ALPHA, SMOOTH, FAST,
+                              SHORT, COMPUTE_DTYPE)
+    loss_lo, grad_lo = _finish(loss_lo, grad_lo, w_lo, keep_lo, None, HAS_WEIGHT, SELECT, False, MODE, STATS)
+    loss_hi, grad_hi = _finish(loss_hi, grad_hi, w_hi, keep_hi, None, HAS_WEIGHT, SELECT, False, MODE, STATS)
+    if MODE == 0:
+        acc = _accumulate(acc, loss_lo, keep_lo, None, SELECT, False)
+        acc = _accumulate(acc, loss_hi, keep_hi, None, SELECT, False)
+        if STATS:
+            slot = (anchor_base + row0 * A + lane_lo) * tl.cdiv(C, BLOCK_C) + ct
+            tl.store(stats_ptr + slot, tl.sum(loss_lo, axis=1))
+            tl.store(stats_ptr + slot + A * tl.cdiv(C, BLOCK_C), tl.sum(loss_hi, axis=1))
+    else:
+        if MODE == 1:
+            lo, hi = loss_lo, loss_hi
+        else:
+            lo, hi = grad_lo, grad_hi
+        # Element (i, c, k) of a [positions / 2, classes, 2] tensor is position row0 + 2i + k of class c.
+        offs = cols[None, :, None] * hw + 2 * i[:, None, None] + tl.arange(0, 2)[None, None, :]
+        if MODE == 3:
+            g_lo, g_hi = tl.split(tl.load(g_ptr + base + offs).to(COMPUTE_DTYPE))
+            lo, hi = lo * g_lo, hi * g_hi
+        if o_ptr.dtype.element_ty == tl.bfloat16:
+            # Packed into the words they came from, stored with the load's offsets and layout (a join stored as
+            # bf16 pairs would be reordered through shared memory, with barriers and 40 more registers).
+            pair = tl.join(lo, hi).to(tl.bfloat16).to(tl.uint16, bitcast=True)
+            p_lo, p_hi = tl.split(pair)
+            word = (p_hi.to(tl.uint32) << 16) | p_lo.to(tl.uint32)
+            tl.store((o_ptr + base).to(tl.pointer_type(tl.uint32)) + (cols[None, :] * (hw // 2) + i[:, None]), word)
+        else:
+            tl.store(o_ptr + base + offs, tl.join(lo, hi).to(o_ptr.dtype.element_ty))
+    return acc
+
+
+@triton.jit
+def _tile(x_ptr, o_ptr, g_ptr, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, a, row0, c_start, ct,
+          anchor_base, acc0, acc1, acc2, acc3, g0, lc0, lc1, gc0, gc1, gamma, beta, half_smoothing, ignore_index,
+          MODE: tl.constexpr, STATS: tl.constexpr, MASKED: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+          PAIRS: tl.constexpr, LOSS_KIND: tl.constexpr, GAMMA: tl.constexpr, HAS_IGNORE: tl.constexpr,
+          HAS_WEIGHT: tl.constexpr, HAS_ALPHA: tl.constexpr, SMOOTH: tl.constexpr, FAST: tl.constexpr,
+          SHORT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One tile (x_ptr, o_ptr, g_ptr: its image's block of the level) of one of the kernel's MODEs:
+    0 forward, acc += loss;  1 forward, o = loss;  2 backward, o = g0 * dFL/dx;  3 backward, o = g * dFL/dx.
+    The loss and gradient are multiplied by the anchor's weight and zeroed where the anchor is ignored.
+    PAIRS (bf16 channels_last rows of a class-aligned head, BLOCK_C <= 16): the tile is read in parts of at most 8
+    classes, each as int32 words of two logits (`_pair_part`); its even and odd classes are computed apart (all
+    added to acc0) and joined again for the store. acc1 .. acc3 are passed through.
+    There, with a scalar alpha, an ignored anchor's words are set to 0 and its factors to 0 (a select per word and
+    per row instead of one per logit: a NaN logit of an ignored anchor still gives 0).
+    STATS (MODE 0): also store the tile's row sums, stats[anchor * n_ct + ct] (the anchor's loss over the tile's
+    classes; n_ct = ceil(C / BLOCK_C))."""
+    # Scalar bases of the tile (its first row and class) plus per-lane offsets that do not change from tile to tile
+    # (the compiler keeps those in registers: one address instruction per access).
+    lanes = tl.arange(0, BLOCK_HW)
+    cols = tl.arange(0, BLOCK_C)
+    row_mask = (row0 + lanes) < hw
+    lab_tile = lab_ptr + (anchor_base + row0 * A)
+    lane_anchor = lanes * A
+    if MASKED:
+        label = tl.load(lab_tile + lane_anchor, mask=row_mask, other=-1)
+    else:
+        label = tl.load(lab_tile + lane_anchor)
+    rel = _class_in_tile(label, c_start, BLOCK_C)
+    keep = label != ignore_index
+    w = 1.0
+    if HAS_WEIGHT:
+        if MASKED:
+            w = tl.load(w_ptr + (anchor_base + row0 * A) + lane_anchor, mask=row_mask, other=0.0).to(COMPUTE_DTYPE)
+        else:
+            w = tl.load(w_ptr + (anchor_base + row0 * A) + lane_anchor).to(COMPUTE_DTYPE)
+    score = 0.0
+    if LOSS_KIND >= 2:
+        if MASKED:
+            score = tl.load(s_ptr + (anchor_base + row0 * A) + lane_anchor, mask=row_mask,
+                            other=0.0).to(COMPUTE_DTYPE)
+        else:
+            score = tl.load(s_ptr + (anchor_base + row0 * A) + lane_anchor).to(COMPUTE_DTYPE)
+    if CHANNELS_LAST:
+        base = row0 * K + a * C + c_start
+        offs = lanes[:, None] * K + cols[None, :]
+    else:
+        base = (a * C + c_start) * hw + row0
+        offs = cols[None, :] * hw + lanes[:, None]
+    mask = row_mask[:, None] & ((c_start + cols) < C)[None, :]
+    x_ptr += base
+    o_ptr += base
+    g_ptr += base
+    if PAIRS:
+        ZEROED: tl.constexpr = HAS_IGNORE and (not HAS_ALPHA) and (LOSS_KIND == 0)
+        SELECT: tl.constexpr = HAS_IGNORE and not ZEROED
+        if ZEROED:
+            zero = tl.zeros([BLOCK_HW], COMPUTE_DTYPE)
+            lc0 = tl.where(keep, lc0, zero)[:, None]
+            lc1 = tl.where(keep, lc1, zero)[:, None]
+            gc0 = tl.where(keep, gc0, zero)[:, None]
+            gc1 = tl.where(keep, gc1, zero)[:, None]
+        PART_C: tl.constexpr = 8 if BLOCK_C > 8 else BLOCK_C
+        l0, l1 = _pair_part(x_ptr, o_ptr, g_ptr, 0, lanes, K, rel, keep, row_mask, c_start, C, w, score, alpha_ptr,
+                            g0, lc0, lc1, gc0, gc1, gamma, beta, half_smoothing, MODE, STATS, MASKED, ZEROED, SELECT,
+                            LOSS_KIND, GAMMA, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW,
+                            PART_C)
+        l2 = tl.zeros_like(l0)
+        l3 = tl.zeros_like(l1)
+        if BLOCK_C > PART_C:
+            l2, l3 = _pair_part(x_ptr, o_ptr, g_ptr, 1, lanes, K, rel, keep, row_mask, c_start, C, w, score,
+                                alpha_ptr, g0, lc0, lc1, gc0, gc1, gamma, beta, half_smoothing, MODE, STATS, MASKED,
+                                ZEROED, SELECT, LOSS_KIND, GAMMA, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT,
+                                COMPUTE_DTYPE, BLOCK_HW, PART_C)
+        if MODE == 0:
+            quad = tl.arange(0, PART_C // 2)
+            m0 = row_mask[:, None] & ((c_start + 2 * quad) < C)[None, :]
+            m1 = row_mask[:, None] & ((c_start + PART_C + 2 * quad) < C)[None, :]
+            # One accumulator for the four quarters (same shape): registers, not instructions (the adds chain).
+            acc0 = _accumulate(acc0, l0, keep, m0, SELECT, MASKED)
+            acc0 = _accumulate(acc0, l1, keep, m0, SELECT, MASKED)
+            if BLOCK_C > PART_C:
+                acc0 = _accumulate(acc0, l2, keep, m1, SELECT, MASKED)
+                acc0 = _accumulate(acc0, l3, keep, m1, SELECT, MASKED)
+            if STATS:
+                slot = (anchor_base + row0 * A + lane_anchor) * tl.cdiv(C, BLOCK_C) + ct
+                row_sum = tl.sum(l0, axis=1) + tl.sum(l1, axis=1) + tl.sum(l2, axis=1) + tl.sum(l3, axis=1)
+                tl.store(stats_ptr + slot, row_sum, mask=row_mask)
+    else:
+        if MASKED:
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        else:
+            x = tl.load(x_ptr + offs).to(COMPUTE_DTYPE)
+        loss, grad = _terms(x, tl.abs(x), x >= 0, rel, cols, c_start, C, score, alpha_ptr, g0, lc0, lc1, gc0, gc1,
+                            gamma, beta, half_smoothing, LOSS_KIND, GAMMA, HAS_ALPHA, SMOOTH, FAST, SHORT,
+                            COMPUTE_DTYPE)
+        loss, grad = _finish(loss, grad, w, keep, mask, HAS_WEIGHT, HAS_IGNORE, MASKED, MODE, STATS)
+        if MODE == 0:
+            acc0 = _accumulate(acc0, loss, keep, mask, HAS_IGNORE, MASKED)
+            if STATS:
+                slot = (anchor_base + row0 * A + lane_anchor) * tl.cdiv(C, BLOCK_C) + ct
+                tl.store(stats_ptr + slot, tl.sum(loss, axis=1), mask=row_mask)
+        elif MODE == 1:
+            _store(o_ptr, offs, mask, loss, MASKED)
+        elif MODE == 2:
+            _store(o_ptr, offs, mask, grad, MASKED)
+        else:
+            if MASKED:
+                g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+            else:
+                g = tl.load(g_ptr + offs).to(COMPUTE_DTYPE)
+            _store(o_ptr, offs, mask, g * grad, MASKED)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _store(ptr, offs, mask, value, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ptr + offs, value.to(ptr.dtype.element_ty))
+
+
+@triton.jit
+def _tile_step(j, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc0, acc1, acc2, acc3, xp, op, gp, lab_ptr, w_ptr, s_ptr,
+               alpha_ptr, stats_ptr, hw, K, A, C, anchor_level, g0, lc0, lc1, gc0, gc1, gamma, beta, half_smoothing,
+               ignore_index, MODE: tl.constexpr, STATS: tl.constexpr, MASKED: tl.constexpr,
+               CHANNELS_LAST: tl.constexpr, PAIRS: tl.constexpr, ROW_PAIRS: tl.constexpr, LOSS_KIND: tl.constexpr,
+               GAMMA: tl.constexpr, HAS_IGNORE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_ALPHA: tl.constexpr,
+               SMOOTH: tl.constexpr, FAST: tl.constexpr, SHORT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+               BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Tile j of one level, of one kind (masked or not, layout, pairs), added to the accumulators; returns the
+    program's next tile (j + P), its coordinates and the accumulators. (The tile loops are in the kernel, each on its
+    own source line, by which the per-logit report names them: focal_triton/roofline.py.)"""
+    if ROW_PAIRS:
+        acc0 = _nchw_pair_tile(xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, A, C, a, ht * BLOCK_HW,
+                               ct * BLOCK_C, ct, anchor_level + a, acc0, g0, lc0, lc1, gc0, gc1, gamma, beta,
+                               half_smoothing, ignore_index, MODE, STATS, LOSS_KIND, GAMMA, HAS_IGNORE, HAS_WEIGHT,
+                               HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
+    else:
+        acc0, acc1, acc2, acc3 = _tile(
+            xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, a, ht * BLOCK_HW, ct * BLOCK_C, ct,
+            anchor_level + a, acc0, acc1, acc2, acc3, g0, lc0, lc1, gc0, gc1, gamma, beta, half_smoothing,
+            ignore_index, MODE, STATS, MASKED, CHANNELS_LAST, PAIRS, LOSS_KIND, GAMMA, HAS_IGNORE, HAS_WEIGHT,
+            HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
+    ht, a, ct = _advance(ht, a, ct, d_ht, d_a, d_ct, A, n_ct)
+    return j + P, ht, a, ct, acc0, acc1, acc2, acc3
+
+
+@triton.jit(do_not_specialize=_INT_ARGS)
+def multilevel_focal_kernel(
+    x0, x1, x2, x3, x4, x5, x6, x7,          # logits of each level (unused levels repeat x0)
+    o0, o1, o2, o3, o4, o5, o6, o7,          # loss ("none") or gradient of each level, in the level's layout
+    g0_, g1_, g2_, g3_, g4_, g5_, g6_, g7_,  # upstream gradient of each level (MODE 3)
+    hw0, hw1, hw2, hw3, hw4, hw5, hw6, hw7,  # H_l * W_l
+    ts1, ts2, ts3, ts4, ts5, ts6, ts7,       # first per-image tile of each level (level 0 starts at 0)
+    lab_ptr, w_ptr, s_ptr, alpha_ptr, partials_ptr, grad_scalar_ptr, scale_ptr, stats_ptr,
+    tiles_per_image, num_anchors_total, num_levels, cl_mask, P, A, C,
+    c0, c1, gamma, beta, smoothing, ignore_index,
+    MODE: tl.constexpr, LOSS_KIND: tl.constexpr, GAMMA: tl.constexpr, HAS_IGNORE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_ALPHA: tl.constexpr, SMOOTH: tl.constexpr, CLASS_ALIGNED: tl.constexpr,
+    FAST: tl.constexpr, SHORT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, BLOCK_HW: tl.constexpr,
+    BLOCK_C: tl.constexpr, STATS: tl.constexpr,
+):
+    """Forward (MODE 0: partial sums into partials[pid]; MODE 1: elementwise loss) or backward (MODE 2: the
+    upstream scalar grad_scalar[0] times scale[n]; MODE 3: per-level upstream gradients) over every level. The
+    backward recomputes everything from the logits and labels (the forward saves nothing of logit size).
+    STATS (MODE 0 only): per-(anchor, class tile) loss sums into stats (N * M * ceil(C / BLOCK_C),), the
+    by-product from which `focal_triton.stats` builds loss statistics.
+
+    Options are compile-time (GAMMA: an integer gamma or -1; HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA: a per-class alpha
+    tensor; SMOOTH: label smoothing != 0), so the common case carries none of their loads and selects. FAST: float32
+    math in math.py's short forms; SHORT: the backward of 16-bit logits, whose gradient is rounded to 16 bits,
+    takes the short log1p. Per level,
+    each layout has its own tile loops: the full tiles (a prefix of the level's tiles in (position tile, anchor,
+    class tile) order, unmasked) and then the edge tiles (masked)."""
+    if CLASS_ALIGNED:
+        C = (C // 16) * 16  # == C; tells the compiler that rows of K = A * C are 16-element aligned
+    K = A * C
+    pid = tl.program_id(0)
+    n = pid // P
+    j = pid % P
+    n_ct = tl.cdiv(C, BLOCK_C)
+    # P = (d_ht A + d_a) n_ct + d_ct: the step of a program's tile coordinates (divisions once per program).
+    d_ct = P % n_ct
+    d_a = (P // n_ct) % A
+    d_ht = P // (n_ct * A)
+    # One accumulator per layout: the two layouts' tiles live in different register layouts, and adding one to the
+    # other in the loop would move every tile through shared memory (once, at the end, is fine). channels_last bf16
+    # tiles of a class-aligned head are read in pairs (even and odd classes: two half-width accumulators).
+    PAIRS: tl.constexpr = CLASS_ALIGNED and (x0.dtype.element_ty == tl.bfloat16) and (BLOCK_C <= 16)
+    CL_WIDTH: tl.constexpr = (4 if BLOCK_C > 8 else BLOCK_C // 2) if PAIRS else BLOCK_C
+    acc = tl.zeros([BLOCK_HW, BLOCK_C], COMPUTE_DTYPE)
+    unused = tl.zeros([BLOCK_HW, BLOCK_C], COMPUTE_DTYPE)  # never added to: acc1 .. acc3 of the NCHW tiles
+    acc_cl0 = tl.zeros([BLOCK_HW, CL_WIDTH], COMPUTE_DTYPE)
+    acc_cl1 = tl.zeros([BLOCK_HW, CL_WIDTH], COMPUTE_DTYPE)
+    acc_cl2 = tl.zeros([BLOCK_HW, CL_WIDTH], COMPUTE_DTYPE)
+    acc_cl3 = tl.zeros([BLOCK_HW, CL_WIDTH], COMPUTE_DTYPE)
+    # NCHW bf16 tiles of a class-aligned head in levels of even hw are read in pairs of positions (two half-height
+    # accumulators).
+    ROW_PAIRS: tl.constexpr = CLASS_ALIGNED and (x0.dtype.element_ty == tl.bfloat16)
+    acc_np = tl.zeros([BLOCK_HW // 2 if ROW_PAIRS else 1, BLOCK_C], COMPUTE_DTYPE)
+    g0 = 1.0
+    if MODE == 2:
+        g0 = tl.load(grad_scalar_ptr).to(COMPUTE_DTYPE) * tl.load(scale_ptr + n).to(COMPUTE_DTYPE)
+    # FL's per-side factors: alpha_t = c0 + c1 t (off the label's class: c0; on it: c0 + c1); the gradient's carry
+    # g0 and, on the label's class, the sign of dz/dx = -1.
+    # (Scalars as COMPUTE_DTYPE values: a select of two Python floats would be float32 in the interpreter.)
+    lc0 = tl.full([], c0, COMPUTE_DTYPE)
+    lc1 = lc0 + tl.full([], c1, COMPUTE_DTYPE)
+    gc0 = lc0 * g0
+    gc1 = lc1 * -g0
+    half_smoothing = 0.5 * tl.full([], smoothing, COMPUTE_DTYPE)
+    label_row = n.to(tl.int64) * num_anchors_total
+    mb = 0  # anchors of the levels before this one
+    lvl = 0
+    while lvl < num_levels:
+        # This level's pointers and sizes, picked once per level; tile numbers run on across levels.
+        hw = _pick(lvl, hw0, hw1, hw2, hw3, hw4, hw5, hw6, hw7)
+        start = _pick(lvl, 0, ts1, ts2, ts3, ts4, ts5, ts6, ts7)
+        end = _pick(lvl, ts1, ts2, ts3, ts4, ts5, ts6, ts7, tiles_per_image)
+        image = n.to(tl.int64) * K * hw  # first element of this image in the level
+        xp = _pick(lvl, x0, x1, x2, x3, x4, x5, x6, x7) + image
+        op = _pick(lvl, o0, o1, o2, o3, o4, o5, o6, o7) + image
+        gp = _pick(lvl, g0_, g1_, g2_, g3_, g4_, g5_, g6_, g7_) + image
+        channels_last = ((cl_mask >> lvl) & 1) != 0
+        # The program's first tile of the level in (position tile, anchor, class tile) coordinates, and the end of
+        # the full tiles: every position tile but the last partial one, where the class tiles are full too.
+        local = j - start
+        ct = local % n_ct
+        a = (local // n_ct) % A
+        ht = local // (n_ct * A)
+        full_end = start
+        if CLASS_ALIGNED:
+            if C % BLOCK_C == 0:
+                full_end = start + (hw // BLOCK_HW) * A * n_ct
+        anchor_level = label_row + mb
+        if channels_last:
+            if CLASS_ALIGNED:  # (otherwise no tile is full: the loop is not compiled)
+                while j < full_end:  # tile loop: channels_last full
+                    j, ht, a, ct, acc_cl0, acc_cl1, acc_cl2, acc_cl3 = _tile_step(
+                        j, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc_cl0, acc_cl1, acc_cl2, acc_cl3, xp, op, gp,
+                        lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, anchor_level, g0, lc0, lc1, gc0,
+                        gc1, gamma, beta, half_smoothing, ignore_index, MODE, STATS, False, True, PAIRS, False,
+                        LOSS_KIND, GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE,
+                        BLOCK_HW, BLOCK_C)
+            while j < end:  # tile loop: channels_last edge
+                j, ht, a, ct, acc_cl0, acc_cl1, acc_cl2, acc_cl3 = _tile_step(
+                    j, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc_cl0, acc_cl1, acc_cl2, acc_cl3, xp, op, gp, lab_ptr,
+                    w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, anchor_level, g0, lc0, lc1, gc0, gc1, gamma,
+                    beta, half_smoothing, ignore_index, MODE, STATS, True, True, PAIRS, False, LOSS_KIND, GAMMA,
+                    HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
+        else:
+            # NCHW rows run along hw, whose alignment is unknown (hw is not specialized): narrow loads, 32-bit ones
+            # (two positions) for bf16 where hw is even; the scalar full loop then finds no tile left.
+            if ROW_PAIRS:
+                if hw % 2 == 0:
+                    hw2 = (hw // 2) * 2  # == hw; tells the compiler that class rows start at even elements
+                    while j < full_end:  # tile loop: NCHW full pairs
+                        j, ht, a, ct, acc_np, _u1, _u2, _u3 = _tile_step(
+                            j, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc_np, unused, unused, unused, xp, op, gp,
+                            lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw2, K, A, C, anchor_level, g0, lc0, lc1,
+                            gc0, gc1, gamma, beta, half_smoothing, ignore_index, MODE, STATS, False, False, False,
+                            True, LOSS_KIND, GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT,
+                            COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
+            if CLASS_ALIGNED:
+                while j < full_end:  # tile loop: NCHW full
+                    j, ht, a, ct, acc, _u1, _u2, _u3 = _tile_step(
+                        j, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc, unused, unused, unused, xp, op, gp, lab_ptr,
+                        w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, anchor_level, g0, lc0, lc1, gc0, gc1, gamma,
+                        beta, half_smoothing, ignore_index, MODE, STATS, False, False, False, False, LOSS_KIND, GAMMA,
+                        HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
+            while j < end:  # tile loop: NCHW edge
+                j, ht, a, ct, acc, _u1, _u2, _u3 = _tile_step(
+                    j, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc, unused, unused, unused, xp, op, gp, lab_ptr, w_ptr,
+                    s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, anchor_level, g0, lc0, lc1, gc0, gc1, gamma, beta,
+                    half_smoothing, ignore_index, MODE, STATS, True, False, False, False, LOSS_KIND, GAMMA,
+                    HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
+        mb += hw * A
+        lvl += 1
+    if MODE == 0:
+        total = tl.sum(tl.sum(acc, axis=1), axis=0) + tl.sum(tl.sum(acc_cl0 + acc_cl1 + acc_cl2 + acc_cl3, axis=1),
+                                                             axis=0)
+        total += tl.sum(tl.sum(acc_np, axis=1), axis=0)
+        tl.store(partials_ptr + pid, total)
+
+
+@triton.jit(do_not_specialize=["N", "P"])
+def normalize_partials_kernel(partials_ptr, norm_ptr, scale_ptr, out_ptr, N, P, norm_hi, norm_lo,
+                              NORM_MODE: tl.constexpr, BLOCK: tl.constexpr):
+    """One program. S_n = sum of image n's P partials (in order); scale_n = 1 / v (NORM_MODE 0: a host number v
+    = norm_hi + norm_lo, split in two float32 scalars so that float64 keeps 48 bits of it; 1 without normalizer),
+    1 / norm[0] (1: a 0-d tensor) or 1 / (N norm[n]) (2: per image);
+    out = sum_n S_n scale_n in image order, and scale[n] = scale_n for the backward."""
+    acc_dtype = partials_ptr.dtype.element_ty
+    total = tl.sum(tl.zeros([BLOCK], acc_dtype), axis=0)
+    n = 0
+    while n < N:
+        acc = tl.zeros([BLOCK], acc_dtype)
+        start = 0
+        while start < P:
+            offs = start + tl.arange(0, BLOCK)
+            acc += tl.load(partials_ptr + n * P + offs, mask=offs < P, other=0.0)
+            start += BLOCK
+        if NORM_MODE == 0:
+            scale = 1.0 / (tl.full([], norm_hi, acc_dtype) + tl.full([], norm_lo, acc_dtype))
+        elif NORM_MODE == 1:
+            scale = 1.0 / tl.load(norm_ptr).to(acc_dtype)
+        else:
+            scale = 1.0 / (tl.load(norm_ptr + n).to(acc_dtype) * N.to(acc_dtype))
+        tl.store(scale_ptr + n, scale)
+        total += tl.sum(acc, axis=0) * scale
+        n += 1
+    tl.store(out_ptr, total.to(out_ptr.dtype.element_ty))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host side.
+
+MODE_SUM, MODE_NONE, MODE_GRAD_SCALAR, MODE_GRAD_TENSOR = 0, 1, 2, 3
+# Interpreter tiles: small, so test tensors take several position and class tiles per anchor, with masked edges.
+INTERPRETER_TILE = (32, 4)
+INTERPRETER_PROGRAMS_PER_IMAGE = 2
+# Classes per tile on a GPU: 16 (COCO's 80 is five full tiles; 91 wastes 5 % of a tile's lanes on masked classes).
+GPU_BLOCK_C = 16
+# Positions per tile and warps on a GPU: 64 x 16 tiles; 16-bit logits of a class-aligned head with 2 warps (16
+# logits, 32 bytes per thread: one row of 16 classes per thread in channels_last), float32 and the other 16-bit heads
+# with 4 warps (8 logits; without the pair reads 16 logits per thread leave ptxas short of registers), float64 with
+# 4 warps and 32 x 16 (4 logits). Wider rows per thread spread a tile's fixed work (its label, coordinates and
+# addresses) over more logits; a row per thread keeps the label in the layout of the logits (no shuffle).
+GPU_BLOCK_HW = 64
+
+
+def gpu_num_warps(itemsize: int, class_aligned: bool = True) -> int:
+    return 2 if (itemsize == 2 and class_aligned) else 4
+
+
+def gpu_tile(itemsize: int):
+    """(BLOCK_HW, BLOCK_C) on a GPU (see GPU_BLOCK_HW)."""
+    return (GPU_BLOCK_HW // 2 if itemsize == 8 else GPU_BLOCK_HW), GPU_BLOCK_C
+
+
+def tile_for(device: torch.device, itemsize: int, config: dict = None):
+    """(BLOCK_HW, BLOCK_C) of a launch: the tuned config's where it holds one, else the heuristic."""
+    if config and "BLOCK_HW" in config:
+        return config["BLOCK_HW"], config["BLOCK_C"]
+    return gpu_tile(itemsize) if compiled_path(device) else INTERPRETER_TILE
+
+
+def launch_options(device: torch.device, itemsize: int, class_aligned: bool = True, config: dict = None) -> dict:
+    """num_warps (and num_stages where an older tuning file chose them) of a launch."""
+    if config and "BLOCK_HW" in config:
+        return options_of(config)
+    return dict(num_warps=gpu_num_warps(itemsize, class_aligned) if compiled_path(device) else 1)
+
+
+def option_constexprs(weights, alpha_per_class, spec: LossSpec, ignore_index) -> dict:
+    """The options compiled into a launch: an ignore value, per-anchor weights, a per-class alpha tensor, label
+    smoothing. At most 16 combinations; the common case (none) carries none of their loads and selects."""
+    return dict(HAS_IGNORE=ignore_index is not None, HAS_WEIGHT=weights is not None,
+                HAS_ALPHA=alpha_per_class is not None, SMOOTH=float(spec.smoothing) != 0.0)
+
+
+def tuning_key(mode: str, levels, num_anchors: int, spec: LossSpec, options: dict) -> str:
+    """The tuning key of a launch (tuning.py): size bucket, C, channels_last mask, dtype, mode, and what changes
+    the compiled kernel beyond them: the loss kind, the exponent specialization (GAMMA) and the compiled-in options
+    (`option_constexprs`)."""
+    x = levels[0]
+    cl_mask = sum(1 << i for i, lv in enumerate(levels) if not lv.is_contiguous())
+    tag = "".join(flag for flag, on in zip("iwas", options.values()) if on)
+    mode = mode if spec.kind == FL else f"{mode} kind={int(spec.kind)}"
+    mode += power_key(spec_power(spec)) + (f" opts={tag}" if tag else "")
+    return make_key("multilevel", sum(lv.numel() for lv in levels), x.shape[1] // num_anchors, cl_mask, x.dtype,
+                    mode)
+
+
+def kernel_constexprs(x_dtype, mode: int, power: int, class_aligned: bool, tile, loss_kind: int = FL,
+                      stats: bool = False, has_ignore: bool = False, has_weight: bool = False,
+                      has_alpha: bool = False, smooth: bool = False) -> dict:
+    return dict(MODE=mode, LOSS_KIND=loss_kind, GAMMA=power, HAS_IGNORE=has_ignore, HAS_WEIGHT=has_weight,
+                HAS_ALPHA=has_alpha, SMOOTH=smooth, CLASS_ALIGNED=class_aligned, FAST=fast_math(x_dtype),
+                SHORT=short_log(x_dtype, mode >= MODE_GRAD_SCALAR), COMPUTE_DTYPE=triton_compute_dtype(x_dtype),
+                BLOCK_HW=tile[0], BLOCK_C=tile[1], STATS=stats)
+
+
+class Plan:
+    """Host-side integers of one call (from shapes only: nothing is read from the device)."""
+
+    def __init__(self, levels, num_anchors: int, device: torch.device, itemsize: int, config: dict = None):
+        self.N, self.K = levels[0].shape[0], levels[0].shape[1]
+        self.A = num_anchors
+        self.C = self.K // num_anchors
+        self.config = config
+        self.tile = tile_for(device, itemsize, config)
+        self.hw = [x.shape[2] * x.shape[3] for x in levels]
+        self.cl_mask = sum(1 << i for i, x in enumerate(levels) if not x.is_contiguous())
+        n_ct = -(-self.C // self.tile[1])
+        starts, total = [], 0
+        for hw in self.hw:
+            starts.append(total)
+            total += self.A * n_ct * -(-hw // self.tile[0])
+        self.tiles_per_image = total
+        self.starts = starts[1:] + [total] * (MAX_LEVELS - len(levels))
+        self.num_anchors_total = sum(self.hw) * self.A
+        self.num_levels = len(levels)
+        self.device = device
+        self.itemsize = itemsize
+
+    def options(self) -> dict:
+        return launch_options(self.device, self.itemsize, self.C % 16 == 0, self.config)
+
+    def level_args(self, tensors, fill):
+        return list(tensors) + [fill] * (MAX_LEVELS - len(tensors))
+
+    def programs_per_image(self, args, constexprs) -> int:
+        if not compiled_path(self.device):
+            cap = INTERPRETER_PROGRAMS_PER_IMAGE
+        else:
+            opts = self.options()
+            cfg = ElementwiseConfig(self.tile[0] * self.tile[1], opts["num_warps"], num_stages=opts.get("num_stages"))
+            # No integer argument is specialized, so their values do not change the compiled kernel: zeros keep
+            # the occupancy cache to one entry per (dtype, constexprs) instead of one per combination of sizes.
+            args = [0 if isinstance(a, int) and not isinstance(a, bool) else a for a in args]
+            # Exactly one wave: floor, so that no program waits for a second round (at least one per image).
+            cap = max(1, max_programs(multilevel_focal_kernel, args, constexprs, cfg, self.device) // self.N)
+        return max(1, min(self.tiles_per_image, cap))
+
+
+def _round_to_float32(v: float) -> float:
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
+def _launch(mode, levels, outs, grads, labels, weights, scores, alpha_per_class, spec: LossSpec, ignore_index,
+            num_anchors, config, partials_dtype=torch.float32, grad_scalar=None, scale=None, with_stats=False):
+    """Launch multilevel_focal_kernel once over every level; returns (plan, programs per image, partials, stats)
+    with stats the (N, M) per-anchor losses when with_stats (MODE_SUM only), else None."""
+    x = levels[0]
+    plan = Plan(levels, num_anchors, x.device, x.element_size(), config)
+    options = option_constexprs(weights, alpha_per_class, spec, ignore_index)
+    constexprs = kernel_constexprs(x.dtype, mode, spec_power(spec), plan.C % 16 == 0, plan.tile, spec.kind,
+                                   with_stats, options["HAS_IGNORE"], options["HAS_WEIGHT"], options["HAS_ALPHA"],
+                                   options["SMOOTH"])
+    dummy = torch.empty(1, dtype=torch.float32, device=x.device)
+    class_tiles = -(-plan.C // plan.tile[1])
+    stats = (torch.empty(plan.N * plan.num_anchors_total * class_tiles, dtype=partials_dtype, device=x.device)
+             if with_stats else dummy)
+    ints = [plan.tiles_per_image, plan.num_anchors_total, plan.num_levels, plan.cl_mask]
+    # A per-class alpha is read in the kernel (HAS_ALPHA; spec's c0, c1 are then 1, 0).
+    scalars = [spec.c0, spec.c1, spec.gamma, spec.beta, float(spec.smoothing),
+               0 if ignore_index is None else int(ignore_index)]
+
+    def args(partials, P):
+        return [*plan.level_args(levels, x), *plan.level_args(outs, outs[0] if outs else x),
+                *plan.level_args(grads, grads[0] if grads else x), *plan.level_args(plan.hw, 0), *plan.starts,
+                labels, weights if weights is not None else dummy, scores if scores is not None else dummy,
+                alpha_per_class if alpha_per_class is not None else dummy, partials,
+                grad_scalar if grad_scalar is not None else dummy, scale if scale is not None else dummy, stats,
+                *ints, P, plan.A, plan.C, *scalars]
+
+    with device_guard(x.device):
+        # Only the types and alignment of the arguments size the grid: an empty stand-in for the partial sums.
+        P = plan.programs_per_image(args(torch.empty(0, dtype=partials_dtype, device=x.device), 1), constexprs)
+        partials = torch.empty(plan.N * P if mode == MODE_SUM else 0, dtype=partials_dtype, device=x.device)
+        multilevel_focal_kernel[(plan.N * P,)](*args(partials, P), **plan.options(), **constexprs)
+    # Each anchor's loss: its class tiles' row sums, added in class order (deterministic).
+    per_anchor = stats.view(plan.N, plan.num_anchors_total, class_tiles).sum(-1) if with_stats else None
+    return plan, P, partials, per_anchor
+
+
+def _tuned(mode_name, levels, num_anchors, spec, weights, alpha_per_class, ignore_index, launch):
+    options = option_constexprs(weights, alpha_per_class, spec, ignore_index)
+    return tuning.run_tuned(levels[0].device, lambda: tuning_key(mode_name, levels, num_anchors, spec, options),
+                            MULTILEVEL_CANDIDATES, launch)
+
+
+def forward(levels, labels, weights, scores, alpha_per_class, spec: LossSpec, ignore_index, num_anchors, reduction,
             normalizer=None, norm_value=1.0, out_dtype=None, with_stats=False):
-    alpha, gamma, loss = _args(spec, alpha_per_class, scores)
-    mode = 0 if normalizer is None else (1 if normalizer.dim() == 0 else 2)
-    return multilevel_focal_forward(levels, labels, weights, alpha, gamma, spec.smoothing, ignore_index, num_anchors,
-                                    reduction, mode, normalizer, norm_value, out_dtype, loss=loss,
-                                    with_stats=with_stats)
+    """levels: NCHW-contiguous or channels_last (N, A*C, H, W) tensors, N * tiles > 0; labels (N, M) int32/int64
+    contiguous; weights and scores (QFL / VFL) None or (N, M) contiguous in the compute dtype; alpha_per_class None
+    or (C,) in the compute dtype; spec the loss (losses.LossSpec); ignore_index None or an int; normalizer None (the
+    number norm_value), a 0-d tensor or an (N,) per-image tensor.
+
+    "none": a list of per-level losses in each level's layout, in out_dtype (default: the levels' dtype; float32
+    under autocast). "sum": (loss, scale), loss 0-d in the accumulation dtype (float32, float64 for float64 logits)
+    and scale (N,) the per-image factor the normalizer gave (needed by the backward); with_stats adds a third
+    output, the (N, M) per-anchor losses (weighted, 0 for ignored anchors, not normalized) in the accumulation
+    dtype, from the same pass. On CUDA under the tuned config of `tuning_key`."""
+    return _tuned(reduction, levels, num_anchors, spec, weights, alpha_per_class, ignore_index,
+                  lambda config: _forward(levels, labels, weights, scores, alpha_per_class, spec, ignore_index,
+                                          num_anchors, reduction, normalizer, norm_value, out_dtype, with_stats,
+                                          config))
 
 
-def backward(grads, levels, labels, weights, scores, alpha_per_class, spec, ignore_index, num_anchors, scale=None):
-    alpha, gamma, loss = _args(spec, alpha_per_class, scores)
-    return multilevel_focal_backward(grads, levels, labels, weights, alpha, gamma, spec.smoothing, ignore_index,
-                                     num_anchors, scale=scale, loss=loss)
+def _forward(levels, labels, weights, scores, alpha_per_class, spec, ignore_index, num_anchors, reduction,
+             normalizer, norm_value, out_dtype, with_stats, config):
+    x = levels[0]
+    operands = (labels, weights, scores, alpha_per_class, spec, ignore_index, num_anchors, config)
+    if reduction == "none":
+        outs = [torch.empty_like(lv, dtype=out_dtype or lv.dtype) for lv in levels]
+        _launch(MODE_NONE, levels, outs, [], *operands)
+        return outs
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    plan, P, partials, per_anchor = _launch(MODE_SUM, levels, [], [], *operands, partials_dtype=acc_dtype,
+                                            with_stats=with_stats)
+    total = torch.empty((), dtype=acc_dtype, device=x.device)
+    scale = torch.empty(plan.N, dtype=acc_dtype, device=x.device)
+    norm_mode = 0 if normalizer is None else (1 if normalizer.dim() == 0 else 2)
+    norm_ptr = normalizer if normalizer is not None else torch.empty(1, dtype=torch.float32, device=x.device)
+    with device_guard(x.device):
+        hi = _round_to_float32(norm_value)
+        final_args = (partials, norm_ptr, scale, total, plan.N, P, hi, float(norm_value) - hi)
+        final = dict(NORM_MODE=norm_mode, BLOCK=PARTIAL_SUM_BLOCK)
+        load_before_launch(normalize_partials_kernel, (1,), final_args, {}, final, x.device)
+        normalize_partials_kernel[(1,)](*final_args, **final)
+    return (total, scale, per_anchor) if with_stats else (total, scale)
+
+
+def backward(grads, levels, labels, weights, scores, alpha_per_class, spec: LossSpec, ignore_index, num_anchors,
+             scale=None):
+    """Gradients w.r.t. each level, in the level's layout and dtype. grads: one 0-d upstream gradient of the "sum"
+    loss (then `scale` is the forward's per-image factor), or per-level upstream gradients laid out like the levels
+    ("none")."""
+    mode_name = "grad_scalar" if scale is not None else "grad_tensor"
+    return _tuned(mode_name, levels, num_anchors, spec, weights, alpha_per_class, ignore_index,
+                  lambda config: _backward(grads, levels, labels, weights, scores, alpha_per_class, spec,
+                                           ignore_index, num_anchors, scale, config))
+
+
+def _backward(grads, levels, labels, weights, scores, alpha_per_class, spec, ignore_index, num_anchors, scale,
+              config):
+    outs = [torch.empty_like(lv) for lv in levels]
+    operands = (labels, weights, scores, alpha_per_class, spec, ignore_index, num_anchors, config)
+    if scale is not None:
+        _launch(MODE_GRAD_SCALAR, levels, outs, [], *operands, grad_scalar=grads[0], scale=scale)
+    else:
+        _launch(MODE_GRAD_TENSOR, levels, outs, grads, *operands)
+    return outs

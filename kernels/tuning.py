@@ -24,7 +24,7 @@ Where: `$FOCAL_TRITON_CACHE_DIR` or `~/.cache/focal_triton/`, file `tune-<GPU na
 the tuned configs in memory for the process. Never pickle: the file holds only numbers and strings.
 
 Switches: `FOCAL_TRITON_AUTOTUNE=0` uses the heuristic configs (those documented in launch.py and
-multilevel_focal.py, also what the ahead-of-time report compiles). The interpreter path (TRITON_INTERPRET=1, CPU
+multilevel.py, also what the ahead-of-time report compiles). The interpreter path (TRITON_INTERPRET=1, CPU
 tensors) and CPU tensors never tune: they use their fixed configs.
 
 Determinism: the persistent grid and the per-program partial sums follow from the config, so a tuned config can
@@ -32,7 +32,6 @@ change the summation order of a reduction, and so its last bits, between machine
 never between runs on one machine with the same cache file.
 """
 import contextlib
-import functools
 import json
 import os
 import re
@@ -42,12 +41,14 @@ import warnings
 
 import torch
 
+from . import launch
+
 AUTOTUNE_ENV = "FOCAL_TRITON_AUTOTUNE"
 CACHE_DIR_ENV = "FOCAL_TRITON_CACHE_DIR"
 # 2: configs without num_stages (format 1 held duplicate candidates that differed only there).
 FORMAT_VERSION = 2
 
-# The heuristic config of a launcher (launch.py, multilevel_focal.py): the launchers read it as "no tuned choice".
+# The heuristic config of a launcher (launch.py, multilevel.py): launchers take it (or None) as "no tuned choice".
 HEURISTIC = {}
 # Candidates, as dicts of launch parameters. Dense kernels: elements per tile, warps.
 DENSE_CANDIDATES = [dict(BLOCK=b, num_warps=w) for b in (512, 1024, 2048, 4096) for w in (4, 8) if b // (32 * w) >= 4]
@@ -213,19 +214,16 @@ def cache_for(device: torch.device) -> TuneCache:
     return _CACHES[path]
 
 
-def forced():
-    """The config a launcher must use right now (set while tuning or after a choice), or None."""
-    return getattr(_local, "config", None)
-
-
 @contextlib.contextmanager
 def use(config):
-    prev = getattr(_local, "config", None)
-    _local.config = config
+    """Pin `config` for every launch of this thread inside the block (tools that compile or time one candidate:
+    the GPU check, the tests): run_tuned hands it to the launcher instead of choosing."""
+    prev = getattr(_local, "pinned", None)
+    _local.pinned = config
     try:
         yield
     finally:
-        _local.config = prev
+        _local.pinned = prev
 
 
 def options_of(config: dict) -> dict:
@@ -236,20 +234,18 @@ def options_of(config: dict) -> dict:
 def choose(device: torch.device, key: str, candidates, run, cache: TuneCache = None):
     """The config for `key` on `device`: None (the launcher's heuristic) where tuning is off or cannot run (not
     CUDA, the interpreter, FOCAL_TRITON_AUTOTUNE=0, inside a CUDA-graph capture, a failed tuning), else the cached or
-    freshly tuned one. Timing runs on `device` (do_bench records events on the current device's stream)."""
-    from .launch import device_guard, interpreter_enabled
-
-    if device.type != "cuda" or interpreter_enabled() or not autotune_enabled():
+    freshly tuned one, timing run(candidate) for each. Timing runs on `device` (do_bench records events on the
+    current device's stream)."""
+    if device.type != "cuda" or launch.interpreter_enabled() or not autotune_enabled():
         return None
     cache = cache or cache_for(device)
     cfg = cache.get(key)
     if cfg is not None or key in cache.failed:
         return cfg
-    with device_guard(device):
+    with launch.device_guard(device):
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return None  # timing cannot run inside a CUDA-graph capture: the heuristic (warm up or pre-tune first)
-        best, _, failures = tune([HEURISTIC] + [c for c in candidates if c != HEURISTIC],
-                                 lambda c: _run_with(c, run), _TIMER[0])
+        best, _, failures = tune([HEURISTIC] + [c for c in candidates if c != HEURISTIC], run, _TIMER[0])
     if best is None:
         reason = next(iter(failures.values()), "no candidate")
         cache.failed[key] = reason
@@ -260,39 +256,13 @@ def choose(device: torch.device, key: str, candidates, run, cache: TuneCache = N
     return best
 
 
-def _run_with(config, run):
-    with use(config):
-        return run()
-
-
-def tuned(launcher: str, key_fn, candidates):
-    """Decorator of a launcher: key_fn(*args, **kwargs) -> key; the launcher runs under the chosen config, which
-    its config helpers read with `forced()` (None: the heuristic)."""
-
-    def wrap(fn):
-        @functools.wraps(fn)
-        def inner(*args, **kwargs):
-            if forced() is not None:
-                return fn(*args, **kwargs)
-            device = _device_of(args)
-            if device is None or device.type != "cuda":
-                return fn(*args, **kwargs)
-            cfg = choose(device, key_fn(*args, **kwargs), candidates, lambda: fn(*args, **kwargs))
-            if cfg is None:
-                return fn(*args, **kwargs)
-            with use(cfg):
-                return fn(*args, **kwargs)
-
-        inner.launcher = launcher
-        return inner
-
-    return wrap
-
-
-def _device_of(args):
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            return a.device
-        if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
-            return a[0].device
-    return None
+def run_tuned(device: torch.device, key, candidates, launch):
+    """launch(config) under the config chosen for this launch: the pinned one (`use`), else on CUDA the cached or
+    freshly tuned one for key() (`choose`: the key is computed only there), else None (the launcher's heuristic).
+    Tuning times launch(candidate) itself."""
+    pinned = getattr(_local, "pinned", None)
+    if pinned is not None:
+        return launch(pinned)
+    if device.type != "cuda":
+        return launch(None)
+    return launch(choose(device, key(), candidates, launch))

@@ -44,7 +44,7 @@ def _forced_int64(on: bool):
     if not on:
         yield
         return
-    from focal_triton.kernels import sigmoid_focal as sf
+    from focal_triton.kernels import dense as sf
 
     real = sf.needs_int64
     sf.needs_int64 = lambda n, block: True
@@ -449,8 +449,8 @@ ALL = SMOKE + EDGE + GPU_TEST_CALLS
 def num_stages_cases():
     """(name, launch(options) -> compiled kernel) of one dense and one multi-level launch, for the check that
     num_stages changes nothing in these kernels (tuning.py does not tune it)."""
-    from focal_triton.kernels import multilevel_focal as mf
-    from focal_triton.kernels import sigmoid_focal as sf
+    from focal_triton.kernels import multilevel as mf
+    from focal_triton.kernels import dense as sf
 
     def dense(options):
         x = torch.zeros(4096, dtype=torch.bfloat16)

@@ -40,8 +40,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
     # The compile checks (minutes of ptxas) start now in child processes and their tests run last, so the rest of
     # the suite runs meanwhile: the stand-in driver's check of the JIT's own specializations (tests/
-    # test_jit_check.py), then the ahead-of-time report (tests/test_aot_compile.py).
-    for name, attr in (("test_jit_check", "focal_triton_jit"), ("test_aot_compile", "focal_triton_aot")):
+    # test_jit_check.py), then the ahead-of-time report (tests/test_aot.py).
+    for name, attr in (("test_jit_check", "focal_triton_jit"), ("test_aot", "focal_triton_aot")):
         mine = [item for item in items if getattr(getattr(item, "module", None), "__name__", "") == name]
         if mine:
             items[:] = [item for item in items if item not in mine] + mine

@@ -105,8 +105,7 @@ def test_providers_agree_on_a_tiny_case(monkeypatch):
 
 
 def test_kernel_report_bytes_and_predictions():
-    fwd, fb = kernel_report.design_bytes_per_logit(2)
-    assert fwd == 2.5 and fb == 7.0                              # bf16: 2 + 0.5, 6 + 1 (int64 labels, 5 tiles)
+    # design_bytes_per_logit against the compiled tile loops' accesses: tests/test_aot.py.
     eager, ops = kernel_report.eager_bytes_per_logit(torch.bfloat16)
     assert eager > 100 and ops > 20                               # the eager code moves dozens of times more
     assert kernel_report.predicted_ms(3e12, 3.0) == pytest.approx(1000.0)

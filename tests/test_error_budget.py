@@ -38,8 +38,9 @@ from reference import focal_grad_ref, focal_loss_ref
 from reference_multilevel import multilevel_value_and_grads
 
 from focal_triton.kernels import launch
-from focal_triton.kernels import multilevel_focal as mf
-from focal_triton.kernels import sigmoid_focal as sf
+from focal_triton.kernels import multilevel as mf
+from focal_triton.kernels import dense as sf
+from focal_triton.losses import FL, encode
 
 pytestmark = pytest.mark.skipif(not launch.interpreter_enabled(),
                                 reason="evaluates the kernels' formulas in Triton's interpreter (TRITON_INTERPRET=1)")
@@ -169,9 +170,9 @@ def test_dense_formula_hard_and_soft_targets(perturbation, monkeypatch, gamma):
     ref = focal_loss_ref(xs, t, 0.25, gamma).numpy()
     ref_grad = focal_grad_ref(xs, t, 0.25, gamma).numpy()
     flat = lambda a: a  # noqa: E731  (the dense tile is the flat range itself)
-    loss = lambda: sf.sigmoid_focal_forward(xs, t, 0.25, gamma, "none").numpy()  # noqa: E731
-    grad = lambda: sf.sigmoid_focal_backward(torch.tensor(1.0, dtype=torch.float64), xs, t, 0.25, gamma,  # noqa
-                                             "sum").numpy()
+    spec = encode(FL, alpha=0.25, gamma=gamma)
+    loss = lambda: sf.forward(xs, t, spec, "none").numpy()  # noqa: E731
+    grad = lambda: sf.backward(torch.tensor(1.0, dtype=torch.float64), xs, t, spec, "sum").numpy()  # noqa: E731
     for what, run, r in (("loss", loss, ref), ("grad", grad, ref_grad)):
         base, *runs = extremes(run, perturbation, flat)
         for got in (base, *runs):
@@ -205,11 +206,11 @@ def test_class_index_formula(perturbation, monkeypatch, gamma, smoothing):
     ref_grad = multilevel_value_and_grads([level], labels, 1, **kw)[1][0].numpy()
     finite = torch.isfinite(level).numpy()
     to_tile = lambda a: a.reshape(classes, hw).T  # noqa: E731  (tile [positions, classes])
-    loss = lambda: mf.multilevel_focal_forward([level], labels, None, 0.25, gamma, smoothing, -2, 1,  # noqa: E731
-                                               "none")[0].numpy()
+    spec = encode(FL, alpha=0.25, gamma=gamma, smoothing=smoothing)
+    loss = lambda: mf.forward([level], labels, None, None, None, spec, -2, 1, "none")[0].numpy()  # noqa: E731
     one, scale = torch.tensor(1.0, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
-    grad = lambda: mf.multilevel_focal_backward([one], [level], labels, None, 0.25, gamma, smoothing, -2, 1,  # noqa
-                                                scale=scale)[0].numpy()
+    grad = lambda: mf.backward([one], [level], labels, None, None, None, spec, -2, 1,  # noqa: E731
+                               scale=scale)[0].numpy()
     for what, run, r in (("loss", loss, ref), ("grad", grad, ref_grad)):
         base, *runs = extremes(run, perturbation, to_tile)
         for got in (base, *runs):

@@ -78,7 +78,7 @@ def test_tuning_times_on_the_tensors_device(monkeypatch, tmp_path):
 # untuned keys take the heuristic there). The replay must give the eager result.
 CAPTURE_FIRST = r"""
 import torch, focal_triton
-from focal_triton.kernels import multilevel_focal as mf, sigmoid_focal as sf
+from focal_triton.kernels import multilevel as mf, sigmoid_focal as sf
 
 g = torch.Generator(device="cuda").manual_seed(0)
 levels = [torch.randn(2, 9 * 80, h, w, device="cuda", generator=g).requires_grad_(True) for h, w in ((32, 40), (16, 20))]

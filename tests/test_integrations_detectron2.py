@@ -1,6 +1,7 @@
-"""The README's detectron2 snippet gives the classification loss of detectron2's RetinaNet.losses() (re-stated here
-from its code: detectron2 is not installed): cat of the per-level (N, HWA, K) logits, one-hot of the valid labels
-without the background column, sigmoid focal loss (torchvision's, the same formula as fvcore's), sum / normalizer."""
+"""The detectron2 snippet of docs/integrations.md gives the classification loss of detectron2's RetinaNet.losses()
+(re-stated here from its code: detectron2 is not installed): cat of the per-level (N, HWA, K) logits, one-hot of
+the valid labels without the background column, sigmoid focal loss (torchvision's, the same formula as fvcore's),
+sum / normalizer."""
 import torch
 import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss

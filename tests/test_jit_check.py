@@ -5,7 +5,7 @@ TRITON_INTERPRET) runs every call class of tests/call_classes.py (ALL: the smoke
 classes of sizes and integer arguments equal to 1, 16-divisible and odd sizes, misaligned views, and the shapes of
 tests/test_gpu.py) on CPU tensors under a stand-in driver whose target is sm_80, then sm_90: each launch is compiled
 through `JITFunction.warmup` with the real arguments, exactly as a CUDA launch would specialize it. The ahead-of-time
-report (tests/test_aot_compile.py) compiles a fixed enumeration; this compiles what calls make the JIT compile.
+report (tests/test_aot.py) compiles a fixed enumeration; this compiles what calls make the JIT compile.
 """
 import json
 import os

@@ -8,8 +8,10 @@ from reference import assert_close, focal_grad_ref, focal_loss_ref
 from reference_multilevel import multilevel_value_and_grads
 
 import focal_triton
-from focal_triton.kernels import multilevel_focal as mf
-from focal_triton.kernels import sigmoid_focal as sf
+from focal_triton.kernels import multilevel as mf
+from focal_triton.kernels import dense as sf
+from focal_triton.kernels import math as km
+from focal_triton.losses import FL, encode
 
 SUM_TOL = dict(rtol=1e-5, atol=1e-6)
 
@@ -109,7 +111,7 @@ def test_exponents_compiled_in_and_at_runtime(poisoned, device, monkeypatch, gam
     the reference's values and gradients, in the multi-level (bf16 channels_last pairs, float32 NCHW) and the
     dense kernel."""
     monkeypatch.setenv("FOCAL_TRITON_BACKEND", "triton")
-    assert sf.power_constexpr(gamma) == (int(gamma) if gamma in (0.0, 1.0, 3.0, 4.0) else -1)
+    assert km.power_constexpr(gamma) == (int(gamma) if gamma in (0.0, 1.0, 3.0, 4.0) else -1)
     for dtype, channels_last in ((torch.bfloat16, True), (torch.float32, False)):
         levels, labels = _head([(6, 6)], 2, 16, dtype, device, channels_last, seed=int(gamma * 10))
         xs = [x.detach().requires_grad_(True) for x in levels]
@@ -129,14 +131,16 @@ def test_exponents_compiled_in_and_at_runtime(poisoned, device, monkeypatch, gam
 def test_tuning_keys_carry_the_specializations():
     """A tuned config belongs to one compiled kernel: the keys differ by exponent specialization and options."""
     levels = [torch.empty(2, 9 * 80, 10, 12)]
-    key = lambda **kw: mf._tuning_key("sum", levels, 9, kw.get("loss"), kw.get("gamma", 2.0), kw.get("weights"),
-                                      kw.get("alpha", 0.25), kw.get("smoothing", 0.0), kw.get("ignore", -2))
+    def key(gamma=2.0, weights=None, alpha=None, smoothing=0.0, ignore=-2):
+        spec = encode(FL, alpha=0.25, gamma=gamma, smoothing=smoothing)
+        return mf.tuning_key("sum", levels, 9, spec, mf.option_constexprs(weights, alpha, spec, ignore))
+
     keys = {key(), key(gamma=1.5), key(gamma=3.0), key(weights=torch.empty(1)), key(alpha=torch.empty(80)),
             key(smoothing=0.1), key(ignore=None)}
     assert len(keys) == 7
     assert key(gamma=1.5) == key(gamma=2.5)  # one runtime-exponent kernel
     x = torch.empty(100)
-    dense = {sf._dense_key("sigmoid_focal_fwd", x, x, "sum", sf.FL, g, 0.0) for g in (2.0, 1.5, 0.0)}
+    dense = {sf.tuning_key("sigmoid_focal_fwd", x, x, encode(FL, alpha=0.25, gamma=g), "sum") for g in (2.0, 1.5, 0.0)}
     assert len(dense) == 3
 
 

@@ -9,7 +9,7 @@ from reference import TOL
 from reference_multilevel import multilevel_value_and_grads
 
 import focal_triton
-from focal_triton.kernels import multilevel_focal as mf
+from focal_triton.kernels import multilevel as mf
 from focal_triton import validation as V
 from focal_triton.ops.multilevel import (backward_op_args, multilevel_focal_loss_backward_op,
                                         multilevel_focal_loss_op, op_args)

@@ -150,7 +150,7 @@ def test_choose_tunes_once_then_reads_the_cache(pretend_cuda, monkeypatch):
     seen = []
     try:
         dev = torch.device("cuda", 0)
-        run = lambda: seen.append(tuning.forced())  # noqa: E731 - the launcher sees the candidate being timed
+        run = lambda config: seen.append(config)  # noqa: E731 - the launcher is handed the candidate being timed
         assert tuning.choose(dev, "k", CANDIDATES, run, cache) == CANDIDATES[1]
         assert seen == [tuning.HEURISTIC] + CANDIDATES and len(timer.calls) == 4
         assert tuning.choose(dev, "k", CANDIDATES, run, cache) == CANDIDATES[1]
@@ -166,7 +166,7 @@ def test_heuristic_wins_is_cached_as_empty_config(pretend_cuda):
     cache = pretend_cuda
     old = tuning.set_timer(fake_timer([1.0, 2.0, 3.0, 4.0]))
     try:
-        assert tuning.choose(torch.device("cuda", 0), "k", CANDIDATES, lambda: None, cache) == {}
+        assert tuning.choose(torch.device("cuda", 0), "k", CANDIDATES, lambda config: None, cache) == {}
     finally:
         tuning.set_timer(old)
     assert json.loads(open(cache.path).read())["configs"] == {"k": {}}
@@ -184,7 +184,7 @@ def test_timing_runs_on_the_tensors_device(pretend_cuda):
 
     old = tuning.set_timer(timer)
     try:
-        tuning.choose(torch.device("cuda", 1), "k", CANDIDATES, lambda: None, pretend_cuda)
+        tuning.choose(torch.device("cuda", 1), "k", CANDIDATES, lambda config: None, pretend_cuda)
     finally:
         tuning.set_timer(old)
     assert devices == [torch.device("cuda", 1)] * (len(CANDIDATES) + 1)
@@ -194,7 +194,7 @@ def test_failed_tuning_is_remembered_not_retried(pretend_cuda):
     """Every candidate failing (compile errors): warned once, the heuristic, and no second sweep on the next call."""
     calls = []
 
-    def run():
+    def run(config):
         calls.append(1)
         raise RuntimeError("PassManager::run failed")
 
@@ -223,14 +223,14 @@ def test_out_of_memory_stops_the_sweep(pretend_cuda):
     old = tuning.set_timer(timer)
     try:
         with pytest.warns(RuntimeWarning, match="out of memory"):
-            assert tuning.choose(torch.device("cuda", 0), "k", CANDIDATES, lambda: None, pretend_cuda) is None
+            assert tuning.choose(torch.device("cuda", 0), "k", CANDIDATES, lambda config: None, pretend_cuda) is None
     finally:
         tuning.set_timer(old)
     assert len(calls) == 1 and "k" in pretend_cuda.failed
 
 
 def test_cuda_fault_is_raised_not_swallowed(pretend_cuda):
-    def run():
+    def run(config):
         raise RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered")
 
     old = tuning.set_timer(fake_timer([1.0] * 10))

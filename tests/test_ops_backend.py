@@ -14,7 +14,7 @@ from reference import assert_close, focal_loss_ref
 import focal_triton
 from focal_triton.ops import backend
 from focal_triton.kernels import launch
-from focal_triton.kernels import sigmoid_focal as sf
+from focal_triton.kernels import dense as sf
 
 # On a GPU these run on the CUDA launch path: `make gpu-check` runs them with the gpu tests.
 pytestmark = pytest.mark.cuda_path

@@ -72,7 +72,7 @@ def test_loss_stage_compiles_fullgraph_across_batch_and_image_sizes(backend, dev
 
 
 def test_loss_stage_compiles_once_over_six_sizes_with_a_one_pixel_level(backend, device):
-    """The README's recipe for sizes that change every step: with torch.compile's sizes 0 and 1 left unspecialized
+    """docs/pytorch2.md's recipe for sizes that change every step: with torch.compile's sizes 0 and 1 left unspecialized
     and no duck sizing (equal sizes at the first call, here the batch and a level's width, not assumed equal
     later), one compile serves six batch and image sizes, a 1-pixel level among them, both ways (1 -> 2 -> 1)."""
     import torch.fx.experimental._config as fx_config

@@ -38,7 +38,7 @@ def wheel(tmp_path_factory):
 def test_wheel_contains_kernels_as_subpackage(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     kernel_files = {Path(n).name for n in names if n.startswith("focal_triton/kernels/")}
-    assert {"__init__.py", "sigmoid_focal.py", "multilevel_focal.py", "focal_math.py", "launch.py"} <= kernel_files
+    assert {"__init__.py", "dense.py", "multilevel.py", "math.py", "launch.py", "tuning.py"} <= kernel_files
     assert {"focal_triton/integrations/__init__.py", "focal_triton/integrations/torchvision.py"} <= set(names)
     top_level = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert top_level == {"focal_triton"}, f"unexpected top-level entries: {top_level}"

@@ -1,7 +1,9 @@
 """Ahead-of-time compilation of the kernels' specializations for sm_80 and sm_90, without a GPU.
 
 Runs `python -m focal_triton.aot` in a child process without TRITON_INTERPRET (interpreted kernels cannot be
-compiled), started by conftest.py when the tests are collected, and checks the facts of each compiled kernel: it
+compiled), started by conftest.py when the tests are collected: in the default suite its representative subset
+(`aot.representative`, under two minutes), with FOCAL_TRITON_AOT=full (`make aot`, which CI runs after
+`make test`) the whole matrix. It checks the facts of each compiled kernel: it
 compiles, spills nothing, moves its tiles with 128-bit global loads and stores, indexes with 64 bits exactly where it
 must, and uses the transcendentals it promises; and the per-logit cost of the tile loops, counted in their sm_90
 SASS, against its budget (a regression fails here).
@@ -19,15 +21,21 @@ import pytest
 ARCHS = {"sm_80", "sm_90"}
 
 
+def full_matrix() -> bool:
+    """FOCAL_TRITON_AOT=full (`make aot`): the whole matrix; otherwise the representative subset."""
+    return os.environ.get("FOCAL_TRITON_AOT") == "full"
+
+
 def start_report():
     """Start `python -m focal_triton.aot` in a child process without TRITON_INTERPRET (interpreted kernels cannot be
     compiled); returns (process, path of its JSON facts). Called by conftest.py at collection time."""
     out = Path(tempfile.mkdtemp(prefix="focal_triton_aot_")) / "facts.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subset = [] if full_matrix() else ["--subset"]
     # Output to a file, not a pipe: nobody reads a pipe until the end, and a full one would stall the child.
     with open(out.with_suffix(".log"), "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "focal_triton.aot", "--json", str(out), "--workers", "2"],
-                                stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "focal_triton.aot", "--json", str(out), "--workers", "2",
+                                 *subset], stdout=log, stderr=subprocess.STDOUT, env=env)
     return proc, out
 
 
@@ -46,6 +54,7 @@ def report(request):
 
 @pytest.fixture(scope="module")
 def facts(report):
+    assert report["subset"] == (not full_matrix())
     return report["specializations"]
 
 
@@ -76,15 +85,33 @@ def loss_kind(f) -> int:
 
 
 def test_every_specialization_compiles_for_its_archs(facts):
-    """Every specialization compiles; the dense kernels and final sums for sm_80 and sm_90, the multi-level kernel
-    for sm_90 and (a subset: bf16 / fp32 logits, int64 labels) for sm_80. The relatives of FL (FL*, QFL, VFL) for
-    sm_90, bf16 and fp32 logits, with every mode of the multi-level kernel."""
+    """Every specialization compiles, for the architectures it lists; the subset holds every kernel on every logit
+    dtype, the relatives of FL (FL*, QFL, VFL) in both kernels, every mode of the multi-level kernel, and compiled-in
+    and runtime exponents."""
     errors = [f"{f['arch']} {f['label']}: {f['error']}" for f in facts if "error" in f]
     assert not errors, "\n".join(errors[:20])
     by_label = {}
     for f in facts:
         by_label.setdefault(f["label"], set()).add(f["arch"])
     assert all(by_label[f["label"]] == set(f["archs"]) for f in facts)
+    kernels = {f["kernel"] for f in facts}
+    assert kernels == DENSE | FINAL_SUMS | {MULTILEVEL}
+    for kernel in DENSE | {MULTILEVEL}:
+        dtypes = {f["label"].split()[1] for f in facts if f["kernel"] == kernel}
+        assert dtypes == {"x=fp32", "x=fp16", "x=bf16", "x=fp64"}, kernel
+    assert {(f["kernel"], loss_kind(f)) for f in facts if f["kernel"] != "sum_partials_kernel"
+            and f["kernel"] != "normalize_partials_kernel"} == {(k, kind) for k in DENSE | {MULTILEVEL}
+                                                                for kind in range(4)}
+    assert {f["constexprs"]["MODE"] for f in multilevel(facts)} == set("0123")
+    assert {"2", "-1"} <= {f["constexprs"]["GAMMA"] for f in multilevel(facts)}
+    assert {a for f in facts for a in f["archs"]} == ARCHS
+
+
+@pytest.mark.skipif(not full_matrix(), reason="the whole matrix: make aot (FOCAL_TRITON_AOT=full)")
+def test_the_matrix_covers_every_launch(facts):
+    """The dense kernels and final sums for sm_80 and sm_90, the multi-level kernel for sm_90 and (a subset: bf16 /
+    fp32 logits, int64 labels) for sm_80. The relatives of FL (FL*, QFL, VFL) for sm_90, bf16 and fp32 logits, with
+    every mode of the multi-level kernel."""
     # float32 losses of 16-bit logits (autocast) are compiled for sm_90 only, every other dense one for both.
     autocast = [f for f in facts if re.search(r"x=(fp16|bf16).*(out|upstream|loss)=fp32", f["label"])]
     assert autocast and all(f["archs"] == ["sm_90"] for f in autocast)
@@ -108,11 +135,6 @@ def test_every_specialization_compiles_for_its_archs(facts):
                if f["kernel"] != MULTILEVEL and f not in autocast and f not in variants and f not in other_powers)
     assert all("sm_90" in f["archs"] for f in multilevel(facts))
     assert {a for f in multilevel(facts) for a in f["archs"]} == ARCHS
-    kernels = {f["kernel"] for f in facts}
-    assert kernels == DENSE | FINAL_SUMS | {MULTILEVEL}
-    for kernel in DENSE | {MULTILEVEL}:
-        dtypes = {f["label"].split()[1] for f in facts if f["kernel"] == kernel}
-        assert dtypes == {"x=fp32", "x=fp16", "x=bf16", "x=fp64"}, kernel
     modes = {(f["constexprs"]["MODE"], f["constexprs"]["CLASS_ALIGNED"]) for f in multilevel(facts)}
     assert modes == {(m, a) for m in "0123" for a in ("True", "False")}
 
@@ -305,3 +327,22 @@ def test_per_logit_budgets(per_logit):
         if r["mufu_per_logit"] > mufu + 1e-9:
             over.append(f"{_row_key(r)}: {r['mufu_per_logit']} MUFU > {mufu}")
     assert not over, "\n".join(over)
+
+
+def test_design_bytes_are_what_the_tile_loops_move(per_logit):
+    """bench/kernel_report.py's bytes per logit by design (bf16 logits, int64 labels, C = 80: each pass reads the
+    logit once, the backward writes its gradient once, one label per 16-class row) equal the bytes the global
+    accesses of the channels_last full-tile loops move per logit, counted in their SASS (a thread owns one row)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import kernel_report
+
+    rows = {r["mode"]: r for r in per_logit if (r["kernel"], r["dtype"], r["loop"], r["loss"]) ==
+            ("multilevel", "bf16", "channels_last full", "FL gamma=2")}
+
+    def moved(r):
+        bits = sum(int(b) * n for accesses in (r["loads_by_bits"], r["stores_by_bits"]) for b, n in accesses.items())
+        return bits / 8 / r["logits_per_thread_per_iteration"]
+
+    fwd, fwd_bwd = kernel_report.design_bytes_per_logit(2)
+    assert moved(rows["fwd sum"]) == fwd
+    assert moved(rows["fwd sum"]) + moved(rows["bwd scalar"]) == fwd_bwd

@@ -37,8 +37,11 @@ runtime `gamma` (fractional: one exp2). FAST (float32 compute) selects the short
                                     error 5e-8), 7 FMAs: Triton's float32 log is a ~24-instruction polynomial too,
                                     and lg2.approx (MUFU.LG2) has an absolute error near 1 that log1p cannot take.
 """
+import torch
 import triton
 import triton.language as tl
+
+from ..losses import LossKind, compute_dtype
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 # Largest float32: caps a cross-entropy that only a vanishing factor multiplies (0 * inf = NaN otherwise).
@@ -293,3 +296,48 @@ def family_loss_and_grad(x, t, ts, c0, c1, gamma, beta, LOSS_KIND: tl.constexpr,
     else:
         loss, grad = varifocal_loss_and_grad(x, t, c0, c1, gamma, beta, GAMMA, FAST)
     return loss, grad
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host side: the compile-time switches of the math above for one launch (shared by the launchers and the
+# ahead-of-time check, so that the check compiles exactly what the library launches).
+
+_TRITON_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+# Integer exponents up to this one are compiled in (GAMMA = the exponent: multiplications, no transcendental);
+# fractional and larger ones take the runtime-exponent path (GAMMA = -1). Bounded: at most 6 variants per kernel.
+MAX_CONSTANT_POWER = 4
+
+
+def triton_compute_dtype(x_dtype: torch.dtype):
+    """COMPUTE_DTYPE: losses.compute_dtype of the logits' dtype, as a Triton dtype."""
+    return _TRITON_DTYPE[compute_dtype(x_dtype)]
+
+
+def power_constexpr(exponent: float) -> int:
+    """The GAMMA constexpr of an exponent (FL's and VFL's gamma, QFL's beta): the integer itself in
+    [0, MAX_CONSTANT_POWER], else -1 (the runtime path, exact for integers too)."""
+    exponent = float(exponent)
+    return int(exponent) if exponent.is_integer() and 0 <= exponent <= MAX_CONSTANT_POWER else -1
+
+
+def spec_power(spec) -> int:
+    """GAMMA of a launch of `spec` (a losses.LossSpec, whose gamma holds QFL's exponent too); FL* has no power
+    (gamma only scales it): 0."""
+    return 0 if spec.kind == LossKind.FL_STAR else power_constexpr(spec.gamma)
+
+
+def fast_math(x_dtype) -> bool:
+    """FAST: float32 compute takes the short exp2 / rsqrt / polynomial forms, float64 the libdevice ones."""
+    return compute_dtype(x_dtype) == torch.float32
+
+
+def short_log(x_dtype, backward: bool) -> bool:
+    """SHORT: the backward of 16-bit logits, whose gradient is rounded to 16 bits, takes the short log1p
+    (log1p_exp)."""
+    return fast_math(x_dtype) and backward and x_dtype.itemsize == 2
+
+
+def power_key(power: int) -> str:
+    """The exponent specialization in a tuning key: it changes the compiled code (and its registers)."""
+    return f" pow={power}" if power >= 0 else " pow=runtime"

@@ -17,6 +17,7 @@ from .modules import (FocalLoss, FocalLossStar, MultiLevelFocalLoss, QualityFoca
                       VarifocalLoss)
 from .prior import init_prior_bias_
 from .stats import LossStatistics, plot_loss_distribution
+from . import torchscript  # noqa: F401  (registers the public functions' ops for TorchScript)
 
 __version__ = "0.1.0"
 __all__ = ["sigmoid_focal_loss", "SigmoidFocalLoss", "focal_loss", "FocalLoss", "multilevel_focal_loss",

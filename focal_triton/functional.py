@@ -53,6 +53,8 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float
     target 0) where the eager formula gives NaN; gradients finite for every gamma >= 0, including 0 < gamma < 1 as
     p_t -> 1. NaN in gives NaN out. Sum and mean are deterministic (fixed-order partial sums, no atomics).
     """
+    if torch.jit.is_scripting():  # the registered op whose kernel is this function (focal_triton.torchscript)
+        return torch.ops.focal_triton.api_sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction)
     return _dense(V.dense_call(LossKind.FL, inputs, targets, reduction, alpha, gamma))
 
 
@@ -72,6 +74,8 @@ def sigmoid_focal_loss_star(inputs: torch.Tensor, targets: torch.Tensor, alpha: 
     Finite for logits of any magnitude where the formula's limit is (0 as gamma x_t + beta -> +inf), with finite
     gradients; NaN propagates.
     """
+    if torch.jit.is_scripting():  # the registered op whose kernel is this function (focal_triton.torchscript)
+        return torch.ops.focal_triton.api_sigmoid_focal_loss_star(inputs, targets, alpha, gamma, beta, reduction)
     return _dense(V.dense_call(LossKind.FL_STAR, inputs, targets, reduction, alpha, gamma, beta))
 
 
@@ -94,6 +98,8 @@ def quality_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, beta: float 
     Saturated logits give the formula's limit (0, or inf where y is strictly between 0 and 1 or opposite to the
     logit's sign) with a finite gradient; NaN propagates.
     """
+    if torch.jit.is_scripting():  # the registered op whose kernel is this function (focal_triton.torchscript)
+        return torch.ops.focal_triton.api_quality_focal_loss(inputs, targets, beta, reduction)
     return _dense(V.dense_call(LossKind.QFL, inputs, targets, reduction, beta=beta))
 
 
@@ -114,6 +120,8 @@ def varifocal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float = 0
         alpha: weight of the negatives, >= 0 (default 0.75). gamma: exponent >= 0 (default 2).
         iou_weighted: weight positives by q (default True) or by 1.
     """
+    if torch.jit.is_scripting():  # the registered op whose kernel is this function (focal_triton.torchscript)
+        return torch.ops.focal_triton.api_varifocal_loss(inputs, targets, alpha, gamma, iou_weighted, reduction)
     return _dense(V.dense_call(LossKind.VFL, inputs, targets, reduction, alpha, gamma,
                                     iou_weighted=iou_weighted))
 

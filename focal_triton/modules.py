@@ -108,6 +108,15 @@ class FocalLoss(nn.Module):
     def forward(self, logits, labels, weights=None, normalizer=None, scores=None):
         return focal_loss(logits, labels, weights=weights, normalizer=normalizer, scores=scores, **self._options())
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this (also on submodules) before compiling: refuse with the way out.
+        function = "multilevel_focal_loss" if isinstance(self, MultiLevelFocalLoss) else "focal_loss"
+        raise RuntimeError(
+            f"focal_triton.{type(self).__name__} cannot be scripted: its forward takes a normalizer that is a number "
+            f"or a tensor, which TorchScript must know when it compiles the call. In scripted code call "
+            f"focal_triton.{function}(...) with this module's options (it compiles to the registered op "
+            f"focal_triton::api_{function}); the dense modules (SigmoidFocalLoss, ...) script as they are")
+
     def extra_repr(self) -> str:
         alpha = "per-class tensor" if isinstance(self.alpha, torch.Tensor) else self.alpha
         options = "".join(f", {k}={v}" for k, v in (("beta", self.beta), ("iou_weighted", self.iou_weighted))

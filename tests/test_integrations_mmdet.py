@@ -1,5 +1,8 @@
-"""focal_triton.integrations.mmdet.FocalLoss gives mmdet's FocalLoss numbers (mmdet is not installed here: its
-semantics are re-stated below from mmdet's py_sigmoid_focal_loss and weight_reduce_loss, in float64)."""
+"""focal_triton.integrations.mmdet.FocalLoss gives mmdet's FocalLoss numbers. mmdet is not installed here (it needs
+mmcv and mmengine): its semantics are re-stated below, in float64, from mmdet 3.x's
+mmdet/models/losses/focal_loss.py (FocalLoss.forward: a target with pred's number of dims goes to
+py_sigmoid_focal_loss, class labels are one-hot encoded with C + 1 columns and the background column dropped;
+py_sigmoid_focal_loss's weight reshaping) and mmdet/models/losses/utils.py (weight_reduce_loss)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +11,33 @@ from focal_triton.integrations.mmdet import FocalLoss, register
 
 EPS = torch.finfo(torch.float32).eps
 P, C = 37, 6
+
+
+def mmdet_py_sigmoid_focal_loss(pred, target, weight=None, gamma=2.0, alpha=0.25, reduction="mean",
+                                avg_factor=None):
+    """mmdet's py_sigmoid_focal_loss then weight_reduce_loss, transcribed (float64)."""
+    pred = pred.double()
+    target = target.double()  # mmdet: target.type_as(pred)
+    p = pred.sigmoid()
+    pt = (1 - p) * target + p * (1 - target)
+    focal_weight = (alpha * target + (1 - alpha) * (1 - target)) * pt.pow(gamma)
+    loss = F.binary_cross_entropy_with_logits(pred, target, reduction="none") * focal_weight
+    if weight is not None:
+        weight = weight.double()
+        if weight.shape != loss.shape:
+            if weight.size(0) == loss.size(0):
+                weight = weight.view(-1, 1)
+            else:
+                assert weight.numel() == loss.numel()
+                weight = weight.view(loss.size(0), -1)
+        assert weight.ndim == loss.ndim
+        loss = loss * weight
+    if avg_factor is None:
+        return {"none": loss, "mean": loss.mean(), "sum": loss.sum()}[reduction]
+    if reduction == "mean":
+        return loss.sum() / (avg_factor + EPS)
+    assert reduction == "none"
+    return loss
 
 
 def mmdet_reference(pred, labels, weight=None, gamma=2.0, alpha=0.25, reduction="mean", avg_factor=None,
@@ -93,3 +123,67 @@ def test_register_needs_mmdet():
             register()
     else:
         assert register() is FocalLoss
+
+
+# --- targets of pred's shape (one-hot or soft): mmdet 3.x's `pred.dim() == target.dim()` branch --------------------
+
+def _dense_targets(kind, labels):
+    g = torch.Generator().manual_seed(4)
+    onehot = F.one_hot(labels, num_classes=C + 1)[:, :C]  # int64, as mmdet's own one-hot
+    return {"onehot_int": onehot, "onehot_float": onehot.float(), "soft": torch.rand(P, C, generator=g)}[kind]
+
+
+@pytest.mark.parametrize("kind", ["onehot_int", "onehot_float", "soft"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("weight_shape", [None, "per_prior", "column", "per_class", "flat"])
+def test_tensor_targets_match_mmdet(backend, kind, reduction, weight_shape):
+    pred, labels, w = _inputs(5)
+    target = _dense_targets(kind, labels)
+    g = torch.Generator().manual_seed(6)
+    weight = {None: None, "per_prior": w, "column": w.view(P, 1), "per_class": torch.rand(P, C, generator=g),
+              "flat": torch.rand(P * C, generator=g)}[weight_shape]
+    criterion = FocalLoss(gamma=1.5, alpha=0.3, loss_weight=0.5, reduction=reduction)
+    loss = criterion(pred, target, weight)
+    ref = 0.5 * mmdet_py_sigmoid_focal_loss(pred, target, weight, gamma=1.5, alpha=0.3, reduction=reduction)
+    assert loss.shape == ref.shape
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-7)
+    (grad,) = torch.autograd.grad(loss.sum(), pred)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), pred)
+    torch.testing.assert_close(grad.double(), ref_grad.double(), rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("avg_factor", [7.0, "tensor", 0.0])
+def test_tensor_targets_avg_factor_and_override(backend, weighted, avg_factor):
+    pred, labels, w = _inputs(7)
+    target = _dense_targets("soft", labels)
+    avg = torch.tensor(7.0) if avg_factor == "tensor" else avg_factor
+    weight = w if weighted else None
+    criterion = FocalLoss(reduction="sum", loss_weight=2.0)
+    loss = criterion(pred, target, weight, avg_factor=avg, reduction_override="mean")
+    ref = 2.0 * mmdet_py_sigmoid_focal_loss(pred, target, weight, reduction="mean",
+                                            avg_factor=7.0 if avg_factor == "tensor" else avg_factor)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-7)
+    none = criterion(pred, target, weight, avg_factor=avg, reduction_override="none")  # mmdet: avg_factor unused
+    torch.testing.assert_close(none.double(), 2.0 * mmdet_py_sigmoid_focal_loss(pred, target, weight,
+                                                                                reduction="none"),
+                               rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="avg_factor"):
+        criterion(pred, target, avg_factor=avg)
+
+
+def test_onehot_target_equals_labels(backend):
+    """The two forms of the same targets give the same loss (fused class-index path vs dense path)."""
+    pred, labels, w = _inputs(8)
+    criterion = FocalLoss()
+    for weight in (None, w):
+        torch.testing.assert_close(criterion(pred, _dense_targets("onehot_int", labels), weight),
+                                   criterion(pred, labels, weight), rtol=1e-5, atol=1e-7)
+
+
+def test_tensor_target_errors():
+    pred, labels, _ = _inputs(9)
+    with pytest.raises(ValueError, match=r"target must have pred's shape \(37, 6\).*got \(37, 5\)"):
+        FocalLoss()(pred, torch.zeros(P, C - 1))
+    with pytest.raises(ValueError, match="weight must have shape"):
+        FocalLoss()(pred, torch.zeros(P, C), torch.rand(P + 1))

@@ -1,13 +1,17 @@
-"""A drop-in for mmdet's `FocalLoss` (mmdet.models.losses.FocalLoss): same constructor and forward arguments and
-the same numbers, computed by focal_triton's fused kernels from the class-index labels (no one-hot target).
+"""A drop-in for mmdet's `FocalLoss` (mmdet.models.losses.FocalLoss, mmdet 3.x): same constructor and forward
+arguments and the same numbers, computed by focal_triton's fused kernels.
 
     loss_cls=dict(type="FocalTritonLoss", use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=1.0)
 
 after `register()` (or `custom_imports=dict(imports=["focal_triton.integrations.mmdet"])`, which registers it on
-import when mmdet is installed). mmdet's semantics: pred (num_priors, C) logits, target (num_priors,) labels with
-C meaning background, weight per prior (num_priors,) or per prior and class (num_priors, C) or flattened;
-reduction "mean" = sum / avg_factor (+ float32 eps, as mmdet) or the mean over all elements without avg_factor,
-"sum" (no avg_factor), "none"; the result times loss_weight.
+import when mmdet is installed). mmdet 3.x's semantics (mmdet/models/losses/focal_loss.py, FocalLoss.forward):
+pred (num_priors, C) logits and a target that is either
+- class labels (num_priors,), C meaning background: the fused class-index kernel (no one-hot target is built), or
+- a tensor of pred's number of dims (mmdet's test `pred.dim() == target.dim()`), one-hot or soft targets in
+  [0, 1], as mmdet's py_sigmoid_focal_loss (torchvision's formula): the dense kernel;
+weight per prior (num_priors,) or (num_priors, 1), or per prior and class (num_priors, C) or flattened; reduction
+"mean" = sum / (avg_factor + float32 eps), as mmdet's weight_reduce_loss, or the mean over all elements without
+avg_factor, "sum" (no avg_factor), "none"; the result times loss_weight. docs/integrations.md lists the differences.
 """
 import torch
 from torch import nn
@@ -38,11 +42,16 @@ class FocalLoss(nn.Module):
         reduction = reduction_override or self.reduction
         if reduction == "sum" and avg_factor is not None:
             raise ValueError('avg_factor can not be used with reduction="sum"')  # mmdet's message
+        if target.dim() == pred.dim():
+            return self.loss_weight * self._dense(pred, target, weight, reduction, avg_factor)
         num_classes = pred.shape[-1]
         if weight is not None and weight.shape != target.shape and weight.numel() == target.numel():
             weight = weight.reshape(target.shape)  # e.g. (num_priors, 1): one weight per prior
         if weight is not None and weight.shape != target.shape:
-            return self.loss_weight * self._elementwise_weights(pred, target, weight, reduction, avg_factor)
+            # A weight per prior and class (FSAF): the dense kernel on one-hot targets (a logit-sized target).
+            classes = torch.arange(num_classes, device=pred.device)
+            onehot = (target.unsqueeze(-1) == classes).to(pred.dtype)
+            return self.loss_weight * self._dense(pred, onehot, weight, reduction, avg_factor)
         if reduction == "none":
             loss = focal_loss(pred, target, alpha=self.alpha, gamma=self.gamma, weights=weight,
                               background=num_classes, ignore_index=None, reduction="none")
@@ -57,15 +66,26 @@ class FocalLoss(nn.Module):
                           background=num_classes, ignore_index=None, normalizer=normalizer)
         return self.loss_weight * loss
 
-    def _elementwise_weights(self, pred, target, weight, reduction, avg_factor):
-        """A weight per prior and class (FSAF): the dense kernel on one-hot targets (a logit-sized target; slower)."""
-        if weight.numel() != pred.numel():
-            raise ValueError(f"weight must have shape {tuple(target.shape)} (per prior) or {tuple(pred.shape)} "
-                             f"(per prior and class, possibly flattened), got {tuple(weight.shape)}")
-        classes = torch.arange(pred.shape[-1], device=pred.device)
-        onehot = (target.unsqueeze(-1) == classes).to(pred.dtype)
-        loss = sigmoid_focal_loss(pred, onehot, alpha=self.alpha, gamma=self.gamma, reduction="none")
-        loss = loss * weight.reshape(pred.shape)
+    def _dense(self, pred, target, weight, reduction, avg_factor):
+        """Targets of pred's shape (one-hot or soft): the dense kernel, its own sum or mean where no weight is given,
+        else the elementwise loss times the weight (per prior (num_priors,) / (num_priors, 1), or per element)."""
+        if target.shape != pred.shape:
+            raise ValueError(f"target must have pred's shape {tuple(pred.shape)} (one-hot or soft targets) or "
+                             f"pred.shape[:-1] = {tuple(pred.shape[:-1])} (class labels), got {tuple(target.shape)}")
+        if not target.is_floating_point():
+            target = target.to(pred.dtype)  # mmdet's target.type_as(pred), for an integer one-hot target
+        if weight is None:
+            if reduction == "mean" and avg_factor is not None:
+                return sigmoid_focal_loss(pred, target, self.alpha, self.gamma, "sum") / (avg_factor + _EPS)
+            return sigmoid_focal_loss(pred, target, self.alpha, self.gamma, reduction)
+        if weight.numel() == pred.shape[0]:
+            weight = weight.reshape(pred.shape[0], *([1] * (pred.dim() - 1)))
+        elif weight.numel() == pred.numel():
+            weight = weight.reshape(pred.shape)
+        else:
+            raise ValueError(f"weight must have shape ({pred.shape[0]},) (per prior) or {tuple(pred.shape)} (per "
+                             f"prior and class, possibly flattened), got {tuple(weight.shape)}")
+        loss = sigmoid_focal_loss(pred, target, self.alpha, self.gamma, "none") * weight
         if reduction == "none":
             return loss
         if reduction == "sum":

@@ -196,3 +196,32 @@ def test_meta_tensors():
     assert grads[1].is_contiguous(memory_format=torch.channels_last)
     outs = focal_triton.multilevel_focal_loss(levels, labels, A, reduction="none", check_labels=False)
     assert [o.shape for o in outs] == [x.shape for x in levels]
+
+
+def test_first_call_inside_compile_in_a_fresh_process():
+    """A process whose first focal_triton call is traced by torch.compile (the CPU path, each form, with a
+    gradient): nothing of focal_triton is first imported under the trace's fake-tensor mode, where a module-level
+    tensor would be created fake and poison later real calls."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import torch, focal_triton
+def stage(levels, labels, x, t):
+    a = focal_triton.multilevel_focal_loss(levels, labels, 3, normalizer=(labels >= 0).sum(1).clamp(min=1))
+    return a + focal_triton.sigmoid_focal_loss(x, t, reduction="sum")
+levels = [torch.randn(2, 3 * 5, h, w, requires_grad=True) for h, w in ((6, 7), (3, 4))]
+labels = torch.randint(-2, 5, (2, 3 * (42 + 12)))
+x = torch.randn(4, 30, requires_grad=True)
+t = (torch.rand(4, 30) < 0.2).float()
+loss = torch.compile(stage, fullgraph=True, backend="aot_eager")(levels, labels, x, t)
+loss.backward()
+ref = stage(levels, labels, x, t)
+torch.testing.assert_close(loss, ref)
+print("ok", loss.item())
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["FOCAL_TRITON_BACKEND"] = "torch"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]

@@ -21,6 +21,9 @@ import warnings
 
 import torch
 
+from ..cpu import dense as _cpu_dense
+from ..cpu import multilevel as _cpu_multilevel
+
 BACKEND_ENV = "FOCAL_TRITON_BACKEND"
 BACKEND_CHOICES = ("auto", "triton", "torch")
 
@@ -72,11 +75,16 @@ def _warn_no_triton():
                   "fused): pip install triton for the kernels", RuntimeWarning, stacklevel=4)
 
 
+_CPU = {"dense": _cpu_dense, "multilevel": _cpu_multilevel}
+
+
 def implementation(device: torch.device, op: str):
-    """The module holding op ("dense" or "multilevel") for tensors on `device`: kernels.<op> or cpu.<op>."""
+    """The module holding op ("dense" or "multilevel") for tensors on `device`: kernels.<op> (imported at first
+    use: it imports Triton) or cpu.<op> (imported with this module, never first inside a torch.compile trace, where
+    its module-level tensors would be created as fake tensors)."""
     if select_backend(device) == "triton":
         return importlib.import_module(f"focal_triton.kernels.{op}")
-    return importlib.import_module(f"focal_triton.cpu.{op}")
+    return _CPU[op]
 
 
 # Triton's interpreter keeps a launch's grid and program ids in module-level state: two threads launching at once

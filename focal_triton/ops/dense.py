@@ -25,9 +25,7 @@ def keeps_gradient(x: torch.Tensor, spec: LossSpec, requires_grad: bool) -> bool
     path computes it in the forward's own pass."""
     if not requires_grad or select_backend(x.device) != "torch":
         return False
-    from ..cpu import dense
-
-    return dense.keeps_gradient(x, spec)
+    return implementation(x.device, "dense").keeps_gradient(x, spec)
 
 
 def _empty_result(x: torch.Tensor, reduction: str, out_dtype) -> torch.Tensor:

@@ -36,9 +36,8 @@ def keeps_gradient(levels, weights, alpha_per_class, spec, reduction, with_stats
     when they will be needed (requires_grad) and the CPU path computes them in the forward's own pass."""
     if not requires_grad or reduction != "sum" or select_backend(levels[0].device) != "torch":
         return False
-    from ..cpu import multilevel
-
-    return multilevel.keeps_gradient(levels, weights, alpha_per_class, spec, with_stats)
+    return implementation(levels[0].device, "multilevel").keeps_gradient(levels, weights, alpha_per_class, spec,
+                                                                       with_stats)
 
 
 @torch.library.custom_op("focal_triton::multilevel_focal_loss", mutates_args=())

@@ -393,6 +393,13 @@ SMOKE = [
     Multilevel("multilevel VFL fp32 cl C=16 gamma=1.5 not IoU-weighted", torch.float32, HW2, c=16, layout="cl",
                loss="vfl", gamma=1.5, iou_weighted=False),
     Multilevel("multilevel VFL bf16 nchw C=5 none", torch.bfloat16, HW2, loss="vfl", reduction="none"),
+    # The other compiled-in exponents (GAMMA 1, 3, 4) and options of 16-bit logits (the pair paths).
+    Multilevel("multilevel bf16 cl C=16 weights, smoothing, gamma=3", torch.bfloat16, HW2, c=16, layout="cl",
+               gamma=3.0, weights=True, label_smoothing=0.1),
+    Multilevel("multilevel bf16 mix C=16 gamma=1", torch.bfloat16, HW2, c=16, layout="mix", gamma=1.0),
+    Multilevel("multilevel bf16 nchw C=5 gamma=4", torch.bfloat16, HW2, gamma=4.0),
+    Dense("dense bf16 sum gamma=3", torch.bfloat16, (301,), "sum", gamma=3.0),
+    Dense("dense bf16 sum gamma=4", torch.bfloat16, (301,), "sum", gamma=4.0),
 ]
 
 # Shape classes the suite uses beyond the smoke set's: sizes and integer arguments equal to 1, 16-divisible and odd

@@ -1,5 +1,5 @@
-"""`make bench` until the benchmark suite lands: compute a focal loss and its gradient on a RetinaNet-like batch
-and print them, with the implementation that ran and a side-by-side timing ratio against torchvision's eager code:
+"""A short correctness and speed demo beside the benchmark suite (bench/run.py): compute a focal loss and its
+gradient on a RetinaNet-like batch and print them, with the implementation that ran and a side-by-side timing ratio against torchvision's eager code:
 first the dense form (torchvision.ops.sigmoid_focal_loss), then the detector form (the head's per-level outputs
 and the assigner's labels, against RetinaNetClassificationHead.compute_loss with its permute, cat and one-hot).
 

@@ -19,7 +19,11 @@ import inspect
 import itertools
 
 import torch
-from torch.jit._builtins import _register_builtin
+
+try:  # torch's table of TorchScript builtins: a private API, absent from a torch that drops or renames it
+    from torch.jit._builtins import _register_builtin
+except ImportError:  # then the ops still exist (torch.ops.focal_triton.api_*), but scripted calls of the
+    _register_builtin = None  # functions do not compile to them; everything else works
 
 from . import functional as F
 
@@ -86,7 +90,8 @@ def _register(fn, kernel) -> None:
         # CompositeImplicitAutograd: the kernel runs above autograd, so the loss ops it calls record their own
         # backward, as in eager code.
         _LIB.impl(qualified, kernel, "CompositeImplicitAutograd")
-    _register_builtin(fn, f"focal_triton::{name}")
+    if _register_builtin is not None:
+        _register_builtin(fn, f"focal_triton::{name}")
 
 
 for _fn in (F.sigmoid_focal_loss, F.sigmoid_focal_loss_star, F.quality_focal_loss, F.varifocal_loss):

@@ -246,3 +246,27 @@ def test_op_schema_is_the_signature(fn):
             assert not a.has_default_value()
         else:
             assert a.default_value == p.default, a.name
+
+
+def test_the_package_imports_without_torchs_builtin_table():
+    """torch.jit._builtins._register_builtin is private: a torch without it still imports focal_triton and runs
+    every eager call (only calls from scripted code lose their compile target)."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import sys, types, torch
+import torch.jit._builtins as b
+stub = types.ModuleType("torch.jit._builtins")
+stub.__dict__.update({k: v for k, v in vars(b).items() if k != "_register_builtin"})
+sys.modules["torch.jit._builtins"] = stub
+import focal_triton
+x = torch.randn(3, 4, requires_grad=True)
+loss = focal_triton.sigmoid_focal_loss(x, (torch.rand(3, 4) < 0.3).float(), reduction="sum")
+loss.backward()
+print("ok", hasattr(torch.ops.focal_triton, "api_sigmoid_focal_loss"))
+"""
+    env = {**os.environ, "FOCAL_TRITON_BACKEND": "torch"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "ok True", r.stdout + r.stderr[-3000:]

@@ -84,11 +84,6 @@ def encode(kind, alpha=-1.0, gamma=2.0, beta=0.0, iou_weighted=True, smoothing=0
     return LossSpec(kind, c0, c1, float(gamma), float(beta) if kind == FL_STAR else 0.0, float(smoothing))
 
 
-def is_integer_exponent(gamma: float) -> bool:
-    """Integer exponents take the multiply-only paths (no pow)."""
-    return float(gamma).is_integer()
-
-
 # --- geometry of a head's levels and labels ---------------------------------------------------------------------
 
 def anchor_view(level: torch.Tensor, num_anchors: int) -> torch.Tensor:

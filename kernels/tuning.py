@@ -154,10 +154,6 @@ class TuneCache:
             self._warn("write", f"cannot write ({type(e).__name__}: {e}); tuned configs kept in memory")
 
 
-class _StopTuning(Exception):
-    """Timing cannot run now (out of memory): no candidate can be measured."""
-
-
 def _cuda_fault(e: BaseException) -> bool:
     """A CUDA error raised by a launch or a sync (an illegal address, a device assert): the context is unusable."""
     accelerator_error = getattr(torch, "AcceleratorError", None)

@@ -1,6 +1,10 @@
 """Helpers shared by the tests: inputs of a detector head's levels and labels, the check of a multi-level call
 against the float64 reference, and a watcher of logit-sized copies. (The float64 references themselves are
 reference*.py, written independently of focal_triton.)"""
+import json
+import subprocess
+
+import pytest
 import torch
 from conftest import DEVICE
 from reference import TOL, assert_close
@@ -135,3 +139,16 @@ class LogitCopies(TorchDispatchMode):
                 for o in outs):
             self.seen.append(str(func))
         return out
+
+
+def child_result(proc, out, timeout_s: int, what: str) -> dict:
+    """The JSON result a child process of the suite (the compile report, the stand-in check) writes to `out`:
+    waits for it at most timeout_s, and fails with the end of its log when it ran too long or wrote nothing."""
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"the {what} ran past {timeout_s // 60} minutes")
+    if not out.exists():
+        pytest.fail(f"the {what} did not run:\n{out.with_suffix('.log').read_text()[-6000:]}")
+    return json.loads(out.read_text())

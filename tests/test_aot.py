@@ -8,7 +8,6 @@ compiles, spills nothing, moves its tiles with 128-bit global loads and stores, 
 must, and uses the transcendentals it promises; and the per-logit cost of the tile loops, counted in their sm_90
 SASS, against its budget (a regression fails here).
 """
-import json
 import os
 import re
 import subprocess
@@ -17,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from helpers import child_result
 
 ARCHS = {"sm_80", "sm_90"}
 
@@ -42,14 +42,7 @@ def start_report():
 @pytest.fixture(scope="module")
 def report(request):
     proc, out = getattr(request.config, "focal_triton_aot", None) or start_report()
-    try:
-        proc.wait(timeout=1800)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail("the compile report ran past 30 minutes")
-    if not out.exists():
-        pytest.fail(f"the compile report did not run:\n{out.with_suffix('.log').read_text()[-6000:]}")
-    return json.loads(out.read_text())
+    return child_result(proc, out, 1800, "compile report")
 
 
 @pytest.fixture(scope="module")

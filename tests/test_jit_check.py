@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import child_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,14 +36,7 @@ def start_report():
 @pytest.fixture(scope="module")
 def result(request):
     proc, out, started = getattr(request.config, "focal_triton_jit", None) or start_report()
-    try:
-        proc.wait(timeout=1200)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail("the stand-in compile check ran past 20 minutes")
-    if not out.exists():
-        pytest.fail(f"the stand-in compile check did not run:\n{out.with_suffix('.log').read_text()[-6000:]}")
-    data = json.loads(out.read_text())
+    data = child_result(proc, out, 1200, "stand-in compile check")
     print(f"stand-in compile check: {len(data['specializations'])} specializations, compile seconds per arch "
           f"{data['seconds']}, finished {time.time() - started:.0f} s after it started")
     return data

@@ -55,41 +55,41 @@ def _value_and_grads(fn, levels, *args):
     return loss, torch.autograd.grad(loss, xs)
 
 
-def test_loss_stage_compiles_fullgraph_across_batch_and_image_sizes(backend, device):
-    compiled, counter = _compiled(retinanet_loss_stage)
+def _run_over_sizes(compiled, counter, sizes, device) -> list:
+    """The compiled loss stage against the eager one on each (batch, level sizes): values and gradients equal;
+    returns the compiled frame count after each call."""
     frames = []
-    # Sizes all different within a call: torch.compile gives equal sizes one symbol ("duck sizing"), and a later
-    # call where they differ would then recompile for reasons of the test, not of focal_triton.
-    for n, sizes in ((2, [(6, 7), (4, 9)]), (3, [(8, 5), (2, 11)]), (4, [(7, 6), (3, 10)])):
-        levels, matched, gt = _head(n, sizes, device, seed=n)
+    for n, hws in sizes:
+        levels, matched, gt = _head(n, hws, device, seed=n)
         loss, grads = _value_and_grads(compiled, levels, matched, gt)
         ref, ref_grads = _value_and_grads(retinanet_loss_stage, levels, matched, gt)
         torch.testing.assert_close(loss, ref, rtol=1e-6, atol=0)
         for g, r in zip(grads, ref_grads):
             torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-9)
         frames.append(counter.frame_count)
+    return frames
+
+
+def test_loss_stage_compiles_fullgraph_across_batch_and_image_sizes(backend, device):
+    compiled, counter = _compiled(retinanet_loss_stage)
+    # Sizes all different within a call: torch.compile gives equal sizes one symbol ("duck sizing"), and a later
+    # call where they differ would then recompile for reasons of the test, not of focal_triton.
+    frames = _run_over_sizes(compiled, counter, ((2, [(6, 7), (4, 9)]), (3, [(8, 5), (2, 11)]),
+                                                 (4, [(7, 6), (3, 10)])), device)
     assert_one_graph(frames[0], counter)  # one graph for every batch and image size
 
 
 def test_loss_stage_compiles_once_over_six_sizes_with_a_one_pixel_level(backend, device):
-    """docs/pytorch2.md's recipe for sizes that change every step: with torch.compile's sizes 0 and 1 left unspecialized
-    and no duck sizing (equal sizes at the first call, here the batch and a level's width, not assumed equal
-    later), one compile serves six batch and image sizes, a 1-pixel level among them, both ways (1 -> 2 -> 1)."""
+    """docs/pytorch2.md's recipe for sizes that change every step: with torch.compile's sizes 0 and 1 left
+    unspecialized and no duck sizing (equal sizes at the first call, here the batch and a level's width, not assumed
+    equal later), one compile serves six batch and image sizes, a 1-pixel level among them, both ways (1 -> 2 -> 1)."""
     import torch.fx.experimental._config as fx_config
 
     compiled, counter = _compiled(retinanet_loss_stage)
-    frames = []
     sizes = ((2, [(6, 7), (3, 2)]), (3, [(8, 5), (1, 1)]), (4, [(1, 1), (3, 2)]), (2, [(4, 4), (2, 2)]),
              (1, [(7, 2), (1, 3)]), (5, [(2, 9), (1, 1)]))
     with fx_config.patch(backed_size_oblivious=True, use_duck_shape=False):
-        for n, hws in sizes:
-            levels, matched, gt = _head(n, hws, device, seed=n)
-            loss, grads = _value_and_grads(compiled, levels, matched, gt)
-            ref, ref_grads = _value_and_grads(retinanet_loss_stage, levels, matched, gt)
-            torch.testing.assert_close(loss, ref, rtol=1e-6, atol=0)
-            for g, r in zip(grads, ref_grads):
-                torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-9)
-            frames.append(counter.frame_count)
+        frames = _run_over_sizes(compiled, counter, sizes, device)
     assert_one_graph(frames[0], counter)
 
 

@@ -4,10 +4,15 @@ of a detector head's levels and labels.
 
 The family, per element with logit x, target t, p = sigmoid(x), BCE target t_s (label smoothing s: t (1 - s) + s/2):
 
-    FL   alpha_t (1 - p_t)**gamma BCE(x, t_s)         p_t = p t + (1 - p)(1 - t),  alpha_t = c0 + c1 t
+    FL   alpha_t (1 - p_t)**gamma BCE(x, t_s)         p_t = p t + (1 - p)(1 - t),  alpha_t = c0 (1 - t) + c1 t
     FL*  alpha_t softplus(-(gamma x_t + beta)) / gamma   x_t = x (2t - 1)
     QFL  |t - p|**gamma BCE(x, t)                      (the paper's exponent beta, in gamma)
-    VFL  (c0 + c1 t) BCE(x, t) where t > 0, beta p**gamma BCE(x, 0) where t <= 0   (alpha of the negatives in beta)
+    VFL  w_t BCE(x, t) where t > 0, beta p**gamma BCE(x, 0) where t <= 0   (w_t = c0 (1 - t) + c1 t; alpha of the
+         negatives in beta)
+
+alpha_t is encoded by its values at the two ends, c0 = alpha_t(0) and c1 = alpha_t(1), so that both are exact in
+float32 (an encoding c0 + c1 t with c1 = 2 alpha - 1 rounds c0 + c1 = alpha to an absolute error of ~6e-8: a large
+relative error for a small alpha).
 
 Level geometry: level l of a head is (N, A*C, H_l, W_l), channel a*C + c = class c of anchor a; its anchors are
 label columns mb_l + (h W_l + w) A + a of the (N, M) labels, mb_l = A sum_{k<l} H_k W_k (torchvision's and
@@ -51,24 +56,25 @@ def compute_dtype(x_dtype: torch.dtype) -> torch.dtype:
 
 
 class LossSpec(NamedTuple):
-    """A loss of the family in the implementations' encoding, computed once (`encode`): alpha_t = c0 + c1 t (FL,
-    FL*; VFL: its positives' weight c0 + c1 q), the exponent gamma (FL, VFL; QFL's beta), beta (FL*'s shift; VFL's
-    alpha of the negatives), label smoothing (FL). A per-class alpha travels as its own (C,) tensor, c0 and c1 are
-    then 1 and 0."""
+    """A loss of the family in the implementations' encoding, computed once (`encode`): alpha_t = c0 (1 - t) + c1 t
+    (FL, FL*; VFL: its positives' weight, w_q = c0 (1 - q) + c1 q), the exponent gamma (FL, VFL; QFL's beta), beta
+    (FL*'s shift; VFL's alpha of the negatives), label smoothing (FL). A per-class alpha travels as its own (C,)
+    tensor; c0 and c1 are then 1 and 1 (and not read)."""
 
     kind: int = FL
     c0: float = 0.75
-    c1: float = -0.5
+    c1: float = 0.25
     gamma: float = 2.0
     beta: float = 0.0
     smoothing: float = 0.0
 
 
 def alpha_coefficients(alpha: float):
-    """alpha_t = c0 + c1 t: alpha t + (1 - alpha)(1 - t) for alpha >= 0, and 1 for alpha = -1 (no weighting)."""
+    """(c0, c1) = (alpha_t(0), alpha_t(1)) of alpha_t = alpha t + (1 - alpha)(1 - t) for alpha >= 0, and of
+    alpha_t = 1 for alpha = -1 (no weighting)."""
     if alpha < 0:
-        return 1.0, 0.0
-    return 1.0 - alpha, 2.0 * alpha - 1.0
+        return 1.0, 1.0
+    return 1.0 - alpha, float(alpha)
 
 
 def encode(kind, alpha=-1.0, gamma=2.0, beta=0.0, iou_weighted=True, smoothing=0.0) -> LossSpec:
@@ -76,9 +82,9 @@ def encode(kind, alpha=-1.0, gamma=2.0, beta=0.0, iou_weighted=True, smoothing=0
     beside)."""
     kind = LossKind(kind)
     if kind == QFL:
-        return LossSpec(kind, 1.0, 0.0, float(beta), 0.0, 0.0)
+        return LossSpec(kind, 1.0, 1.0, float(beta), 0.0, 0.0)
     if kind == VFL:
-        c0, c1 = (0.0, 1.0) if iou_weighted else (1.0, 0.0)
+        c0, c1 = (0.0, 1.0) if iou_weighted else (1.0, 1.0)
         return LossSpec(kind, c0, c1, float(gamma), float(alpha), 0.0)
     c0, c1 = alpha_coefficients(alpha)
     return LossSpec(kind, c0, c1, float(gamma), float(beta) if kind == FL_STAR else 0.0, float(smoothing))

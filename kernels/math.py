@@ -7,7 +7,7 @@ label-smoothed t (1 - s) + s / 2 of the class-index kernels),
     L = log(1 + e)                 (softplus(-a); BCE is L plus a linear part)
     u = 1 - p_t = p (1 - t) + q t  (p_t = p t + q (1 - t))
     ce = BCE(x, t_s) = (x >= 0 ? (1 - t_s) x : -t_s x) + L
-    FL = alpha_t * u**gamma * ce,  alpha_t = c0 + c1 t  (c0 = 1 - alpha, c1 = 2 alpha - 1; c0 = 1, c1 = 0 without alpha)
+    FL = alpha_t * u**gamma * ce,  alpha_t = c0 (1 - t) + c1 t  (c0 = 1 - alpha, c1 = alpha; both 1 without alpha)
     dFL/dx = alpha_t * (u**gamma (p - t_s) + gamma u**(gamma - 1) p q (1 - 2 t) ce)
 
 Hard targets (t in {0, 1}, the class-index kernels' FL: `focal_binary_loss_and_grad`) take the form of the logit seen
@@ -23,8 +23,8 @@ The relatives of FL, chosen by the LOSS_KIND constexpr of `family_loss_and_grad`
     2 QFL  (Li et al. 2020), t = y the soft score, exponent in gamma (the paper's beta):
            d = y - p = y q - (1 - y) p (no cancellation at y = 0 or 1),  QFL = |d|**gamma BCE(x, y),
            dQFL/dx = |d|**gamma (p - y) + gamma |d|**(gamma - 1) sign(p - y) p q BCE(x, y).
-    3 VFL  (Zhang et al. 2021), t = q the IoU-aware score: w = c0 + c1 q (c0 = 0, c1 = 1: weighted by q; c0 = 1,
-           c1 = 0: by 1), alpha of the negatives in beta:
+    3 VFL  (Zhang et al. 2021), t = q the IoU-aware score: w = c0 (1 - q) + c1 q (c0 = 0, c1 = 1: weighted by q;
+           c0 = c1 = 1: by 1), alpha of the negatives in beta:
            q > 0: VFL = w BCE(x, q), dVFL/dx = w (p - q);   q <= 0: VFL = FL(x, 0) with alpha_t = beta.
 
 Compile-time switches: GAMMA >= 0 is an integer gamma (powers by repeated multiplication, unrolled), GAMMA < 0 the
@@ -178,7 +178,7 @@ def focal_loss_and_grad(x, t, ts, c0, c1, gamma, GAMMA: tl.constexpr, FAST: tl.c
     u = er + t_own * (r - er)
     ce = tl.where(ts_own == 0.0, L, L + ts_own * a)
     m, g = modulation(u, log2_for_power(u, GAMMA), r * er, gamma, GAMMA)
-    alpha_t = c0 + c1 * t
+    alpha_t = c0 * (1.0 - t) + c1 * t  # exact at t = 0 and 1 (losses.LossSpec)
     loss = alpha_t * m * ce
     grad = tl.where(pos, alpha_t, -alpha_t) * (m * (ts_own - er) + g * (2.0 * t_own - 1.0) *
                                                tl.minimum(ce, _FLOAT32_MAX))
@@ -237,7 +237,7 @@ def focal_star_loss_and_grad(x, t, c0, c1, gamma, beta, FAST: tl.constexpr):
     z = gamma * xt + beta
     _, e, r, er = logistic_parts(z, FAST)
     qz = tl.where(z >= 0, er, r)
-    alpha_t = c0 + c1 * t
+    alpha_t = c0 * (1.0 - t) + c1 * t  # exact at t = 0 and 1 (losses.LossSpec)
     loss = alpha_t * (tl.where(z >= 0, 0.0, -z) + log1p_exp(e, r, er, FAST)) / gamma
     grad = -alpha_t * s * qz
     return loss, grad
@@ -275,7 +275,7 @@ def varifocal_loss_and_grad(x, t, c0, c1, gamma, alpha_neg, GAMMA: tl.constexpr,
     ts = tl.where(t <= 0, 0.0, t)  # the BCE target: q for positives, 0 for negatives, NaN stays NaN
     ce = bce_with_logits(x, ts, a, L)
     m, g = modulation(p, (L + tl.where(xpos, 0.0, a)) * -_LOG2E, r * er, gamma, GAMMA)
-    w = c0 + c1 * t
+    w = c0 + (c1 - c0) * t  # c0 (1 - t) + c1 t, exact for VFL's two encodings (0, 1) and (1, 1)
     loss = tl.where(pos, w * ce, alpha_neg * m * ce)
     grad = tl.where(pos, w, alpha_neg * m) * (p - ts) + tl.where(pos | (g == 0.0), 0.0, alpha_neg * g * ce)
     return loss, grad

@@ -128,8 +128,8 @@ def _terms(x, a, nonneg, rel, cols, c_start, C, score, alpha_ptr, g0, lc0, lc1, 
         else:
             t = hit.to(COMPUTE_DTYPE)
             ts = t * (1.0 - 2.0 * half_smoothing) + half_smoothing
-        # alpha_t = c0 + c1 t with c0 = lc0, c1 = lc1 - lc0 (FL*); QFL and VFL take their own c0, c1.
-        loss, grad = family_loss_and_grad(x, t, ts, lc0v, lc1v - lc0v, gamma, beta, LOSS_KIND, GAMMA, FAST)
+        # alpha_t = lc0 (1 - t) + lc1 t (FL*; VFL's positives' weight); QFL takes none.
+        loss, grad = family_loss_and_grad(x, t, ts, lc0v, lc1v, gamma, beta, LOSS_KIND, GAMMA, FAST)
         grad = grad * g0
     return loss, grad
 
@@ -501,11 +501,11 @@ def multilevel_focal_kernel(
     g0 = 1.0
     if MODE == 2:
         g0 = tl.load(grad_scalar_ptr).to(COMPUTE_DTYPE) * tl.load(scale_ptr + n).to(COMPUTE_DTYPE)
-    # FL's per-side factors: alpha_t = c0 + c1 t (off the label's class: c0; on it: c0 + c1); the gradient's carry
+    # FL's per-side factors: alpha_t(0) = c0 off the label's class, alpha_t(1) = c1 on it; the gradient's carry
     # g0 and, on the label's class, the sign of dz/dx = -1.
     # (Scalars as COMPUTE_DTYPE values: a select of two Python floats would be float32 in the interpreter.)
     lc0 = tl.full([], c0, COMPUTE_DTYPE)
-    lc1 = lc0 + tl.full([], c1, COMPUTE_DTYPE)
+    lc1 = tl.full([], c1, COMPUTE_DTYPE)
     gc0 = lc0 * g0
     gc1 = lc1 * -g0
     half_smoothing = 0.5 * tl.full([], smoothing, COMPUTE_DTYPE)
@@ -743,7 +743,7 @@ def _launch(mode, levels, outs, grads, labels, weights, scores, alpha_per_class,
     stats = (torch.empty(plan.N * plan.num_anchors_total * class_tiles, dtype=partials_dtype, device=x.device)
              if with_stats else dummy)
     ints = [plan.tiles_per_image, plan.num_anchors_total, plan.num_levels, plan.cl_mask]
-    # A per-class alpha is read in the kernel (HAS_ALPHA; spec's c0, c1 are then 1, 0).
+    # A per-class alpha is read in the kernel (HAS_ALPHA; spec's c0, c1 are then not read).
     scalars = [spec.c0, spec.c1, spec.gamma, spec.beta, float(spec.smoothing),
                0 if ignore_index is None else int(ignore_index)]
 

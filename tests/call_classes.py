@@ -462,7 +462,7 @@ def num_stages_cases():
     def dense(options):
         x = torch.zeros(4096, dtype=torch.bfloat16)
         ce = sf.forward_constexprs(x.dtype, True, 2, False, 1024)  # reduce, GAMMA = 2, 32-bit indexing
-        return sf.sigmoid_focal_fwd_kernel.warmup(x, x, torch.zeros(8), 4096, 0.75, -0.5, 2.0, 0.0, grid=(1,),
+        return sf.sigmoid_focal_fwd_kernel.warmup(x, x, torch.zeros(8), 4096, 0.75, 0.25, 2.0, 0.0, grid=(1,),
                                                   num_warps=4, **options, **ce)
 
     def multilevel(options):

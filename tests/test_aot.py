@@ -256,10 +256,10 @@ BUDGET = {
     ('multilevel', 'bf16', 'NCHW full pairs', 'fwd sum', 'VFL gamma=2'): (33.12, 2.0),
     ('multilevel', 'bf16', 'NCHW full', 'fwd sum', 'VFL gamma=2'): (35.94, 2.0),
     ('multilevel', 'bf16', 'NCHW edge', 'fwd sum', 'VFL gamma=2'): (36.88, 2.0),
-    ('dense', 'bf16', 'flat full', 'fwd sum', 'FL gamma=2'): (30.0, 2.0),
-    ('dense', 'bf16', 'flat full', 'bwd scalar', 'FL gamma=2'): (38.5, 2.0),
-    ('dense', 'bf16', 'flat full', 'fwd sum', 'FL gamma=1.5'): (59.25, 3.0),
-    ('dense', 'bf16', 'flat full', 'bwd scalar', 'FL gamma=1.5'): (79.5, 4.0),
+    ('dense', 'bf16', 'flat full', 'fwd sum', 'FL gamma=2'): (30.88, 2.0),
+    ('dense', 'bf16', 'flat full', 'bwd scalar', 'FL gamma=2'): (38.62, 2.0),
+    ('dense', 'bf16', 'flat full', 'fwd sum', 'FL gamma=1.5'): (60.0, 3.0),
+    ('dense', 'bf16', 'flat full', 'bwd scalar', 'FL gamma=1.5'): (81.0, 4.0),
     ('multilevel', 'fp32', 'channels_last full', 'fwd sum', 'FL gamma=2'): (30.25, 2.0),
     ('multilevel', 'fp32', 'channels_last edge', 'fwd sum', 'FL gamma=2'): (31.38, 2.0),
     ('multilevel', 'fp32', 'NCHW full', 'fwd sum', 'FL gamma=2'): (32.62, 2.0),
@@ -276,17 +276,18 @@ BUDGET = {
     ('multilevel', 'fp32', 'channels_last edge', 'bwd scalar', 'FL gamma=1.5'): (40.5, 3.0),
     ('multilevel', 'fp32', 'NCHW full', 'bwd scalar', 'FL gamma=1.5'): (42.12, 3.0),
     ('multilevel', 'fp32', 'NCHW edge', 'bwd scalar', 'FL gamma=1.5'): (43.88, 3.0),
-    ('dense', 'fp32', 'flat full', 'fwd sum', 'FL gamma=2'): (28.25, 2.0),
-    ('dense', 'fp32', 'flat full', 'bwd scalar', 'FL gamma=2'): (39.25, 2.0),
+    ('dense', 'fp32', 'flat full', 'fwd sum', 'FL gamma=2'): (29.0, 2.0),
+    ('dense', 'fp32', 'flat full', 'bwd scalar', 'FL gamma=2'): (40.0, 2.0),
 }
 # Issue 13's goal for the RetinaNet case (bf16, FL gamma = 2, torchvision's ignore value, C = 80, int64 labels):
 # at most 30 instructions and 3 MUFU per logit. Met by the full-tile loops below; not (yet) by the NCHW backward
-# (33.8 in levels of even h*w, 39.1 in the others) nor the dense backward (38.5): docs/kernels.md says why.
+# (33.8 in levels of even h*w, 39.1 in the others) nor the dense kernels (forward 30.9, backward 38.6: the exact
+# alpha_t = c0 (1 - t) + c1 t of soft targets costs them one instruction more than c0 + c1 t did; the dense kernels
+# also move the targets' bytes, which makes them memory-bound by the model): docs/kernels.md says why.
 GOAL = {"instructions_per_logit": 30.0, "mufu_per_logit": 3.0}
 GOAL_MET = [("multilevel", "bf16", "channels_last full", "fwd sum", "FL gamma=2"),
             ("multilevel", "bf16", "channels_last full", "bwd scalar", "FL gamma=2"),
-            ("multilevel", "bf16", "NCHW full pairs", "fwd sum", "FL gamma=2"),
-            ("dense", "bf16", "flat full", "fwd sum", "FL gamma=2")]
+            ("multilevel", "bf16", "NCHW full pairs", "fwd sum", "FL gamma=2")]
 
 
 def _row_key(r):

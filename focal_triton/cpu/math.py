@@ -57,15 +57,22 @@ def _slope(u, m, p, q, gamma: float):
     return gamma * m * torch.where(u > 0, p * q / u, u.new_zeros(()))
 
 
+def _alpha_t(t, c0, c1):
+    """c0 (1 - t) + c1 t (exact at t = 0 and 1), or the number c0 itself where c0 == c1 (no chunk-sized ones)."""
+    if not isinstance(c0, torch.Tensor) and not isinstance(c1, torch.Tensor) and c0 == c1:
+        return c0
+    return c0 * (1.0 - t) + c1 * t
+
+
 def focal_terms(x, t, ts, c0, c1, gamma: float, want_grad: bool):
-    """(FL, dFL/dx or None): t modulates, ts is the BCE target, alpha_t = c0 + c1 t with c0, c1 numbers or tensors
-    broadcasting against x."""
+    """(FL, dFL/dx or None): t modulates, ts is the BCE target, alpha_t = c0 (1 - t) + c1 t with c0, c1 numbers or
+    tensors broadcasting against x."""
     e, p, q, pos = _sigmoid_parts(x)
     u = p * (1.0 - t) + q * t
     zero = x.new_zeros(())
     ce = _bce(x, ts, e, pos)
     m = u.pow(gamma)
-    alpha_t = c0 + c1 * t if (isinstance(c1, torch.Tensor) or c1 != 0.0) else c0  # no chunk-sized ones
+    alpha_t = _alpha_t(t, c0, c1)
     loss = alpha_t * m * ce
     if not want_grad:
         return loss, None
@@ -84,7 +91,7 @@ def terms(x, t, ts, spec, c0, c1, want_grad: bool):
     if kind == FL_STAR:
         s = 2.0 * t - 1.0
         z = gamma * torch.where((s == 0) & (x == x), zero, x * s) + beta
-        alpha_t = c0 + c1 * t
+        alpha_t = _alpha_t(t, c0, c1)
         loss = alpha_t * (torch.where(z >= 0, zero, -z) + torch.log1p(torch.exp(-z.abs()))) / gamma
         return loss, (-alpha_t * s * torch.sigmoid(-z) if want_grad else None)
     e, p, q, pos = _sigmoid_parts(x)
@@ -99,12 +106,12 @@ def terms(x, t, ts, spec, c0, c1, want_grad: bool):
         g = _slope(u, m, p, q, gamma)
         gs = torch.where(d < 0, g, -g)
         return loss, m * (-d) + torch.where((g == 0) | (d == 0), zero, gs * ce)
-    # VFL: positives (t > 0) weighted c0 + c1 t, negatives beta p**gamma
+    # VFL: positives (t > 0) weighted c0 (1 - t) + c1 t, negatives beta p**gamma
     positive = t > 0
     target = torch.where(t <= 0, zero, t)  # NaN stays NaN
     ce = _bce(x, target, e, pos)
     m = p.pow(gamma)
-    w = c0 + c1 * t
+    w = _alpha_t(t, c0, c1)
     loss = torch.where(positive, w * ce, beta * m * ce)
     if not want_grad:
         return loss, None

@@ -76,7 +76,7 @@ def _chunk_terms(x, lab, w, alpha_per_class, spec, ignore_index, want_grad, scor
     c0, c1 = spec.c0, spec.c1
     if alpha_per_class is not None:
         a = alpha_per_class.to(x.dtype)
-        c0, c1 = 1.0 - a, 2.0 * a - 1.0
+        c0, c1 = 1.0 - a, a
     loss, grad = math.terms(x, t, ts, spec, c0, c1, want_grad)
     factor = w.to(x.dtype)[..., None] if w is not None else None
     keep = None if ignore_index is None else (lab != ignore_index)[..., None]

@@ -93,6 +93,10 @@ INDEX_CASES = ((False, "i32"), (True, "i32"), (True, "i64"))
 # for sm_90, bf16 and fp32 logits, the loss and targets in the logits' dtype, 32-bit indexing, and int64 labels in
 # the multi-level kernel. FL* has no power: GAMMA = 0 only.
 NEW_LOSS_KINDS = (1, 2, 3)
+# The DETR / YOLO kinds of the multi-level kernel (BCE, VFL_RTDETR, VFL_RTDETR_GRAD, MAL, IA_BCE) with their
+# exponent specializations (the defaults' and, where the gradient takes p q / u, the runtime one): every mode on bf16
+# logits, the forward sum and scalar backward of class-aligned fp32 heads.
+DETR_KIND_POWERS = {4: (0,), 5: (2,), 6: (2, -1), 7: (-1,), 8: (2,)}
 NEW_KIND_DTYPES = (torch.bfloat16, torch.float32)
 # The exponent specializations of the matrix: gamma = 2 (compiled in) and a fractional one (the runtime path);
 # the other compiled-in integers (0, 1, 3, 4) are compiled once each for bf16 logits (sm_90).
@@ -274,6 +278,11 @@ def multilevel_specializations():
                 specs.append(multilevel_spec(x_dtype, "i64", mode, power, True, tile))
         for kind, aligned_c, mode in itertools.product(NEW_LOSS_KINDS, (True, False), range(4)):
             for power in _powers(kind):
+                specs.append(multilevel_spec(x_dtype, "i64", mode, power, aligned_c, tile, kind))
+        for kind, powers in DETR_KIND_POWERS.items():
+            cases = (itertools.product((True, False), range(4)) if x_dtype == torch.bfloat16 else
+                     ((True, mf.MODE_SUM), (True, mf.MODE_GRAD_SCALAR)))
+            for (aligned_c, mode), power in itertools.product(cases, powers):
                 specs.append(multilevel_spec(x_dtype, "i64", mode, power, aligned_c, tile, kind))
         # The forward with loss statistics (MODE 0, STATS) of FL.
         for power, aligned_c in itertools.product(MATRIX_POWERS, (True, False)):

@@ -129,7 +129,7 @@ def varifocal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float = 0
 def multilevel_focal_loss(level_logits, labels, num_anchors, *, alpha=None, gamma=None, weights=None,
                           label_smoothing=0.0, background=-1, ignore_index=-2, normalizer=None, reduction="sum",
                           check_labels=True, loss="fl", scores=None, beta=None, iou_weighted=None,
-                          return_stats=False):
+                          return_stats=False, class_weights=None, detach_weight=None):
     r"""Focal loss of every FPN level of a dense detector's classification head, in one kernel launch.
 
     Args:
@@ -156,11 +156,23 @@ def multilevel_focal_loss(level_logits, labels, num_anchors, *, alpha=None, gamm
             False skips it (for CUDA-graph capture): unknown labels then act as background.
         loss: "fl" (default), "fl_star" (FL*: alpha as FL's, default -1; gamma > 0, default 1; beta, default 0),
             "qfl" (beta >= 0, default 2; no alpha / gamma) or "vfl" (alpha of the negatives >= 0, default 0.75;
-            gamma, default 2; iou_weighted, default True). label_smoothing is FL's only. Options a loss does not
-            take must stay None.
-        scores: "qfl" / "vfl" only (and required there): (N, M) float target score of each anchor's label, in
-            [0, 1] (e.g. the IoU of a positive's box; anything for background and ignored anchors). No gradient.
-        beta, iou_weighted: see `loss`.
+            gamma, default 2; iou_weighted, default True); the DETR / YOLO losses below, with p = sigmoid(x),
+            hit = the label's class, s = the anchor's score, p_d = p without gradient:
+              "bce": class_weights[c] BCE(x, hit ? s : 0) (ultralytics' v8DetectionLoss on its task-aligned
+                  soft targets; class_weights: optional (C,) tensor; scores optional: 1 without);
+              "vfl_rtdetr": hit ? s BCE(x, s) : alpha p**gamma BCE(x, 0) (alpha 0.75, gamma 2), with p**gamma
+                  detached (detach_weight=True, default: transformers' and D-FINE's RT-DETR loss) or not
+                  (detach_weight=False: ultralytics' VarifocalLoss);
+              "mal": hit ? BCE(x, s**gamma) : alpha p_d**gamma BCE(x, 0) (DEIMv2's matching-aware loss; alpha
+                  its mal_alpha, default 1; gamma > 0, default 1.5);
+              "ia_bce": hit ? BCE(x, max(p_d**alpha s**(1 - alpha), 0.01)) : p**gamma BCE(x, 0) (LW-DETR's and
+                  RF-DETR's IoU-aware BCE; alpha in [0, 1], default 0.25; gamma 2; the negatives' p**gamma keeps
+                  its gradient).
+            label_smoothing is FL's only. Options a loss does not take must stay None.
+        scores: "qfl" / "vfl" / "vfl_rtdetr" / "mal" / "ia_bce" (required there) and "bce" (optional): (N, M)
+            float target score of each anchor's label, in [0, 1] (e.g. the IoU of a positive's box; anything for
+            background and ignored anchors). No gradient.
+        beta, iou_weighted, class_weights, detach_weight: see `loss`.
         return_stats: also return a `focal_triton.stats.LossStatistics` (per level: numbers of positive, negative
             and ignored anchors and their summed loss; histograms of the per-anchor loss of positives and
             negatives), from the same kernel pass, left on the device. reduction="sum" only.
@@ -171,13 +183,14 @@ def multilevel_focal_loss(level_logits, labels, num_anchors, *, alpha=None, gamm
     """
     options = dict(alpha=alpha, gamma=gamma, weights=weights, label_smoothing=label_smoothing, background=background,
                    ignore_index=ignore_index, normalizer=normalizer, reduction=reduction, check_labels=check_labels,
-                   loss=loss, scores=scores, beta=beta, iou_weighted=iou_weighted, return_stats=return_stats)
+                   loss=loss, scores=scores, beta=beta, iou_weighted=iou_weighted, return_stats=return_stats,
+                   class_weights=class_weights, detach_weight=detach_weight)
     return _result(V.multilevel_call(level_logits, labels, num_anchors, options))
 
 
 def focal_loss(logits, labels, *, alpha=None, gamma=None, weights=None, label_smoothing=0.0, background=-1,
                ignore_index=-2, normalizer=None, reduction="sum", check_labels=True, loss="fl", scores=None,
-               beta=None, iou_weighted=None, return_stats=False):
+               beta=None, iou_weighted=None, return_stats=False, class_weights=None, detach_weight=None):
     r"""Focal loss of concatenated head outputs (..., C) with integer labels (...): the form of torchvision's and
     detectron2's concatenated logits, of mmcv and of apex. Same arguments and semantics as
     `multilevel_focal_loss`; the images are the first dim when logits have 3 or more dims ((N, M, C); a per-image
@@ -186,7 +199,8 @@ def focal_loss(logits, labels, *, alpha=None, gamma=None, weights=None, label_sm
     """
     options = dict(alpha=alpha, gamma=gamma, weights=weights, label_smoothing=label_smoothing, background=background,
                    ignore_index=ignore_index, normalizer=normalizer, reduction=reduction, check_labels=check_labels,
-                   loss=loss, scores=scores, beta=beta, iou_weighted=iou_weighted, return_stats=return_stats)
+                   loss=loss, scores=scores, beta=beta, iou_weighted=iou_weighted, return_stats=return_stats,
+                   class_weights=class_weights, detach_weight=detach_weight)
     out = _result(V.flat_call(logits, labels, options))
     if reduction == "none":
         return out[0].permute(0, 2, 3, 1).reshape(logits.shape)

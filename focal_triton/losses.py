@@ -10,6 +10,16 @@ The family, per element with logit x, target t, p = sigmoid(x), BCE target t_s (
     VFL  w_t BCE(x, t) where t > 0, beta p**gamma BCE(x, 0) where t <= 0   (w_t = c0 (1 - t) + c1 t; alpha of the
          negatives in beta)
 
+The class-index kinds of the DETR and YOLO detectors (hit = the label's class; s = the anchor's score, e.g. the
+IoU of its matched box; p_d: p detached, no gradient through it):
+
+    BCE         w_c BCE(x, hit ? s : 0)                 (YOLO's BCE on the task-aligned soft target; w_c per class)
+    VFL_RTDETR  hit ? s BCE(x, s) : alpha p_d**gamma BCE(x, 0)   (transformers' / D-FINE's RT-DETR VFL)
+    VFL_RTDETR_GRAD  the same with p**gamma not detached        (ultralytics' VarifocalLoss)
+    MAL         hit ? BCE(x, s**gamma) : alpha p_d**gamma BCE(x, 0)   (DEIMv2's matching-aware loss)
+    IA_BCE      hit ? BCE(x, t_ia) : p**gamma BCE(x, 0),  t_ia = max(p_d**alpha s**(1 - alpha), 0.01)  (LW-DETR,
+                RF-DETR; its negatives' weight p**gamma not detached)
+
 alpha_t is encoded by its values at the two ends, c0 = alpha_t(0) and c1 = alpha_t(1), so that both are exact in
 float32 (an encoding c0 + c1 t with c1 = 2 alpha - 1 rounds c0 + c1 = alpha to an absolute error of ~6e-8: a large
 relative error for a small alpha).
@@ -31,17 +41,32 @@ class LossKind(enum.IntEnum):
     FL_STAR = 1
     QFL = 2
     VFL = 3
+    BCE = 4
+    VFL_RTDETR = 5
+    VFL_RTDETR_GRAD = 6
+    MAL = 7
+    IA_BCE = 8
 
 
 FL, FL_STAR, QFL, VFL = LossKind.FL, LossKind.FL_STAR, LossKind.QFL, LossKind.VFL
+BCE, VFL_RTDETR, VFL_RTDETR_GRAD, MAL, IA_BCE = (LossKind.BCE, LossKind.VFL_RTDETR, LossKind.VFL_RTDETR_GRAD,
+                                                 LossKind.MAL, LossKind.IA_BCE)
+# The kinds whose target is the anchor's score on its label's class (they take `scores`).
+SCORED_KINDS = (QFL, VFL, BCE, VFL_RTDETR, VFL_RTDETR_GRAD, MAL, IA_BCE)
 
-# Class-index forms: loss name -> kind, and each kind's options with their defaults.
-LOSSES = {"fl": FL, "fl_star": FL_STAR, "qfl": QFL, "vfl": VFL}
+# Class-index forms: loss name -> kind, and each kind's options with their defaults ("vfl_rtdetr" is
+# VFL_RTDETR or VFL_RTDETR_GRAD by its detach_weight).
+LOSSES = {"fl": FL, "fl_star": FL_STAR, "qfl": QFL, "vfl": VFL, "bce": BCE, "vfl_rtdetr": VFL_RTDETR, "mal": MAL,
+          "ia_bce": IA_BCE}
 LOSS_DEFAULTS = {
     "fl": dict(alpha=0.25, gamma=2.0),
     "fl_star": dict(alpha=-1.0, gamma=1.0, beta=0.0),  # fvcore's sigmoid_focal_loss_star
     "qfl": dict(beta=2.0),  # Li et al. 2020, mmdet
     "vfl": dict(alpha=0.75, gamma=2.0, iou_weighted=True),  # Zhang et al. 2021, mmdet
+    "bce": dict(class_weights=None),  # ultralytics v8DetectionLoss (BCEWithLogitsLoss on target_scores)
+    "vfl_rtdetr": dict(alpha=0.75, gamma=2.0, detach_weight=True),  # transformers RTDetrConfig focal_loss_alpha/gamma
+    "mal": dict(alpha=1.0, gamma=1.5),  # DEIM: mal_alpha None (1), gamma 1.5
+    "ia_bce": dict(alpha=0.25, gamma=2.0),  # LW-DETR / RF-DETR: focal_alpha 0.25, gamma 2
 }
 
 LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -57,8 +82,10 @@ def compute_dtype(x_dtype: torch.dtype) -> torch.dtype:
 
 class LossSpec(NamedTuple):
     """A loss of the family in the implementations' encoding, computed once (`encode`): alpha_t = c0 (1 - t) + c1 t
-    (FL, FL*; VFL: its positives' weight, w_q = c0 (1 - q) + c1 q), the exponent gamma (FL, VFL; QFL's beta), beta
-    (FL*'s shift; VFL's alpha of the negatives), label smoothing (FL). A per-class alpha travels as its own (C,)
+    (FL, FL*; VFL: its positives' weight, w_q = c0 (1 - q) + c1 q; the DETR kinds: the positives' weight w = c0
+    (1 - s) + c1 s, s for VFL_RTDETR, 1 for MAL and IA_BCE; BCE: its weight 1), the exponent gamma (FL, VFL and the
+    DETR kinds; QFL's beta), beta (FL*'s shift; VFL's, VFL_RTDETR's and MAL's alpha of the negatives; IA_BCE's
+    exponent alpha), label smoothing (FL). A per-class alpha (BCE: the class weights) travels as its own (C,)
     tensor; c0 and c1 are then 1 and 1 (and not read)."""
 
     kind: int = FL
@@ -81,6 +108,12 @@ def encode(kind, alpha=-1.0, gamma=2.0, beta=0.0, iou_weighted=True, smoothing=0
     """The LossSpec of a kind's public options (alpha a number; a per-class alpha: pass -1 and the tensor
     beside)."""
     kind = LossKind(kind)
+    if kind == BCE:
+        return LossSpec(kind, 1.0, 1.0, 0.0, 0.0, 0.0)
+    if kind in (VFL_RTDETR, VFL_RTDETR_GRAD):
+        return LossSpec(kind, 0.0, 1.0, float(gamma), float(alpha), 0.0)
+    if kind in (MAL, IA_BCE):
+        return LossSpec(kind, 1.0, 1.0, float(gamma), float(alpha), 0.0)
     if kind == QFL:
         return LossSpec(kind, 1.0, 1.0, float(beta), 0.0, 0.0)
     if kind == VFL:

@@ -77,24 +77,27 @@ class VarifocalLoss(nn.Module):
 
 class FocalLoss(nn.Module):
     """Module form of :func:`focal_triton.focal_loss` (logits (..., C), integer labels (...)), for any ``loss`` of
-    the family ("fl", "fl_star", "qfl", "vfl"; options a loss does not take stay None, the others default to the
-    loss's own defaults). A per-class alpha tensor is kept as a buffer, so it follows the module's ``.to(device)``.
-    Labels are checked at every call unless ``check_labels=False``.
-    ``forward(logits, labels, weights=None, normalizer=None, scores=None)`` (scores for "qfl" / "vfl")."""
+    the family ("fl", "fl_star", "qfl", "vfl", "bce", "vfl_rtdetr", "mal", "ia_bce"; options a loss does not take
+    stay None, the others default to the loss's own defaults). A per-class alpha (or class_weights) tensor is kept
+    as a buffer, so it follows the module's ``.to(device)``. Labels are checked at every call unless
+    ``check_labels=False``. ``forward(logits, labels, weights=None, normalizer=None, scores=None)`` (scores for the
+    scored losses)."""
 
     def __init__(self, alpha=None, gamma=None, label_smoothing: float = 0.0, background: int = -1,
                  ignore_index=-2, reduction: str = "sum", check_labels: bool = True, loss: str = "fl", beta=None,
-                 iou_weighted=None):
+                 iou_weighted=None, class_weights=None, detach_weight=None):
         super().__init__()
         # Checked now with the calls' own checks (what needs the logits, a per-class alpha's length, at the call);
         # kept as given, so that the loss's defaults apply.
         check_class_index_options(loss, alpha, gamma, beta, iou_weighted, label_smoothing, background, ignore_index,
-                                  reduction, check_labels)
-        if isinstance(alpha, torch.Tensor):
-            self.register_buffer("alpha", alpha.detach().clone())
-        else:
-            self.alpha = alpha
+                                  reduction, check_labels, class_weights=class_weights, detach_weight=detach_weight)
+        for name, value in (("alpha", alpha), ("class_weights", class_weights)):
+            if isinstance(value, torch.Tensor):
+                self.register_buffer(name, value.detach().clone())
+            else:
+                setattr(self, name, value)
         self.gamma, self.beta, self.iou_weighted, self.loss = gamma, beta, iou_weighted, loss
+        self.detach_weight = detach_weight
         self.label_smoothing = float(label_smoothing)
         self.background, self.ignore_index = background, ignore_index
         self.reduction = reduction
@@ -103,7 +106,8 @@ class FocalLoss(nn.Module):
     def _options(self) -> dict:
         return dict(alpha=self.alpha, gamma=self.gamma, label_smoothing=self.label_smoothing,
                     background=self.background, ignore_index=self.ignore_index, reduction=self.reduction,
-                    check_labels=self.check_labels, loss=self.loss, beta=self.beta, iou_weighted=self.iou_weighted)
+                    check_labels=self.check_labels, loss=self.loss, beta=self.beta, iou_weighted=self.iou_weighted,
+                    class_weights=self.class_weights, detach_weight=self.detach_weight)
 
     def forward(self, logits, labels, weights=None, normalizer=None, scores=None):
         return focal_loss(logits, labels, weights=weights, normalizer=normalizer, scores=scores, **self._options())
@@ -119,8 +123,10 @@ class FocalLoss(nn.Module):
 
     def extra_repr(self) -> str:
         alpha = "per-class tensor" if isinstance(self.alpha, torch.Tensor) else self.alpha
-        options = "".join(f", {k}={v}" for k, v in (("beta", self.beta), ("iou_weighted", self.iou_weighted))
-                          if v is not None)
+        options = "".join(f", {k}={v}" for k, v in (("beta", self.beta), ("iou_weighted", self.iou_weighted),
+                                                     ("detach_weight", self.detach_weight)) if v is not None)
+        if isinstance(self.class_weights, torch.Tensor):
+            options += ", class_weights=per-class tensor"
         return (f"loss={self.loss!r}, alpha={alpha}, gamma={self.gamma}{options}, "
                 f"label_smoothing={self.label_smoothing}, background={self.background}, "
                 f"ignore_index={self.ignore_index}, reduction={self.reduction!r}")
@@ -132,9 +138,9 @@ class MultiLevelFocalLoss(FocalLoss):
 
     def __init__(self, num_anchors: int, alpha=None, gamma=None, label_smoothing: float = 0.0,
                  background: int = -1, ignore_index=-2, reduction: str = "sum", check_labels: bool = True,
-                 loss: str = "fl", beta=None, iou_weighted=None):
+                 loss: str = "fl", beta=None, iou_weighted=None, class_weights=None, detach_weight=None):
         super().__init__(alpha, gamma, label_smoothing, background, ignore_index, reduction, check_labels, loss, beta,
-                         iou_weighted)
+                         iou_weighted, class_weights, detach_weight)
         self.num_anchors = check_int("num_anchors", num_anchors, 1)
 
     def forward(self, level_logits, labels, weights=None, normalizer=None, scores=None):

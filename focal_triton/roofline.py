@@ -204,12 +204,13 @@ def _dtype(name):
 
 def per_logit_cases() -> list:
     """RetinaNet's head (C = 80, A = 9, int64 labels, class-aligned) in bf16 and fp32, FL gamma = 2 and 1.5, forward
-    sum and backward with a scalar upstream gradient (both layouts in one kernel), QFL / VFL forward, and the dense
-    kernels (forward sum, backward scalar) on the same dtypes: the launch configs of the heuristic (no tuning)."""
+    sum and backward with a scalar upstream gradient (both layouts in one kernel), QFL / VFL / RT-DETR's VFL forward,
+    YOLO's BCE forward and backward, and the dense kernels (forward sum, backward scalar) on the same dtypes: the
+    launch configs of the heuristic (no tuning)."""
     from .kernels import launch
     from .kernels import multilevel as mf
     from .kernels.math import spec_power
-    from .losses import FL, QFL, VFL, encode
+    from .losses import BCE, FL, QFL, VFL, VFL_RTDETR, encode
 
     cases = []
     for dt in ("bf16", "fp32"):
@@ -218,10 +219,11 @@ def per_logit_cases() -> list:
         per_thread = tile[0] * tile[1] // (mf.gpu_num_warps(x_dtype.itemsize) * 32)
         losses = [("FL gamma=2", FL, 2.0, 0.0), ("FL gamma=1.5", FL, 1.5, 0.0)]
         if dt == "bf16":
-            losses += [("QFL beta=2", QFL, 2.0, 2.0), ("VFL gamma=2", VFL, 2.0, 0.0)]
+            losses += [("QFL beta=2", QFL, 2.0, 2.0), ("VFL gamma=2", VFL, 2.0, 0.0), ("BCE", BCE, 0.0, 0.0),
+                       ("VFL-RTDETR gamma=2", VFL_RTDETR, 2.0, 0.0)]
         for loss, kind, gamma, beta in losses:
             power = spec_power(encode(kind, gamma=gamma, beta=beta))
-            modes = [("fwd sum", mf.MODE_SUM)] + ([("bwd scalar", mf.MODE_GRAD_SCALAR)] if kind == FL else [])
+            modes = [("fwd sum", mf.MODE_SUM)] + ([("bwd scalar", mf.MODE_GRAD_SCALAR)] if kind in (FL, BCE) else [])
             for mode, m in modes:
                 spec = aot.multilevel_spec(x_dtype, "i64", m, power, True, tile, kind)
                 name = f"multilevel_{mode.replace(' ', '_')}_{dt}_{loss.split()[0].lower()}_" \

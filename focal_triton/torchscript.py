@@ -34,7 +34,7 @@ _TYPES = {
     "num_anchors": "int", "alpha": "Scalar?", "gamma": "Scalar?", "beta": "Scalar?", "reduction": "str",
     "iou_weighted": "bool?", "weights": "Tensor?", "label_smoothing": "Scalar", "background": "int",
     "ignore_index": "int?", "normalizer": "Scalar?", "check_labels": "bool", "loss": "str", "scores": "Tensor?",
-    "return_stats": "bool",
+    "return_stats": "bool", "class_weights": "Tensor?", "detach_weight": "bool?",
 }
 # Arguments that take a number or a tensor: one overload per choice (the default one takes numbers).
 _TENSOR_OR_NUMBER = ("alpha", "normalizer")

@@ -98,19 +98,39 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
-def check_loss_options(loss, alpha, gamma, beta, iou_weighted, num_classes, device):
+def check_loss_options(loss, alpha, gamma, beta, iou_weighted, num_classes, device, class_weights=None,
+                       detach_weight=None):
     """The class-index forms' loss kind and its options, defaults filled in (LOSS_DEFAULTS): returns
-    (kind, alpha (number or per-class tensor), gamma, beta, iou_weighted) with the unused ones set to neutral
-    values. An option the kind does not take must be left at None. num_classes / device None (a module being
-    built): a per-class alpha's length and device are checked at the call."""
+    (kind, alpha (number or per-class tensor: FL's, FL*'s alpha, BCE's class_weights), gamma, beta, iou_weighted)
+    with the unused ones set to neutral values. An option the kind does not take must be left at None.
+    num_classes / device None (a module being built): a per-class tensor's length and device are checked at the
+    call."""
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {tuple(LOSSES)}, got {loss!r}")
-    given = dict(alpha=alpha, gamma=gamma, beta=beta, iou_weighted=iou_weighted)
+    given = dict(alpha=alpha, gamma=gamma, beta=beta, iou_weighted=iou_weighted, class_weights=class_weights,
+                 detach_weight=detach_weight)
     defaults = LOSS_DEFAULTS[loss]
     unused = [k for k, v in given.items() if v is not None and k not in defaults]
     if unused:
         raise ValueError(f"loss={loss!r} takes no {unused[0]} (its options: {', '.join(defaults)})")
     opts = {k: defaults[k] if given[k] is None else given[k] for k in defaults}
+    if loss == "bce":
+        weights = opts["class_weights"]
+        return LossKind.BCE, (-1.0 if weights is None else check_class_weights(weights, num_classes, device)), \
+            0.0, 0.0, True
+    if loss == "vfl_rtdetr":
+        kind = LossKind.VFL_RTDETR if check_bool("detach_weight", opts["detach_weight"]) else LossKind.VFL_RTDETR_GRAD
+        return (kind, _finite_number("alpha", opts["alpha"], "of vfl_rtdetr (weight of the negatives)", 0),
+                check_gamma(opts["gamma"]), 0.0, True)
+    if loss == "mal":
+        return (LossKind.MAL, _finite_number("alpha", opts["alpha"], "of mal (weight of the negatives)", 0),
+                _finite_number("gamma", opts["gamma"], "of mal (the target is score**gamma)", 0, strict=True), 0.0,
+                True)
+    if loss == "ia_bce":
+        a = _finite_number("alpha", opts["alpha"], "of ia_bce (exponent of p in its target)", 0)
+        if a > 1:
+            raise ValueError(f"alpha of ia_bce (exponent of p in its target) must be in [0, 1], got {a}")
+        return LossKind.IA_BCE, a, check_gamma(opts["gamma"]), 0.0, True
     if loss in ("fl", "fl_star"):
         alpha = check_class_alpha(opts["alpha"], num_classes, device)
         if loss == "fl":
@@ -122,12 +142,19 @@ def check_loss_options(loss, alpha, gamma, beta, iou_weighted, num_classes, devi
             check_bool("iou_weighted", opts["iou_weighted"]))
 
 
+SCORED_LOSSES = ("qfl", "vfl", "bce", "vfl_rtdetr", "mal", "ia_bce")
+
+
 def check_scores(scores, loss: str, shape, device):
-    """QFL / VFL take per-anchor target scores of the labels' shape (the IoU of each positive's box); FL / FL* none.
-    Values are not read (no sync): they should lie in [0, 1]."""
-    if loss not in ("qfl", "vfl"):
+    """QFL, VFL and the DETR / YOLO losses take per-anchor target scores of the labels' shape (the IoU of each
+    positive's box; optional for "bce": 1 without); FL / FL* none. Values are not read (no sync): they should lie
+    in [0, 1]."""
+    if loss not in SCORED_LOSSES:
         if scores is not None:
-            raise ValueError(f"scores applies to loss='qfl' or 'vfl' only, not loss={loss!r}")
+            raise ValueError(f"scores applies to loss={' / '.join(map(repr, SCORED_LOSSES))} only, not "
+                             f"loss={loss!r}")
+        return
+    if scores is None and loss == "bce":
         return
     if scores is None:
         raise ValueError(f"loss={loss!r} needs scores: the (per-anchor) target score of each positive, e.g. its "
@@ -253,6 +280,19 @@ def check_weights(weights, shape, device):
         _per_anchor_tensor("weights", weights, shape, device, " or None")
 
 
+def check_class_weights(weights, num_classes, device):
+    """BCE's class_weights: a (C,) floating-point tensor weighting each class's terms (values are not read)."""
+    c = "C" if num_classes is None else num_classes
+    if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
+        raise TypeError(f"class_weights must be a floating-point tensor of shape ({c},), got "
+                        f"{getattr(weights, 'dtype', type(weights).__name__)}")
+    if weights.dim() != 1 or (num_classes is not None and weights.shape[0] != num_classes):
+        raise ValueError(f"class_weights must have shape (num_classes,) = ({c},), got {tuple(weights.shape)}")
+    if device is not None:
+        _side_tensor("class_weights", weights, device)
+    return weights
+
+
 def check_class_alpha(alpha, num_classes, device):
     """A number (as check_alpha) or a (C,) tensor of per-class weights in [0, 1] (values are not read: no sync).
     num_classes / device None: only what is known without the logits (a 1-D floating-point tensor)."""
@@ -319,13 +359,14 @@ def check_level_logits(level_logits, num_anchors):
 
 
 def check_class_index_options(loss, alpha, gamma, beta, iou_weighted, label_smoothing, background, ignore_index,
-                              reduction, check_labels, return_stats=False, num_classes=None, device=None):
+                              reduction, check_labels, return_stats=False, num_classes=None, device=None,
+                              class_weights=None, detach_weight=None):
     """Every option of the class-index forms (focal_loss, multilevel_focal_loss and their modules), checked in one
     place: at each call, and when a module is built (num_classes / device None: what needs the logits, a
     per-class alpha's length and the label values' clash with a class index, waits for the call).
     Returns (kind, alpha, gamma, beta, iou_weighted, smoothing, reduction), defaults filled in."""
     kind, alpha, gamma, beta, iou_weighted = check_loss_options(loss, alpha, gamma, beta, iou_weighted, num_classes,
-                                                                device)
+                                                                device, class_weights, detach_weight)
     smoothing = check_smoothing(label_smoothing)
     if smoothing and kind != 0:
         raise ValueError(f"label_smoothing applies to loss='fl' only, got {smoothing} with loss={loss!r}")
@@ -429,7 +470,8 @@ def _normalizer_tensor(normalizer: torch.Tensor, num_images: int, dtype) -> torc
 
 def class_index_call(levels, labels, num_anchors, num_images, num_classes, label_shape, label_what, alpha, gamma,
                      weights, label_smoothing, background, ignore_index, normalizer, reduction, check_labels, loss,
-                     scores, beta, iou_weighted, return_stats, labels_checked=False) -> ClassIndexCall:
+                     scores, beta, iou_weighted, return_stats, class_weights=None, detach_weight=None,
+                     labels_checked=False) -> ClassIndexCall:
     """Check the options of a class-index call over `levels` (already checked) and encode it; labels, weights and
     scores have label_shape (label_what names it) unless labels_checked (the flat form checked them)."""
     first = levels[0]
@@ -440,12 +482,14 @@ def class_index_call(levels, labels, num_anchors, num_images, num_classes, label
         check_scores(scores, loss, label_shape, device)
     kind, alpha, gamma, beta, iou_weighted, smoothing, reduction = check_class_index_options(
         loss, alpha, gamma, beta, iou_weighted, label_smoothing, background, ignore_index, reduction, check_labels,
-        return_stats, num_classes, device)
+        return_stats, num_classes, device, class_weights, detach_weight)
     normalizer = check_normalizer(normalizer, num_images, device, reduction)
     if check_labels and labels.numel():
         check_label_range(labels, num_classes, background, ignore_index)
     cdt = compute_dtype(first.dtype)
     per_class = isinstance(alpha, torch.Tensor)
+    if scores is None and loss == "bce":  # hard targets: score 1 on the label's class
+        scores = torch.ones(label_shape, dtype=cdt, device=device)
     norm_tensor, norm_value = None, 1.0
     if isinstance(normalizer, torch.Tensor):
         norm_tensor = _normalizer_tensor(normalizer, num_images, cdt)

@@ -27,6 +27,16 @@ The relatives of FL, chosen by the LOSS_KIND constexpr of `family_loss_and_grad`
            c0 = c1 = 1: by 1), alpha of the negatives in beta:
            q > 0: VFL = w BCE(x, q), dVFL/dx = w (p - q);   q <= 0: VFL = FL(x, 0) with alpha_t = beta.
 
+The class-index kinds of the DETR and YOLO detectors (`detr_loss_and_grad`; hit: the element is on the anchor's
+label's class, s: the anchor's score there after its per-row transform `row_target`; alpha_neg = beta, 1 for IA_BCE):
+    4 BCE        w BCE(x, hit ? s : 0), w = c0 (the class weight),  d/dx = w (p - t).
+    5 VFL_RTDETR hit: s BCE(x, s) (weight c0 (1 - s) + c1 s with c0 = 0, c1 = 1);  else alpha_neg p**gamma BCE(x, 0)
+                 with p**gamma detached: d/dx = alpha_neg p**gamma p.
+    6            the same with p**gamma's derivative: + alpha_neg gamma p**gamma q BCE(x, 0).
+    7 MAL        as 5 with the positives' target s = score**gamma and weight 1 (c0 = c1 = 1).
+    8 IA_BCE     hit: BCE(x, t_ia), t_ia = max(p**alpha s, 0.01) (s = score**(1 - alpha), alpha in beta; t_ia
+                 detached);  else p**gamma BCE(x, 0) with its derivative (alpha_neg = 1).
+
 Compile-time switches: GAMMA >= 0 is an integer gamma (powers by repeated multiplication, unrolled), GAMMA < 0 the
 runtime `gamma` (fractional: one exp2). FAST (float32 compute) selects the short forms below; float64 compute
 (gradcheck) keeps libdevice's exp and log and IEEE division.
@@ -282,6 +292,55 @@ def varifocal_loss_and_grad(x, t, c0, c1, gamma, alpha_neg, GAMMA: tl.constexpr,
 
 
 @triton.jit
+def row_target(score, gamma, beta, LOSS_KIND: tl.constexpr, GAMMA: tl.constexpr):
+    """The per-anchor part of the target on the label's class, once per row: MAL score**gamma (gamma > 0, 0 at
+    score 0), IA_BCE score**(1 - alpha) (alpha = beta in [0, 1]; 1 at alpha = 1, as torch's 0**0), else the score."""
+    if LOSS_KIND == 7:
+        m, _ = modulation(score, log2_for_power(score, GAMMA), score, gamma, GAMMA)
+        return m
+    elif LOSS_KIND == 8:
+        return tl.where(beta == 1.0, 1.0, tl.exp2((1.0 - beta) * tl.log2(score)))
+    else:
+        return score
+
+
+@triton.jit
+def detr_loss_and_grad(x, hit, s, c0, c1, gamma, beta, LOSS_KIND: tl.constexpr, GAMMA: tl.constexpr,
+                       FAST: tl.constexpr):
+    """(loss, dloss/dx) of the class-index kinds 4 .. 8 (module docstring): hit a boolean tensor, s the row's
+    `row_target` broadcast against x, c0 / c1 the positives' weight (BCE: the class weight c0). The negatives'
+    p**gamma has log2(p) = -log2(e) softplus(-x), a select and no log; saturated logits give the formulas' limits
+    (0, or inf for a negative at x = +inf) with finite gradients; a NaN logit gives NaN."""
+    a, e, r, er = logistic_parts(x, FAST)
+    L = log1p_exp(e, r, er, FAST)
+    xpos = x >= 0
+    p = tl.where(xpos, r, er)
+    if LOSS_KIND == 4:
+        t = tl.where(hit, s, 0.0)
+        loss = c0 * bce_with_logits(x, t, a, L)
+        grad = c0 * (p - t)
+    else:
+        log2_p = (L + tl.where(xpos, 0.0, a)) * -_LOG2E
+        m, g = modulation(p, log2_p, r * er, gamma, GAMMA)
+        if LOSS_KIND == 8:
+            # p**alpha, with log2(p) = -inf at x = -inf taken to the largest finite value (0**0 = 1 at alpha = 0)
+            # (0.01 in the compute dtype: a Python float is float32 in the interpreter)
+            floor = tl.full([], 0.01, x.dtype)
+            t = tl.where(hit, tl.maximum(tl.exp2(beta * tl.maximum(log2_p, -_FLOAT32_MAX)) * s, floor), 0.0)
+            alpha_neg = 1.0
+        else:
+            t = tl.where(hit, s, 0.0)
+            alpha_neg = beta
+        ce = bce_with_logits(x, t, a, L)
+        w = c0 + (c1 - c0) * t  # c0 (1 - t) + c1 t, exact for the encodings (0, 1) and (1, 1)
+        loss = tl.where(hit, w * ce, alpha_neg * m * ce)
+        grad = tl.where(hit, w, alpha_neg * m) * (p - t)
+        if (LOSS_KIND == 6) or (LOSS_KIND == 8):
+            grad += tl.where(hit | (g == 0.0), 0.0, alpha_neg * g * ce)
+    return loss, grad
+
+
+@triton.jit
 def family_loss_and_grad(x, t, ts, c0, c1, gamma, beta, LOSS_KIND: tl.constexpr, GAMMA: tl.constexpr,
                          FAST: tl.constexpr, SHORT: tl.constexpr = False):
     """(loss, dloss/dx) of the loss kind LOSS_KIND (0 FL, 1 FL*, 2 QFL, 3 VFL; see the module docstring) for any
@@ -315,7 +374,7 @@ def triton_compute_dtype(x_dtype: torch.dtype):
 
 
 def power_constexpr(exponent: float) -> int:
-    """The GAMMA constexpr of an exponent (FL's and VFL's gamma, QFL's beta): the integer itself in
+    """The GAMMA constexpr of an exponent (FL's, VFL's and the DETR kinds' gamma, QFL's beta): the integer itself in
     [0, MAX_CONSTANT_POWER], else -1 (the runtime path, exact for integers too)."""
     exponent = float(exponent)
     return int(exponent) if exponent.is_integer() and 0 <= exponent <= MAX_CONSTANT_POWER else -1
@@ -323,8 +382,8 @@ def power_constexpr(exponent: float) -> int:
 
 def spec_power(spec) -> int:
     """GAMMA of a launch of `spec` (a losses.LossSpec, whose gamma holds QFL's exponent too); FL* has no power
-    (gamma only scales it): 0."""
-    return 0 if spec.kind == LossKind.FL_STAR else power_constexpr(spec.gamma)
+    (gamma only scales it) and BCE none: 0."""
+    return 0 if spec.kind in (LossKind.FL_STAR, LossKind.BCE) else power_constexpr(spec.gamma)
 
 
 def fast_math(x_dtype) -> bool:

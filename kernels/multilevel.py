@@ -27,8 +27,9 @@ order, applies the normalizer (per image or global) and adds the images in order
 
 Per element, with t = (label == c), keep = (label != ignore or no ignore value), w = weight of the anchor (1 without):
     loss = keep ? w * alpha_t(c) * (1 - p_t)**gamma * BCE(x, t (1 - s) + s / 2) : 0     (math.py, smoothing s)
-and for the other kinds of LOSS_KIND (math.family_loss_and_grad) keep ? w * loss_kind(x, t) : 0, where for QFL
-and VFL t = score of the anchor (an (N, M) tensor like the weights, one load per row) on its label's class, else 0.
+and for the other kinds of LOSS_KIND (math.family_loss_and_grad, math.detr_loss_and_grad) keep ? w * loss_kind(x,
+t) : 0, where for QFL, VFL and the DETR / YOLO kinds (4 .. 8) t = score of the anchor (an (N, M) tensor like the
+weights, one load per row) on its label's class, else 0.
 Bytes moved by design per logit: forward reads it once; backward reads it once and writes its gradient once.
 """
 import struct
@@ -40,8 +41,8 @@ import triton.language as tl
 from ..losses import FL, MAX_LEVELS, LossSpec
 from . import tuning
 from .launch import PARTIAL_SUM_BLOCK, ElementwiseConfig, compiled_path, device_guard, load_before_launch, max_programs
-from .math import (fast_math, family_loss_and_grad, focal_binary_loss_and_grad, power_key, short_log, spec_power,
-                   triton_compute_dtype)
+from .math import (detr_loss_and_grad, fast_math, family_loss_and_grad, focal_binary_loss_and_grad, power_key,
+                   row_target, short_log, spec_power, triton_compute_dtype)
 from .tuning import MULTILEVEL_CANDIDATES, make_key, options_of
 # No integer argument is specialized by the JIT (on divisibility by 16 or equality to 1): sizes change with every
 # image size in multi-scale training, and each new combination would compile a new kernel. What the compiler needs
@@ -108,7 +109,10 @@ def _terms(x, a, nonneg, rel, cols, c_start, C, score, alpha_ptr, g0, lc0, lc1, 
     hit = rel[:, None] == cols[None, :]
     if HAS_ALPHA:
         alpha_c = tl.load(alpha_ptr + c_start + cols, mask=(c_start + cols) < C, other=0.0).to(COMPUTE_DTYPE)
-        lc0v = (1.0 - alpha_c)[None, :]
+        if LOSS_KIND == 4:  # BCE's class weights weight both sides
+            lc0v = alpha_c[None, :]
+        else:
+            lc0v = (1.0 - alpha_c)[None, :]
         lc1v = alpha_c[None, :]
         gc0v = lc0v * g0
         gc1v = lc1v * -g0
@@ -120,6 +124,11 @@ def _terms(x, a, nonneg, rel, cols, c_start, C, score, alpha_ptr, g0, lc0, lc1, 
     if LOSS_KIND == 0:
         loss, grad = focal_binary_loss_and_grad(a, nonneg, hit, lc0v, lc1v, gc0v, gc1v, gamma, half_smoothing, GAMMA,
                                                 SMOOTH, FAST, SHORT)
+    elif LOSS_KIND >= 4:
+        # The DETR / YOLO kinds: the anchor's score, transformed once per row, on its label's class.
+        s = row_target(score, gamma, beta, LOSS_KIND, GAMMA)[:, None]
+        loss, grad = detr_loss_and_grad(x, hit, s, lc0v, lc1v, gamma, beta, LOSS_KIND, GAMMA, FAST)
+        grad = grad * g0
     else:
         if LOSS_KIND >= 2:
             # QFL / VFL: the anchor's score on its label's class, 0 elsewhere.

@@ -167,6 +167,8 @@ class Multilevel:
     alpha: object = None         # a number, "per_class" (a (C,) tensor) or None (the loss's default)
     beta: Optional[float] = None
     iou_weighted: Optional[bool] = None
+    detach_weight: Optional[bool] = None
+    class_weights: bool = False  # "bce": a (C,) tensor of class weights
     weights: bool = False
     label_smoothing: float = 0.0
     ignore_index: Optional[int] = -2
@@ -197,8 +199,10 @@ class Multilevel:
         extra = {}
         if self.weights:
             extra["weights"] = (torch.rand(self.n, self.m, generator=g) * 2).float().to(device)
-        if self.loss in ("qfl", "vfl"):
+        if self.loss in ("qfl", "vfl", "bce", "vfl_rtdetr", "mal", "ia_bce"):
             extra["scores"] = torch.rand(self.n, self.m, generator=g).float().to(device)
+        if self.class_weights:
+            extra["class_weights"] = (torch.arange(self.c, dtype=torch.float32) % 3 + 1).div(2).to(device)
         if self.alpha == "per_class":
             extra["alpha"] = (torch.arange(self.c, dtype=torch.float32) % 4 + 1).div(8).to(device)
         elif self.alpha is not None:
@@ -219,7 +223,7 @@ class Multilevel:
     def _options(self, extra):
         opts = dict(extra, reduction=self.reduction, label_smoothing=self.label_smoothing,
                     ignore_index=self.ignore_index)
-        for k in ("gamma", "beta", "iou_weighted"):
+        for k in ("gamma", "beta", "iou_weighted", "detach_weight"):
             if getattr(self, k) is not None:
                 opts[k] = getattr(self, k)
         if self.loss != "fl":
@@ -270,10 +274,16 @@ class Multilevel:
             params = dict(alpha=opts.get("alpha", -1.0), gamma=opts.get("gamma", 1.0), beta=opts.get("beta", 0.0))
         elif self.loss == "qfl":
             params = dict(beta=opts.get("beta", 2.0))
+        elif self.loss == "bce":
+            params = dict(class_weights=opts.get("class_weights"))
+        elif self.loss in ("vfl_rtdetr", "mal", "ia_bce"):
+            defaults = {"vfl_rtdetr": (0.75, 2.0), "mal": (1.0, 1.5), "ia_bce": (0.25, 2.0)}[self.loss]
+            params = dict(alpha=opts.get("alpha", defaults[0]), gamma=opts.get("gamma", defaults[1]))
         else:
             params = dict(alpha=opts.get("alpha", 0.75), gamma=opts.get("gamma", 2.0),
                           iou_weighted=opts.get("iou_weighted", True))
-        loss = class_index_ref(self.loss, flat, labels, scores=opts.get("scores"), weights=opts.get("weights"),
+        kind = "vfl_rtdetr_grad" if self.loss == "vfl_rtdetr" and opts.get("detach_weight") is False else self.loss
+        loss = class_index_ref(kind, flat, labels, scores=opts.get("scores"), weights=opts.get("weights"),
                                ignore_index=opts.get("ignore_index"), normalizer=opts.get("normalizer"),
                                reduction=self.reduction, **params)
         if self.reduction == "none":
@@ -393,6 +403,20 @@ SMOKE = [
     Multilevel("multilevel VFL fp32 cl C=16 gamma=1.5 not IoU-weighted", torch.float32, HW2, c=16, layout="cl",
                loss="vfl", gamma=1.5, iou_weighted=False),
     Multilevel("multilevel VFL bf16 nchw C=5 none", torch.bfloat16, HW2, loss="vfl", reduction="none"),
+    # the DETR / YOLO kinds (each on bf16 and fp32 logits; the runtime-exponent path of the non-detached VFL)
+    Multilevel("multilevel BCE bf16 cl C=16 class weights", torch.bfloat16, HW2, c=16, layout="cl", loss="bce",
+               class_weights=True),
+    Multilevel("multilevel BCE fp32 nchw C=5 none", torch.float32, HW2, loss="bce", reduction="none"),
+    Multilevel("multilevel VFL-RT-DETR bf16 mix C=16", torch.bfloat16, HW2, c=16, layout="mix", loss="vfl_rtdetr"),
+    Multilevel("multilevel VFL-RT-DETR fp32 cl C=16 detach_weight=False gamma=1.5", torch.float32, HW2, c=16,
+               layout="cl", loss="vfl_rtdetr", detach_weight=False, gamma=1.5),
+    Multilevel("multilevel VFL-RT-DETR bf16 nchw C=5 none detach_weight=False", torch.bfloat16, HW2,
+               loss="vfl_rtdetr", detach_weight=False, reduction="none"),
+    Multilevel("multilevel VFL-RT-DETR fp32 nchw C=5 none", torch.float32, HW2, loss="vfl_rtdetr", reduction="none"),
+    Multilevel("multilevel MAL bf16 nchw C=5 none", torch.bfloat16, HW2, loss="mal", reduction="none"),
+    Multilevel("multilevel MAL fp32 cl C=16", torch.float32, HW2, c=16, layout="cl", loss="mal"),
+    Multilevel("multilevel IA-BCE bf16 cl C=16", torch.bfloat16, HW2, c=16, layout="cl", loss="ia_bce"),
+    Multilevel("multilevel IA-BCE fp32 nchw C=5 none", torch.float32, HW2, loss="ia_bce", reduction="none"),
     # The other compiled-in exponents (GAMMA 1, 3, 4) and options of 16-bit logits (the pair paths).
     Multilevel("multilevel bf16 cl C=16 weights, smoothing, gamma=3", torch.bfloat16, HW2, c=16, layout="cl",
                gamma=3.0, weights=True, label_smoothing=0.1),

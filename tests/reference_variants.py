@@ -5,6 +5,7 @@ autograd through these float64 graphs.
 """
 import torch
 import torch.nn.functional as F
+from reference_detr import REFERENCES as DETR_REFERENCES
 
 
 # ---- the papers -------------------------------------------------------------------------------------------------
@@ -115,7 +116,8 @@ def mmdet_varifocal_loss(pred, target, weight=None, alpha=0.75, gamma=2.0, iou_w
 def class_index_ref(kind, logits, labels, scores=None, weights=None, ignore_index=-2, normalizer=None,
                     reduction="sum", **params):
     """logits (..., C) (images: dim 0 when 3-D), labels (...): the target is 1 (FL*) or the anchor's score (QFL,
-    VFL) on the label's class, 0 elsewhere; labels outside [0, C) other than ignore_index are background; ignored
+    VFL) on the label's class, 0 elsewhere (the DETR / YOLO kinds of reference_detr: their libraries' formulas);
+    labels outside [0, C) other than ignore_index are background; ignored
     anchors give 0; weights multiply each anchor's row; normalizer a number, 0-d or per-image (N,) tensor."""
     x = logits.double()
     c = x.shape[-1]
@@ -123,10 +125,14 @@ def class_index_ref(kind, logits, labels, scores=None, weights=None, ignore_inde
     valid = torch.ones_like(labels, dtype=torch.bool) if ignore_index is None else labels != ignore_index
     positive = (labels >= 0) & (labels < c) & valid
     t = F.one_hot(torch.where(positive, labels, torch.zeros_like(labels)), c).double() * positive[..., None]
-    if scores is not None:
-        t = t * scores.double()[..., None]
-    fn = {"fl_star": focal_star_ref, "qfl": quality_focal_ref, "vfl": varifocal_ref}[kind]
-    loss = fn(x, t, **params)
+    if kind in DETR_REFERENCES:  # the libraries' own formulas on their labels (background: outside [0, C))
+        ious = scores if scores is not None else torch.ones(labels.shape, dtype=torch.float64, device=x.device)
+        loss = DETR_REFERENCES[kind](x, torch.where(positive, labels, torch.full_like(labels, c)), ious, **params)
+    else:
+        if scores is not None:
+            t = t * scores.double()[..., None]
+        fn = {"fl_star": focal_star_ref, "qfl": quality_focal_ref, "vfl": varifocal_ref}[kind]
+        loss = fn(x, t, **params)
     if weights is not None:
         loss = loss * weights.double()[..., None]
     loss = torch.where(valid[..., None], loss, torch.zeros_like(loss))

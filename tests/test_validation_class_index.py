@@ -240,7 +240,7 @@ BAD_OPTIONS = [
     (dict(label_smoothing=1.0), ValueError, "label_smoothing"),
     (dict(label_smoothing=0.1, loss="fl_star"), ValueError, "label_smoothing"),
     (dict(reduction="mean"), ValueError, "reduction"),
-    (dict(loss="bce"), ValueError, "loss"),
+    (dict(loss="softmax"), ValueError, "loss"),
     (dict(loss="qfl", gamma=2.0), ValueError, "gamma"),
     (dict(loss="fl", iou_weighted=True), ValueError, "iou_weighted"),
     (dict(loss="vfl", iou_weighted=1), TypeError, "iou_weighted"),

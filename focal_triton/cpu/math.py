@@ -17,7 +17,7 @@ form instead.
 """
 import torch
 
-from ..losses import FL, FL_STAR, QFL
+from ..losses import BCE, FL, FL_STAR, IA_BCE, MAL, QFL, VFL_RTDETR_GRAD
 
 # The general form runs over chunks of GENERAL_CHUNK elements: its ~20 intermediates of 256 KiB (float32) stay in
 # L2. The negatives' form: FAST_CHUNK elements per chunk (6 buffers of 2 MiB), each op split over torch's
@@ -78,6 +78,47 @@ def focal_terms(x, t, ts, c0, c1, gamma: float, want_grad: bool):
         return loss, None
     g = _slope(u, m, p, q, gamma)
     grad = alpha_t * (m * (p - ts) + torch.where(g == 0, zero, g * (1.0 - 2.0 * t) * ce))
+    return loss, grad
+
+
+def row_target(score, spec):
+    """The per-anchor part of the DETR kinds' target (kernels.math.row_target): MAL score**gamma, IA_BCE
+    score**(1 - alpha) (torch's pow: 0**0 = 1), else the score."""
+    if spec.kind == MAL:
+        return score.pow(spec.gamma)
+    if spec.kind == IA_BCE:
+        return score.pow(1.0 - spec.beta)
+    return score
+
+
+def detr_terms(x, hit, s, spec, c0, c1, want_grad: bool):
+    """(loss, dloss/dx or None) of the class-index kinds BCE .. IA_BCE (kernels.math.detr_loss_and_grad): hit the
+    boolean of the label's class, s the row target broadcast against x, c0 / c1 the positives' weight (BCE: the
+    class weight c0, a number or a per-class tensor)."""
+    kind, gamma, beta = spec.kind, spec.gamma, spec.beta
+    zero = x.new_zeros(())
+    e, p, q, pos = _sigmoid_parts(x)
+    if kind == BCE:
+        t = torch.where(hit, s, zero)
+        loss = c0 * _bce(x, t, e, pos)
+        return loss, (c0 * (p - t) if want_grad else None)
+    m = p.pow(gamma)
+    if kind == IA_BCE:
+        # p**alpha at p = 0 (x = -inf): 0, or 1 for alpha = 0 (torch's pow)
+        t = torch.where(hit, (p.pow(beta) * s).clamp_min(0.01), zero)
+        alpha_neg = 1.0
+    else:
+        t = torch.where(hit, s, zero)
+        alpha_neg = beta
+    ce = _bce(x, t, e, pos)
+    w = _alpha_t(t, c0, c1)
+    loss = torch.where(hit, w * ce, alpha_neg * m * ce)
+    if not want_grad:
+        return loss, None
+    grad = torch.where(hit, w, alpha_neg * m) * (p - t)
+    if kind in (VFL_RTDETR_GRAD, IA_BCE):
+        g = _slope(p, m, p, q, gamma)
+        grad = grad + torch.where(hit | (g == 0), zero, alpha_neg * g * ce)
     return loss, grad
 
 

@@ -18,7 +18,7 @@ threads, accurate to float32 rounding whatever the share of positives.
 """
 import torch
 
-from ..losses import FL, anchor_view, compute_dtype, flat, per_level
+from ..losses import BCE, FL, anchor_view, compute_dtype, flat, per_level
 from . import math
 
 
@@ -63,10 +63,18 @@ def _level_chunks(levels, labels, weights, num_anchors, scores=None):
 
 def _chunk_terms(x, lab, w, alpha_per_class, spec, ignore_index, want_grad, score=None):
     """Loss and gradient of one chunk x (R, A, C) in the compute dtype, weighted and with ignored anchors zeroed.
-    QFL / VFL: the target is the anchor's score (chunk (R, A)) on its label's class, 0 elsewhere."""
+    QFL, VFL and the DETR / YOLO kinds: the target is the anchor's score (chunk (R, A)) on its label's class, 0
+    elsewhere."""
     num_classes = x.shape[-1]
     cls = torch.arange(num_classes, device=x.device)
     hit = lab[..., None] == cls
+    if spec.kind >= BCE:  # the DETR / YOLO kinds
+        c0, c1 = spec.c0, spec.c1
+        if alpha_per_class is not None:  # BCE's class weights
+            c0 = c1 = alpha_per_class.to(x.dtype)
+        s = math.row_target(score.to(x.dtype), spec)[..., None]
+        loss, grad = math.detr_terms(x, hit, s, spec, c0, c1, want_grad)
+        return _weighted(loss, grad, lab, w, ignore_index)
     if score is not None:
         t = torch.where(hit, score.to(x.dtype)[..., None], x.new_zeros(()))
     else:
@@ -78,7 +86,12 @@ def _chunk_terms(x, lab, w, alpha_per_class, spec, ignore_index, want_grad, scor
         a = alpha_per_class.to(x.dtype)
         c0, c1 = 1.0 - a, a
     loss, grad = math.terms(x, t, ts, spec, c0, c1, want_grad)
-    factor = w.to(x.dtype)[..., None] if w is not None else None
+    return _weighted(loss, grad, lab, w, ignore_index)
+
+
+def _weighted(loss, grad, lab, w, ignore_index):
+    """[loss, grad] times the anchors' weights w, zero on ignored anchors (None stays None)."""
+    factor = w.to(loss.dtype)[..., None] if w is not None else None
     keep = None if ignore_index is None else (lab != ignore_index)[..., None]
     out = []
     for v in (loss, grad):

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from helpers import child_result
 
+from focal_triton.aot import DETR_KIND_POWERS
+
 ARCHS = {"sm_80", "sm_90"}
 
 
@@ -93,8 +95,8 @@ def test_every_specialization_compiles_for_its_archs(facts):
         dtypes = {f["label"].split()[1] for f in facts if f["kernel"] == kernel}
         assert dtypes == {"x=fp32", "x=fp16", "x=bf16", "x=fp64"}, kernel
     assert {(f["kernel"], loss_kind(f)) for f in facts if f["kernel"] != "sum_partials_kernel"
-            and f["kernel"] != "normalize_partials_kernel"} == {(k, kind) for k in DENSE | {MULTILEVEL}
-                                                                for kind in range(4)}
+            and f["kernel"] != "normalize_partials_kernel"} == {(k, kind) for k in DENSE for kind in range(4)} | {
+                (MULTILEVEL, kind) for kind in range(9)}  # the DETR / YOLO kinds 4 .. 8: class-index only
     assert {f["constexprs"]["MODE"] for f in multilevel(facts)} == set("0123")
     assert {"2", "-1"} <= {f["constexprs"]["GAMMA"] for f in multilevel(facts)}
     assert {a for f in facts for a in f["archs"]} == ARCHS
@@ -112,7 +114,8 @@ def test_the_matrix_covers_every_launch(facts):
     assert all(f["archs"] == ["sm_90"] and "loss_kind=" in f["label"] for f in variants)
     assert {(f["kernel"], loss_kind(f), f["constexprs"]["GAMMA"]) for f in variants} == {
         (k, kind, g) for k in DENSE | {MULTILEVEL} for kind in (1, 2, 3)
-        for g in (("0",) if kind == 1 else ("2", "-1"))}
+        for g in (("0",) if kind == 1 else ("2", "-1"))} | {
+        (MULTILEVEL, kind, str(g)) for kind, powers in DETR_KIND_POWERS.items() for g in powers}
     # Every compiled-in exponent (0 .. 4) and the runtime one, in both kernels; every option of the multi-level
     # kernel on and off.
     assert {f["constexprs"]["GAMMA"] for f in dense(facts)} == {"0", "1", "2", "3", "4", "-1"}
@@ -194,8 +197,14 @@ def test_transcendentals_per_element(facts):
             del expected["log"]
         if runtime_power:
             expected["exp2"] = expected.get("exp2", 0.0) + 1.0
-            if not ((ml and kind == 0) or kind == 3):
+            if not ((ml and kind == 0) or kind in (3, 5, 6, 7, 8)):
                 expected["log2"] = 1.0
+        if ml and kind == 8:  # IA-BCE's p**alpha on the label's class: one exp2 per logit (log2 p from softplus)
+            expected["exp2"] += 1.0
+        if ml and (kind == 8 or (kind == 7 and runtime_power)):
+            # the score's power (IA-BCE score**(1 - alpha), MAL score**gamma): a log2 and an exp2 once per row
+            row = 1.0 / int(f["constexprs"]["BLOCK_C"])
+            expected = {k: round(v, 3) for k, v in {**expected, "exp2": expected["exp2"] + row, "log2": row}.items()}
         got = {k: v for k, v in f["ttir_math_per_logit"].items() if k != "absf"}
         assert got == expected, (f["label"], f["ttir_math_per_logit"])
 

@@ -225,13 +225,16 @@ def focal_matching_cost(logits, labels, alpha: float = 0.25, gamma: float = 2.0,
     r"""The focal classification cost of the Hungarian matchers of DETR-style detectors, fused and numerically
     stable: for every query q and target g,
 
-        cost[q, g] = alpha (1 - p)**gamma (-log p) - (1 - alpha) p**gamma (-log(1 - p)),  p = sigmoid(logits[q, labels[g]])
+        cost[q, g] = alpha (1 - p)**gamma (-log p) - (1 - alpha) p**gamma (-log(1 - p)),
+        p = sigmoid(logits[q, labels[g]])
 
     the cost of RT-DETR, D-FINE, DEIM, Deformable / Conditional / DAB-DETR (transformers' RTDetrHungarianMatcher
     in transformers/loss/loss_rt_detr.py, DeformableDetrHungarianMatcher in loss_deformable_detr.py). Those write
     -log(p + 1e-8) and -log(1 - p + 1e-8) of a probability in the logits' dtype; here -log p = softplus(-x) and
-    -log(1 - p) = softplus(x), so the cost is finite for every finite logit of every dtype (the stock formula is
-    off by up to ~8 for bf16 logits beyond ~5 and -inf for fp16 ones), and equal to it up to that 1e-8 elsewhere.
+    -log(1 - p) = softplus(x), so the cost is finite for every finite logit of every dtype and keeps falling with
+    the logit (the stock formula stops at -(1 - alpha) log(1e8) ~ -13.8 once p rounds to 1: from x ~ 6 in bf16,
+    ~17 in float32; it is -inf / +inf for fp16 logits beyond ~8.3 / below ~-17), and equal to it up to that 1e-8
+    for moderate logits.
     Grounding DINO's cost is ``focal_matching_cost(logits, torch.arange(C)) @ label_maps.T``.
 
     Args:

@@ -67,8 +67,9 @@ def check_gamma(gamma) -> float:
 
 # --- the focal matching cost of Hungarian matchers ---------------------------------------------------------------
 
-# Rows and targets of one cost matrix: the kernel's tile indices stay far from int32 overflow.
-MAX_MATCHING_SIZE = 2**30
+# Sizes of one cost matrix: queries, and targets and classes, whose offsets inside a kernel tile (32 rows) stay in
+# int32.
+MAX_MATCHING_QUERIES, MAX_MATCHING_COLUMNS = 2**30, 2**25
 
 
 @dataclass(frozen=True)
@@ -105,9 +106,11 @@ def matching_call(logits, labels, alpha, gamma, check_labels) -> MatchingCall:
     check_bool("check_labels", check_labels)
     num_classes = logits.shape[-1]
     x = logits.detach().reshape(-1, num_classes)
-    for name, size in (("logits.shape[:-1] (the queries)", x.shape[0]), ("labels (the targets)", labels.shape[0])):
-        if size > MAX_MATCHING_SIZE:
-            raise ValueError(f"{name} must number at most 2**30, got {size}")
+    for name, size, limit in (("logits.shape[:-1] (the queries)", x.shape[0], MAX_MATCHING_QUERIES),
+                              ("labels (the targets)", labels.shape[0], MAX_MATCHING_COLUMNS),
+                              ("logits.shape[-1] (the classes)", num_classes, MAX_MATCHING_COLUMNS)):
+        if size > limit:
+            raise ValueError(f"{name} must number at most {limit}, got {size}")
     if check_labels and labels.numel():
         _check_class_indices(labels, num_classes)
     return MatchingCall(x, labels.contiguous(), alpha, gamma)

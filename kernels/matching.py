@@ -13,12 +13,12 @@ is inf and the cost its limit (-inf or +inf; 0 * inf is taken as 0 where the coe
 Powers: GAMMA >= 0 an integer gamma by multiplication (math.modulation), else the runtime gamma as
 exp2(-gamma log2(e) softplus) of the softplus above (r**gamma = exp(-gamma L), er**gamma = exp(-gamma (L + a))).
 
-Layout. logits (N, C) with strides (stride_q, stride_c) (any 2-D view, read in place), labels (G,) int32 / int64,
-cost (N, G) contiguous in the compute dtype (float32; float64 for float64 logits). A tile is [BLOCK_Q queries,
-BLOCK_G targets]: the tile's labels are loaded once per program, each output gathers its one logit
-x[q * stride_q + labels[g] * stride_c] (the (N, C) probabilities are never formed). Offsets are 64-bit (row and
-column parts computed once per row and per column). A label outside [0, C) (possible only with check_labels=False)
-reads nothing and gives a NaN column.
+Layout. logits (N, C) with strides (stride_q, stride_c) (any 2-D view whose in-tile offsets fit in int32, read in
+place; another is copied once), labels (G,) int32 / int64, cost (N, G) contiguous in the compute dtype (float32;
+float64 for float64 logits). A tile is [BLOCK_Q queries, BLOCK_G targets]: the tile's labels are loaded once per
+program, each output gathers its one logit x[q * stride_q + labels[g] * stride_c] (the (N, C) probabilities are
+never formed). A label outside [0, C) (possible only with check_labels=False) reads class 0 and gives a NaN
+column.
 
 Grid (n_gt, P): program (gt, p) owns target tile gt and walks the query tiles p, p + P, ... (P from the persistent
 grid of launch.max_programs, split over the target tiles). No reduction: the result does not depend on the grid.
@@ -30,28 +30,29 @@ import torch
 import triton
 import triton.language as tl
 
-from ..losses import compute_dtype
+from ..losses import INT32_MAX, compute_dtype
 from .launch import ElementwiseConfig, compiled_path, device_guard, max_programs
 from .math import _LOG2E, fast_math, log1p_exp, logistic_of_abs, modulation, power_constexpr, triton_compute_dtype
 
-# Compiled path: 32 x 64 outputs per tile over 4 warps (16 per thread, ptxas-checked without spills); interpreter:
-# small tiles and a 2 x 2 grid at most, so that small test matrices take several tiles, loop iterations and masks.
-GPU_TILE = (32, 64)
+# Compiled path: 32 x 64 outputs per tile over 4 warps (16 per thread; float64 16 x 64, 8 per thread: at 16 ptxas
+# spilled), checked without spills by the ahead-of-time report; interpreter: small tiles and 2 query programs per
+# target tile, so that small test matrices take several tiles, loop iterations and masks.
 GPU_NUM_WARPS = 4
 INTERPRETER_TILE = (8, 16)
 INTERPRETER_PROGRAMS = 2
 
 
+def gpu_tile(x_dtype) -> tuple:
+    """(BLOCK_Q, BLOCK_G) of the compiled path for logits of x_dtype."""
+    return (16, 64) if x_dtype == torch.float64 else (32, 64)
+
+
 @triton.jit
-def _cost_tile(x_ptr, out_ptr, rows, N, G, stride_q, col_off, g_offs, col_ok, c_pos, c_neg, gamma,
+def _cost_tile(x_ptrs, out_ptrs, mask, col_ok, c_pos, c_neg, gamma,
                GAMMA: tl.constexpr, FAST: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
-    """Cost of one [BLOCK_Q, BLOCK_G] tile: rows the query indices (int32), col_off the targets' column offsets in
-    the logits (int64), col_ok their mask (in range and a valid label)."""
-    row_ok = rows < N
-    rows64 = rows.to(tl.int64)
-    mask = row_ok[:, None] & col_ok[None, :]
-    x = tl.load(x_ptr + (rows64 * stride_q)[:, None] + col_off[None, :], mask=mask,
-                other=float("nan")).to(COMPUTE_DTYPE)
+    """Cost of one [BLOCK_Q, BLOCK_G] tile: x_ptrs the gathered logits, out_ptrs the costs, mask the outputs that
+    exist, col_ok whether each target's label is valid (an invalid one points at class 0 and gives NaN)."""
+    x = tl.load(x_ptrs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
     a = tl.abs(x)
     e, r, er = logistic_of_abs(a, FAST)
     L = log1p_exp(e, r, er, FAST)
@@ -62,9 +63,8 @@ def _cost_tile(x_ptr, out_ptr, rows, N, G, stride_q, col_off, g_offs, col_ok, c_
     c_far = tl.where(nonneg, -c_neg, c_pos)
     c_near = tl.where(nonneg, c_pos, -c_neg)
     far = tl.where(c_far == 0.0, 0.0, c_far * (m_far * La))  # 0 * inf -> 0 at x = +-inf with alpha = 1 or 0
-    cost = far + c_near * (m_near * L)
-    out_offs = (rows64 * G)[:, None] + g_offs[None, :]
-    tl.store(out_ptr + out_offs, cost.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (g_offs < G)[None, :])
+    cost = tl.where(col_ok[None, :], far + c_near * (m_near * L), float("nan"))
+    tl.store(out_ptrs, cost.to(out_ptrs.dtype.element_ty), mask=mask)
 
 
 # No integer argument is specialized by the JIT: G (the targets of a batch) changes every step, N and C with the
@@ -73,27 +73,33 @@ def _cost_tile(x_ptr, out_ptr, rows, N, G, stride_q, col_off, g_offs, col_ok, c_
 def focal_matching_cost_kernel(x_ptr, labels_ptr, out_ptr, N, G, C, stride_q, stride_c, c_pos, c_neg, gamma,
                                GAMMA: tl.constexpr, FAST: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
                                BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr):
-    """cost[q, g] for the target tile program_id(0) and the query tiles program_id(1) + k num_programs(1)."""
+    """cost[q, g] for the target tile program_id(0) and the query tiles program_id(1) + k num_programs(1).
+
+    The offsets inside a tile, i stride_q + labels[j] stride_c for the logits and i G + j for the cost, are the
+    same for every query tile: computed once per program in int32 (the launcher keeps them below 2**31); each tile
+    moves two 64-bit base pointers by a scalar, so an output's addresses cost one IMAD.WIDE each."""
     gt = tl.program_id(0)
     p = tl.program_id(1)
     nprog = tl.num_programs(1)
+    i = tl.arange(0, BLOCK_Q)
     g_offs = gt * BLOCK_G + tl.arange(0, BLOCK_G)
     in_g = g_offs < G
     label = tl.load(labels_ptr + g_offs, mask=in_g, other=-1)
-    col_ok = in_g & (label >= 0) & (label < C)
-    col_off = tl.where(col_ok, label, 0).to(tl.int64) * stride_c
-    qt = p
-    while qt * BLOCK_Q < N:  # tile loop: matching
-        rows = qt * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        _cost_tile(x_ptr, out_ptr, rows, N, G, stride_q, col_off, g_offs, col_ok, c_pos, c_neg, gamma,
-                   GAMMA, FAST, COMPUTE_DTYPE)
-        qt += nprog
+    col_ok = (label >= 0) & (label < C)
+    x_offs = i[:, None] * stride_q + (tl.where(col_ok, label, 0).to(tl.int32) * stride_c)[None, :]
+    out_offs = i[:, None] * G + g_offs[None, :]
+    row0 = p * BLOCK_Q
+    while row0 < N:  # tile loop: matching
+        mask = (i < N - row0)[:, None] & in_g[None, :]
+        _cost_tile(x_ptr + row0.to(tl.int64) * stride_q + x_offs, out_ptr + row0.to(tl.int64) * G + out_offs, mask,
+                   col_ok, c_pos, c_neg, gamma, GAMMA, FAST, COMPUTE_DTYPE)
+        row0 += nprog * BLOCK_Q
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Host side: the constexprs of one launch (shared with the ahead-of-time check) and the launcher.
 
-def kernel_constexprs(x_dtype, power: int, tile=GPU_TILE) -> dict:
+def kernel_constexprs(x_dtype, power: int, tile) -> dict:
     return dict(GAMMA=power, FAST=fast_math(x_dtype), COMPUTE_DTYPE=triton_compute_dtype(x_dtype),
                 BLOCK_Q=tile[0], BLOCK_G=tile[1])
 
@@ -103,7 +109,9 @@ def forward(x: torch.Tensor, labels: torch.Tensor, alpha: float, gamma: float) -
     n, c = x.shape
     g = labels.shape[0]
     compiled = compiled_path(x.device)
-    tile = GPU_TILE if compiled else INTERPRETER_TILE
+    tile = gpu_tile(x.dtype) if compiled else INTERPRETER_TILE
+    if tile[0] * x.stride(0) + c * x.stride(1) > INT32_MAX:
+        x = x.contiguous()  # in-tile offsets in int32 (validation bounds C and G so that this suffices)
     num_warps = GPU_NUM_WARPS if compiled else 1
     constexprs = kernel_constexprs(x.dtype, power_constexpr(gamma), tile)
     out = torch.empty((n, g), dtype=compute_dtype(x.dtype), device=x.device)

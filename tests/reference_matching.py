@@ -37,6 +37,16 @@ def transformers_matching_cost(logits, labels, alpha, gamma):
     return pos_cost_class - neg_cost_class
 
 
+def grounding_dino_class_cost(logits, label_maps, alpha=0.25, gamma=2.0):
+    """The class cost of transformers' GroundingDinoHungarianMatcher.forward (src/transformers/loss/
+    loss_grounding_dino.py), transcribed: the stock terms over all C classes, mixed by the targets' label maps
+    (already concatenated and normalized there: rows summing to 1)."""
+    out_prob = logits.flatten(0, -2).sigmoid()
+    neg_cost_class = (1 - alpha) * (out_prob**gamma) * (-(1 - out_prob + 1e-8).log())
+    pos_cost_class = alpha * ((1 - out_prob) ** gamma) * (-(out_prob + 1e-8).log())
+    return (pos_cost_class - neg_cost_class) @ label_maps.t()
+
+
 # A cost is a difference of two terms: its rounding error is relative to their size, not to the difference (which
 # vanishes where the terms are equal). Tolerance of a result computed in float32 (any 16/32-bit logits) or float64.
 MATCHING_TOL = {torch.float32: dict(rtol=2e-5, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}

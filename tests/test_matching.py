@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from reference_matching import (assert_matching_close, matching_cost_ref, matching_terms_ref,
-                                transformers_matching_cost)
+from reference_matching import (assert_matching_close, grounding_dino_class_cost, matching_cost_ref,
+                                matching_terms_ref, transformers_matching_cost)
 
 import focal_triton
 
@@ -46,15 +46,32 @@ def test_matches_float64_reference(backend, device, dtype, alpha, gamma):
 
 
 def test_leading_dims_and_strided_views_are_read_in_place(backend, device):
-    """(B, Q, C) logits flatten to (B*Q, C); a class-strided slice and a transposed (C, N) buffer give the same cost
-    as their contiguous copies."""
+    """(B, Q, C) logits flatten to (B*Q, C); a class-strided slice, a transposed (C, N) buffer and an expanded row
+    give the same cost as their contiguous copies."""
     x = _logits((3, 5, 2 * C), torch.float32, device)
     labels = _labels(G, C, device)
-    for view in (x[..., :C], x[..., ::2], x.flatten(0, 1)[:, :C].t().contiguous().t()):
+    for view in (x[..., :C], x[..., ::2], x.flatten(0, 1)[:, :C].t().contiguous().t(), x[:1, :1, :C].expand(3, 5, C)):
         cost = focal_triton.focal_matching_cost(view, labels)
         assert cost.shape == (15, G)
         assert torch.equal(cost, focal_triton.focal_matching_cost(view.contiguous(), labels))
         assert_matching_close(cost, view, labels, 0.25, 2.0, "view")
+
+
+def test_views_whose_tile_offsets_pass_int32_are_copied(device, monkeypatch):
+    """The kernel's in-tile offsets are int32: a view whose offsets would pass 2**31 (here: the limit lowered to make
+    a small transposed view one) is copied once and gives the same cost."""
+    from focal_triton.kernels import matching as kernel
+
+    monkeypatch.setenv("FOCAL_TRITON_BACKEND", "triton")
+    view = _logits((C, 40), torch.float32, device).t()
+    labels = _labels(G, C, device)
+    expected = focal_triton.focal_matching_cost(view, labels)
+    copies = []
+    real = torch.Tensor.contiguous
+    monkeypatch.setattr(kernel, "INT32_MAX", 100)
+    monkeypatch.setattr(torch.Tensor, "contiguous", lambda t, *a, **k: copies.append(t.shape) or real(t, *a, **k))
+    assert torch.equal(focal_triton.focal_matching_cost(view, labels), expected)
+    assert (40, C) in copies
 
 
 def test_transformers_formula_where_it_is_accurate(backend, device):
@@ -70,6 +87,16 @@ def test_transformers_formula_where_it_is_accurate(backend, device):
     # In float64 the stock formula differs from the exact cost only by its 1e-8: at most 1e-8 / 0.0067 ~ 1.5e-6.
     torch.testing.assert_close(transformers_matching_cost(x.double(), labels, 0.25, 2.0),
                                matching_cost_ref(x, labels, 0.25, 2.0), rtol=0, atol=2e-6)
+
+
+def test_grounding_dino_cost_through_all_classes(backend, device):
+    """Grounding DINO's cost mixes the classes through label maps: the cost against every class, times the maps."""
+    g = torch.Generator().manual_seed(4)
+    x = (torch.rand(40, C, generator=g) * 10 - 5).to(device)
+    label_maps = torch.rand(G, C, generator=g).to(device)
+    label_maps = label_maps / label_maps.sum(-1, keepdim=True)
+    ours = focal_triton.focal_matching_cost(x, torch.arange(C, device=device)) @ label_maps.t()
+    torch.testing.assert_close(ours, grounding_dino_class_cost(x, label_maps), rtol=0, atol=1e-5)
 
 
 def test_transformers_formula_fails_for_16_bit_logits_where_ours_does_not(backend, device):

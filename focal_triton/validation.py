@@ -83,14 +83,19 @@ class MatchingCall:
     gamma: float
 
 
-def matching_call(logits, labels, alpha, gamma, check_labels) -> MatchingCall:
-    """Check focal_matching_cost's arguments (before anything runs) and encode them."""
+def check_class_logits(logits) -> None:
+    """(..., C) logits of a supported dtype with C >= 1 classes (focal_loss, focal_matching_cost)."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have shape (..., C) with C >= 1 classes, got {tuple(logits.shape)}")
     if logits.dtype not in LOGIT_DTYPES:
         raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+
+
+def matching_call(logits, labels, alpha, gamma, check_labels) -> MatchingCall:
+    """Check focal_matching_cost's arguments (before anything runs) and encode them."""
+    check_class_logits(logits)
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype not in LABEL_DTYPES:
@@ -585,12 +590,7 @@ def multilevel_call(level_logits, labels, num_anchors, options) -> ClassIndexCal
 def flat_call(logits, labels, options) -> ClassIndexCall:
     """focal_loss's arguments checked and encoded: the (..., C) logits as one channels_last level of one anchor
     per position, (N, C, M, 1) (a view, no copy); labels, weights and scores as (N, M)."""
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dim() < 1 or logits.shape[-1] == 0:
-        raise ValueError(f"logits must have shape (..., C) with C >= 1 classes, got {tuple(logits.shape)}")
-    if logits.dtype not in LOGIT_DTYPES:
-        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+    check_class_logits(logits)
     num_classes = logits.shape[-1]
     num_images = logits.shape[0] if logits.dim() >= 3 else 1
     rows = logits.numel() // num_classes // num_images if num_images else 0

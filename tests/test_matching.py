@@ -259,6 +259,20 @@ def test_torch_compile_fullgraph(backend, device):
     torch._dynamo.reset()
 
 
+def test_torchscript(backend, device):
+    """A scripted matcher stage calls the same op (focal_triton::api_focal_matching_cost, focal_triton/torchscript.py)
+    with the same numbers and the eager errors."""
+    @torch.jit.script
+    def stage(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return focal_triton.focal_matching_cost(logits, labels, 0.25, gamma=1.5, check_labels=True)
+
+    x = _logits((N, C), torch.bfloat16, device)
+    labels = _labels(G, C, device)
+    assert torch.equal(stage(x, labels), focal_triton.focal_matching_cost(x, labels, 0.25, 1.5))
+    with pytest.raises(Exception, match="labels must be class indices"):
+        stage(x, labels + C)
+
+
 def test_opcheck(backend, device):
     """torch.library.opcheck: the registered op's schema, fake implementation and dispatch agree."""
     x = _logits((N, C), torch.float32, device)

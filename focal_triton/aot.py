@@ -193,7 +193,7 @@ def specializations():
             specs.append(Specialization(
                 sf.sum_partials_kernel, sig, {"MEAN": mean, "BLOCK": launch.PARTIAL_SUM_BLOCK}, 4,
                 f"sum_partials partials={acc} out={xs} mean={mean} n={n_type}", aligned=(0,)))
-    return specs + multilevel_specializations()
+    return specs + multilevel_specializations() + matching_specializations()
 
 
 # Options of the multi-level kernel (HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH): the matrix compiles torchvision's
@@ -298,6 +298,35 @@ def multilevel_specializations():
                 4, f"normalize_partials acc={acc} norm_mode={norm_mode} normalizer={norm_dtype}",
                 aligned=(0, 1, 2, 3)))
     return specs
+
+
+def matching_spec(x_dtype, lab: str, power: int, archs=ARCHS) -> Specialization:
+    """The focal matching cost kernel as matching.forward compiles it (its integer arguments are never specialized
+    by the JIT). Its logits are gathered (one 16- to 64-bit load per output) and its rows of G outputs have no
+    known alignment: no 128-bit access is expected."""
+    from .kernels import matching as mk
+
+    xs = TORCH_TO_TRITON[x_dtype]
+    tile = mk.gpu_tile(x_dtype)
+    ce = mk.kernel_constexprs(x_dtype, power, tile)
+    sig = {"x_ptr": f"*{xs}", "labels_ptr": f"*{lab}",
+           "out_ptr": "*fp64" if x_dtype == torch.float64 else "*fp32",
+           **{k: "i32" for k in ("N", "G", "C", "stride_q", "stride_c")},
+           "c_pos": "fp32", "c_neg": "fp32", "gamma": "fp32", **{k: "constexpr" for k in ce}}
+    return Specialization(mk.focal_matching_cost_kernel, sig, ce, mk.GPU_NUM_WARPS,
+                          f"matching x={xs} labels={lab} pow={power}", aligned=(0, 1, 2),
+                          elements_per_thread=tile[0] * tile[1] // (mk.GPU_NUM_WARPS * 32),
+                          tile_bodies=1, archs=archs)
+
+
+def matching_specializations():
+    """The matching cost kernel's matrix: every logit dtype with int64 labels, gamma = 2 and the runtime exponent,
+    for sm_90 (and sm_80 for bf16 / fp32 logits); int32 labels (one load per program differs) with gamma = 2 and
+    gamma = 0 (bf16) once each, for sm_90."""
+    specs = [matching_spec(x_dtype, "i64", power, ARCHS if x_dtype in NEW_KIND_DTYPES else (90,))
+             for x_dtype in LOGIT_DTYPES for power in MATRIX_POWERS]
+    specs += [matching_spec(x_dtype, "i32", 2, (90,)) for x_dtype in LOGIT_DTYPES]
+    return specs + [matching_spec(torch.bfloat16, "i64", 0, (90,))]
 
 
 def launch_partial_block() -> int:

@@ -1,6 +1,6 @@
 """The public functions of focal_triton: the dense losses (drop-ins for torchvision's and fvcore's, mmdet's QFL and
-VFL) and the class-index losses of a detector head (`multilevel_focal_loss` on the per-level outputs, `focal_loss`
-on concatenated (..., C) logits).
+VFL), the class-index losses of a detector head (`multilevel_focal_loss` on the per-level outputs, `focal_loss`
+on concatenated (..., C) logits) and the focal matching cost of Hungarian matchers (`focal_matching_cost`).
 
 Each function checks and encodes its arguments (`validation`), calls its registered op (`ops`) and shapes the
 result; the formulas are in each docstring and in `losses`.
@@ -21,6 +21,7 @@ import torch
 from . import validation as V
 from .losses import LossKind
 from .ops.dense import sigmoid_focal_loss as _dense
+from .ops.matching import focal_matching_cost as _matching_cost
 from .ops.multilevel import multilevel_focal_loss as _class_index
 from .stats import loss_statistics
 
@@ -218,3 +219,39 @@ def _result(call):
         return out[0], loss_statistics(out[2], call.labels, call.levels, call.num_anchors, call.num_classes,
                                        call.ignore_index, call.gamma, alpha, call.loss_name)
     return out[0]
+
+
+def focal_matching_cost(logits, labels, alpha: float = 0.25, gamma: float = 2.0, *, check_labels: bool = True):
+    r"""The focal classification cost of the Hungarian matchers of DETR-style detectors, fused and numerically
+    stable: for every query q and target g,
+
+        cost[q, g] = alpha (1 - p)**gamma (-log p) - (1 - alpha) p**gamma (-log(1 - p)),
+        p = sigmoid(logits[q, labels[g]])
+
+    the cost of RT-DETR, D-FINE, DEIM, Deformable / Conditional / DAB-DETR (transformers' RTDetrHungarianMatcher
+    in transformers/loss/loss_rt_detr.py, DeformableDetrHungarianMatcher in loss_deformable_detr.py). Those write
+    -log(p + 1e-8) and -log(1 - p + 1e-8) of a probability in the logits' dtype; here -log p = softplus(-x) and
+    -log(1 - p) = softplus(x), so the cost is finite for every finite logit of every dtype and keeps falling with
+    the logit (the stock formula stops at -(1 - alpha) log(1e8) ~ -13.8 once p rounds to 1: from x ~ 6 in bf16,
+    ~17 in float32; it is -inf / +inf for fp16 logits beyond ~8.3 / below ~-17), and equal to it up to that 1e-8
+    for moderate logits.
+    Grounding DINO's cost is ``focal_matching_cost(logits, torch.arange(C)) @ label_maps.T``.
+
+    Args:
+        logits: (..., C) classification logits, e.g. (B, Q, C) or the matchers' (B*Q, C); the leading dims are
+            flattened into N queries (a view where they allow one, else one copy). float16, bfloat16, float32 or
+            float64, any strides. Never differentiated: a tensor that requires grad is read detached.
+        labels: (G,) int32 or int64 class indices in [0, C) of the batch's targets, concatenated over its images
+            (the matchers' ``torch.cat([v["class_labels"] for v in targets])``).
+        alpha: weight of the positive term, in [0, 1]. Default 0.25. gamma: exponent >= 0 (integer gamma costs
+            no pow). Default 2. Both enter the kernel as float32 scalars.
+        check_labels: verify that every label lies in [0, C) (one host sync; a device-side assertion inside
+            torch.compile). False skips it (CUDA-graph capture): a label out of range then gives a NaN column.
+
+    Returns:
+        The (N, G) cost, contiguous, float32 (float64 for float64 logits), not requiring grad; (N, 0) or (0, G)
+        for empty inputs. The (N, C) probabilities are never formed: each cost reads its one logit. +-inf logits
+        give the formula's limit (-inf / +inf, or 0 where alpha = 1 / 0 removes the infinite term); NaN gives NaN.
+        Deterministic (no reduction).
+    """
+    return _matching_cost(V.matching_call(logits, labels, alpha, gamma, check_labels))

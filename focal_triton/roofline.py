@@ -189,9 +189,9 @@ class Case:
 
     name: str
     spec: object          # focal_triton.aot.Specialization
-    kernel: str           # "multilevel" | "dense"
+    kernel: str           # "multilevel" | "dense" | "matching"
     dtype: str            # "bf16" | "fp32"
-    mode: str             # "fwd sum" | "bwd scalar"
+    mode: str             # "fwd sum" | "bwd scalar" | "cost"
     loss: str             # "FL gamma=2", ...
     logits_per_thread: int
 
@@ -205,8 +205,8 @@ def _dtype(name):
 def per_logit_cases() -> list:
     """RetinaNet's head (C = 80, A = 9, int64 labels, class-aligned) in bf16 and fp32, FL gamma = 2 and 1.5, forward
     sum and backward with a scalar upstream gradient (both layouts in one kernel), QFL / VFL / RT-DETR's VFL forward,
-    YOLO's BCE forward and backward, and the dense kernels (forward sum, backward scalar) on the same dtypes: the
-    launch configs of the heuristic (no tuning)."""
+    YOLO's BCE forward and backward, the dense kernels (forward sum, backward scalar) and the matching cost (gamma 2
+    and 1.5; per output) on the same dtypes: the launch configs of the heuristic (no tuning)."""
     from .kernels import launch
     from .kernels import multilevel as mf
     from .kernels.math import spec_power
@@ -241,12 +241,20 @@ def per_logit_cases() -> list:
                     spec = aot.dense_backward_spec(x_dtype, x_dtype, "sum", dt, power, cfg, kind, archs=(90,))
                 name = f"dense_{mode.replace(' ', '_')}_{dt}_fl_{'g' + str(power) if power >= 0 else 'gfrac'}"
                 cases.append(Case(name, spec, "dense", dt, mode, loss, per_thread))
+        # The matching cost of DETR matchers (int64 labels): "logits" per thread are its outputs per thread.
+        for loss, gamma in (("focal gamma=2", 2.0), ("focal gamma=1.5", 1.5)):
+            power = spec_power(encode(FL, gamma=gamma))
+            spec = aot.matching_spec(x_dtype, "i64", power, archs=(90,))
+            cases.append(Case(f"matching_cost_{dt}_{'g' + str(power) if power >= 0 else 'gfrac'}", spec, "matching",
+                              dt, "cost", loss, spec.elements_per_thread))
     return cases
 
 
 def _layout(kernel: str, loop: str) -> str:
     if kernel == "dense":
         return "flat"
+    if kernel == "matching":
+        return "gather"
     return "channels_last" if loop.startswith("channels_last") else "NCHW"
 
 

@@ -94,7 +94,8 @@ def _register(fn, kernel) -> None:
         _register_builtin(fn, f"focal_triton::{name}")
 
 
-for _fn in (F.sigmoid_focal_loss, F.sigmoid_focal_loss_star, F.quality_focal_loss, F.varifocal_loss):
+for _fn in (F.sigmoid_focal_loss, F.sigmoid_focal_loss_star, F.quality_focal_loss, F.varifocal_loss,
+            F.focal_matching_cost):
     _register(_fn, _fn)
 for _fn in (F.focal_loss, F.multilevel_focal_loss):
     _register(_fn, _class_index_kernel(_fn))

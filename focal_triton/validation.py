@@ -65,6 +65,79 @@ def check_gamma(gamma) -> float:
     return gamma
 
 
+# --- the focal matching cost of Hungarian matchers ---------------------------------------------------------------
+
+# Sizes of one cost matrix: queries, and targets and classes, whose offsets inside a kernel tile (32 rows) stay in
+# int32.
+MAX_MATCHING_QUERIES, MAX_MATCHING_COLUMNS = 2**30, 2**25
+
+
+@dataclass(frozen=True)
+class MatchingCall:
+    """A focal_matching_cost call in the op's encoding: (N, C) detached logits (a view where the leading dims
+    flatten without a copy), (G,) contiguous labels, alpha and gamma as floats."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    alpha: float
+    gamma: float
+
+
+def check_class_logits(logits) -> None:
+    """(..., C) logits of a supported dtype with C >= 1 classes (focal_loss, focal_matching_cost)."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have shape (..., C) with C >= 1 classes, got {tuple(logits.shape)}")
+    if logits.dtype not in LOGIT_DTYPES:
+        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+
+
+def matching_call(logits, labels, alpha, gamma, check_labels) -> MatchingCall:
+    """Check focal_matching_cost's arguments (before anything runs) and encode them."""
+    check_class_logits(logits)
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype not in LABEL_DTYPES:
+        raise TypeError(f"labels must be int32 or int64 class indices, got {labels.dtype}")
+    if labels.dim() != 1:
+        raise ValueError(f"labels must have shape (G,) (one class per target), got {tuple(labels.shape)}")
+    if labels.device != logits.device:
+        raise ValueError(f"labels must be on the logits' device ({logits.device}), got {labels.device}")
+    alpha = _number("alpha", alpha)
+    if not (0.0 <= alpha <= 1.0):
+        raise ValueError(f"alpha of the matching cost must be in [0, 1], got {alpha}")
+    gamma = check_gamma(gamma)
+    check_bool("check_labels", check_labels)
+    num_classes = logits.shape[-1]
+    x = logits.detach().reshape(-1, num_classes)
+    for name, size, limit in (("logits.shape[:-1] (the queries)", x.shape[0], MAX_MATCHING_QUERIES),
+                              ("labels (the targets)", labels.shape[0], MAX_MATCHING_COLUMNS),
+                              ("logits.shape[-1] (the classes)", num_classes, MAX_MATCHING_COLUMNS)):
+        if size > limit:
+            raise ValueError(f"{name} must number at most {limit}, got {size}")
+    if check_labels and labels.numel():
+        _check_class_indices(labels, num_classes)
+    return MatchingCall(x, labels.contiguous(), alpha, gamma)
+
+
+def _check_class_indices(labels: torch.Tensor, num_classes: int) -> None:
+    """Every label is a class in [0, num_classes). Reads one bool on the host (a sync); inside torch.compile a
+    device-side assertion instead."""
+    if labels.device.type == "meta":
+        raise ValueError("check_labels=True reads the labels' values, which meta tensors do not have: pass "
+                         "check_labels=False")
+    ok = (labels >= 0) & (labels < num_classes)
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok.all(), f"labels must be class indices in [0, {num_classes}) (check_labels)")
+        return
+    if not bool(ok.all()):
+        i = int((~ok).nonzero()[0, 0])
+        raise ValueError(f"labels must be class indices in [0, {num_classes}) (num_classes = logits.shape[-1]); "
+                         f"got {int(labels[i])} at index {i} (check_labels=False skips this check and its host "
+                         f"sync; such a target's cost column is then NaN)")
+
+
 # --- the loss family: FL, FL*, QFL, VFL ------------------------------------------------------------------------
 
 def _finite_number(name: str, value, what: str, lower=None, strict: bool = False) -> float:
@@ -517,12 +590,7 @@ def multilevel_call(level_logits, labels, num_anchors, options) -> ClassIndexCal
 def flat_call(logits, labels, options) -> ClassIndexCall:
     """focal_loss's arguments checked and encoded: the (..., C) logits as one channels_last level of one anchor
     per position, (N, C, M, 1) (a view, no copy); labels, weights and scores as (N, M)."""
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dim() < 1 or logits.shape[-1] == 0:
-        raise ValueError(f"logits must have shape (..., C) with C >= 1 classes, got {tuple(logits.shape)}")
-    if logits.dtype not in LOGIT_DTYPES:
-        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+    check_class_logits(logits)
     num_classes = logits.shape[-1]
     num_images = logits.shape[0] if logits.dim() >= 3 else 1
     rows = logits.numel() // num_classes // num_images if num_images else 0

@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 
 import torch
 from reference import TOL, assert_close, focal_loss_ref
+from reference_matching import assert_matching_close
 from reference_multilevel import flatten_levels, multilevel_value_and_grads, unflatten_levels
 from reference_variants import class_index_ref, focal_star_ref, quality_focal_ref, reduce, varifocal_ref
 
@@ -328,6 +329,35 @@ class Multilevel:
             assert counts == labels.numel()
 
 
+# ---- the focal matching cost of DETR matchers: focal_matching_cost -------------------------------------------
+
+@dataclass
+class Matching:
+    name: str
+    dtype: torch.dtype
+    n: int = 37                  # queries (B * Q)
+    c: int = 11
+    g: int = 21                  # targets of the batch
+    labels_dtype: torch.dtype = torch.int64
+    alpha: float = 0.25
+    gamma: float = 2.0
+
+    def inputs(self, device):
+        x = _logits((self.n, self.c), self.dtype, 30, scale=6.0).to(device)
+        labels = torch.randint(0, self.c, (self.g,), generator=_gen(31)).to(self.labels_dtype).to(device)
+        return x, labels
+
+    def run(self, device):
+        x, labels = self.inputs(device)
+        return focal_triton.focal_matching_cost(x, labels, self.alpha, self.gamma), None  # no gradient
+
+    def check(self, device):
+        cost, _ = self.run(device)
+        x, labels = self.inputs(device)
+        assert cost.shape == (self.n, self.g) and not cost.requires_grad
+        assert_matching_close(cost, x, labels, self.alpha, self.gamma, self.name)
+
+
 HW2 = ((5, 3), (1, 2))        # two odd-sized levels
 HW3E = ((4, 6), (0, 3), (2, 1))  # an empty level in the middle
 
@@ -424,6 +454,13 @@ SMOKE = [
     Multilevel("multilevel bf16 nchw C=5 gamma=4", torch.bfloat16, HW2, gamma=4.0),
     Dense("dense bf16 sum gamma=3", torch.bfloat16, (301,), "sum", gamma=3.0),
     Dense("dense bf16 sum gamma=4", torch.bfloat16, (301,), "sum", gamma=4.0),
+    # the matching cost: each logit dtype with int64 labels and gamma = 2, int32 labels and a fractional gamma;
+    # gamma = 0 (bf16)
+    *[Matching(f"matching {str(dt)[6:]} int64 labels gamma=2", dt) for dt in (torch.float32, torch.float16,
+      torch.bfloat16, torch.float64)],
+    *[Matching(f"matching {str(dt)[6:]} int32 labels gamma=1.5", dt, labels_dtype=torch.int32, gamma=1.5)
+      for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64)],
+    Matching("matching bf16 gamma=0 alpha=0.5", torch.bfloat16, gamma=0.0, alpha=0.5),
 ]
 
 # Shape classes the suite uses beyond the smoke set's: sizes and integer arguments equal to 1, 16-divisible and odd
@@ -449,6 +486,8 @@ EDGE = [
     Multilevel("edge multilevel fp32 per-image normalizer of one image", torch.float32, HW2, n=1,
                normalizer="per_image"),
     Multilevel("edge multilevel fp32 stats one image C=1", torch.float32, ((1, 1),), n=1, a=1, c=1, stats=True),
+    Matching("edge matching fp32 one query one class one target", torch.float32, n=1, c=1, g=1),
+    Matching("edge matching bf16 16 queries C=16 16 targets", torch.bfloat16, n=16, c=16, g=16),
 ]
 
 # The call classes of tests/test_gpu.py and of bench/gpu_check.py's steps c-e (small sizes, the same specializations):

@@ -61,10 +61,12 @@ def per_logit(report):
 DENSE = {"sigmoid_focal_fwd_kernel", "sigmoid_focal_bwd_kernel"}
 MULTILEVEL = "multilevel_focal_kernel"
 FINAL_SUMS = {"sum_partials_kernel", "normalize_partials_kernel"}
+MATCHING = "focal_matching_cost_kernel"
 
 
 def elementwise(facts):
-    return [f for f in facts if f["kernel"] not in FINAL_SUMS]
+    """The loss kernels (not the final sums, not the matching cost's gather: test_matching_kernel)."""
+    return [f for f in facts if f["kernel"] not in FINAL_SUMS | {MATCHING}]
 
 
 def dense(facts):
@@ -90,13 +92,13 @@ def test_every_specialization_compiles_for_its_archs(facts):
         by_label.setdefault(f["label"], set()).add(f["arch"])
     assert all(by_label[f["label"]] == set(f["archs"]) for f in facts)
     kernels = {f["kernel"] for f in facts}
-    assert kernels == DENSE | FINAL_SUMS | {MULTILEVEL}
-    for kernel in DENSE | {MULTILEVEL}:
+    assert kernels == DENSE | FINAL_SUMS | {MULTILEVEL, MATCHING}
+    for kernel in DENSE | {MULTILEVEL, MATCHING}:
         dtypes = {f["label"].split()[1] for f in facts if f["kernel"] == kernel}
         assert dtypes == {"x=fp32", "x=fp16", "x=bf16", "x=fp64"}, kernel
-    assert {(f["kernel"], loss_kind(f)) for f in facts if f["kernel"] != "sum_partials_kernel"
-            and f["kernel"] != "normalize_partials_kernel"} == {(k, kind) for k in DENSE for kind in range(4)} | {
-                (MULTILEVEL, kind) for kind in range(9)}  # the DETR / YOLO kinds 4 .. 8: class-index only
+    # (the DETR / YOLO kinds 4 .. 8: class-index only)
+    assert {(f["kernel"], loss_kind(f)) for f in elementwise(facts)} == {
+        (k, kind) for k in DENSE for kind in range(4)} | {(MULTILEVEL, kind) for kind in range(9)}
     assert {f["constexprs"]["MODE"] for f in multilevel(facts)} == set("0123")
     assert {"2", "-1"} <= {f["constexprs"]["GAMMA"] for f in multilevel(facts)}
     assert {a for f in facts for a in f["archs"]} == ARCHS
@@ -127,8 +129,8 @@ def test_the_matrix_covers_every_launch(facts):
     # The compiled-in exponents beyond 2 (0, 1, 3, 4) are compiled once each, for sm_90.
     other_powers = [f for f in dense(facts) if f["constexprs"]["GAMMA"] in ("0", "1", "3", "4") and not loss_kind(f)]
     assert other_powers and all(f["archs"] == ["sm_90"] for f in other_powers)
-    assert all(set(f["archs"]) == ARCHS for f in facts
-               if f["kernel"] != MULTILEVEL and f not in autocast and f not in variants and f not in other_powers)
+    assert all(set(f["archs"]) == ARCHS for f in facts if f["kernel"] not in (MULTILEVEL, MATCHING)
+               and f not in autocast and f not in variants and f not in other_powers)
     assert all("sm_90" in f["archs"] for f in multilevel(facts))
     assert {a for f in multilevel(facts) for a in f["archs"]} == ARCHS
     modes = {(f["constexprs"]["MODE"], f["constexprs"]["CLASS_ALIGNED"]) for f in multilevel(facts)}
@@ -207,6 +209,30 @@ def test_transcendentals_per_element(facts):
             expected = {k: round(v, 3) for k, v in {**expected, "exp2": expected["exp2"] + row, "log2": row}.items()}
         got = {k: v for k, v in f["ttir_math_per_logit"].items() if k != "absf"}
         assert got == expected, (f["label"], f["ttir_math_per_logit"])
+
+
+def test_matching_kernel(facts):
+    """The focal matching cost kernel (kernels/matching.py): every logit dtype with int64 labels and gamma = 2 and
+    the runtime exponent, and with int32 labels and gamma = 2 (sm_80 too for bf16 / fp32 logits; the whole matrix
+    only), gamma = 0 once; no spills. Transcendentals per output: float32 one exp2 (e = exp(-|x|)) and one rsqrt
+    (the sigmoid), no log (log(1 + e) is a polynomial); float64 libdevice's exp and log; the runtime exponent two
+    exp2 more (r**gamma and er**gamma from the softplus it has, no log2). Every output gathers its logit once."""
+    rows = [f for f in facts if f["kernel"] == MATCHING]
+    assert {f["label"].split()[1] for f in rows} == {"x=fp32", "x=fp16", "x=bf16", "x=fp64"}
+    assert {f["constexprs"]["GAMMA"] for f in rows} >= {"2", "-1"}
+    if full_matrix():
+        assert {(f["label"].split()[1], f["label"].split()[2], f["constexprs"]["GAMMA"]) for f in rows} >= {
+            (x, lab, g) for x in ("x=fp32", "x=fp16", "x=bf16", "x=fp64")
+            for lab, g in (("labels=i64", "2"), ("labels=i64", "-1"), ("labels=i32", "2"))}
+        assert {f["label"].split()[1] for f in rows if "sm_80" in f["archs"]} == {"x=bf16", "x=fp32"}
+    for f in rows:
+        fast, runtime_power = f["constexprs"]["FAST"] == "True", f["constexprs"]["GAMMA"] == "-1"
+        expected = {"exp2": 1.0, "rsqrt": 1.0} if fast else {"exp": 1.0, "log": 1.0}
+        if runtime_power:
+            expected["exp2"] = expected.get("exp2", 0.0) + 2.0
+        got = {k: v for k, v in f["ttir_math_per_logit"].items() if k != "absf"}
+        assert got == expected, (f["label"], f["ttir_math_per_logit"])
+        assert f["stack"] == 0 and f["local"] == 0 and f["spill_instructions"] == 0, f["label"]
 
 
 def test_multilevel_one_access_per_logit(facts):
@@ -303,6 +329,11 @@ BUDGET = {
     ('multilevel', 'fp32', 'NCHW edge', 'bwd scalar', 'FL gamma=1.5'): (43.88, 3.0),
     ('dense', 'fp32', 'flat full', 'fwd sum', 'FL gamma=2'): (29.0, 2.0),
     ('dense', 'fp32', 'flat full', 'bwd scalar', 'FL gamma=2'): (40.0, 2.0),
+    # the focal matching cost, per output (measured with triton 3.8 only)
+    ('matching', 'bf16', 'matching', 'cost', 'focal gamma=2'): (39.44, 2.0),
+    ('matching', 'bf16', 'matching', 'cost', 'focal gamma=1.5'): (43.38, 4.0),
+    ('matching', 'fp32', 'matching', 'cost', 'focal gamma=2'): (36.81, 2.0),
+    ('matching', 'fp32', 'matching', 'cost', 'focal gamma=1.5'): (41.12, 4.0),
 }
 # Issue 13's goal for the RetinaNet case (bf16, FL gamma = 2, torchvision's ignore value, C = 80, int64 labels):
 # at most 30 instructions and 3 MUFU per logit. Met by the full-tile loops below; not (yet) by the NCHW backward
@@ -321,7 +352,8 @@ def _row_key(r):
 
 def test_per_logit_report_is_complete(per_logit):
     """The report covers RetinaNet bf16 and fp32, FL gamma 2 and fractional, both layouts (full, pair and edge
-    tiles), forward sum and backward scalar, QFL / VFL forward, and the dense kernels; nothing failed or spilled."""
+    tiles), forward sum and backward scalar, QFL / VFL forward, the dense kernels and the matching cost; nothing
+    failed or spilled."""
     assert not [r for r in per_logit if "error" in r]
     assert {_row_key(r) for r in per_logit} == set(BUDGET)
     assert all(r["spills"] == 0 for r in per_logit)

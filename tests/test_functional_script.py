@@ -233,7 +233,7 @@ def test_autocast_output_dtype_as_eager():
 
 
 @pytest.mark.parametrize("fn", [F.sigmoid_focal_loss, F.sigmoid_focal_loss_star, F.quality_focal_loss,
-                                F.varifocal_loss, F.focal_loss, F.multilevel_focal_loss])
+                                F.varifocal_loss, F.focal_loss, F.multilevel_focal_loss, F.focal_matching_cost])
 def test_op_schema_is_the_signature(fn):
     """Each op takes the function's arguments, in its order, with its defaults (what TorchScript callers see)."""
     op = getattr(torch.ops.focal_triton, f"api_{fn.__name__}").default

@@ -55,7 +55,8 @@ def test_dry_run_lists_steps_specializations_and_time(dry_run):
     specs = summary["smoke_specializations"]
     assert {s["kernel"] for s in specs} == {"sigmoid_focal_fwd_kernel", "sum_partials_kernel",
                                             "sigmoid_focal_bwd_kernel", "multilevel_focal_kernel",
-                                            "normalize_partials_kernel"}
+                                            "normalize_partials_kernel",
+                                            "focal_matching_cost_kernel"}
     assert r.stdout.count(" <- ") == len(specs)
     assert summary["estimated_total_s"] > 0 and summary["prep_specializations"] >= len(specs)
 

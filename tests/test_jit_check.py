@@ -54,7 +54,7 @@ def test_every_call_class_compiles_for_sm80_and_sm90(result):
     assert set(by_arch) == {80, 90} and by_arch[80] == by_arch[90]
     kernels = {json.loads(r)["kernel"] for r in by_arch[90]}
     assert kernels == {"sigmoid_focal_fwd_kernel", "sum_partials_kernel", "sigmoid_focal_bwd_kernel",
-                       "multilevel_focal_kernel", "normalize_partials_kernel"}
+                       "multilevel_focal_kernel", "normalize_partials_kernel", "focal_matching_cost_kernel"}
 
 
 def test_one_element_calls_are_compiled(result):

@@ -22,6 +22,7 @@ import warnings
 import torch
 
 from ..cpu import dense as _cpu_dense
+from ..cpu import matching as _cpu_matching
 from ..cpu import multilevel as _cpu_multilevel
 
 BACKEND_ENV = "FOCAL_TRITON_BACKEND"
@@ -75,11 +76,11 @@ def _warn_no_triton():
                   "fused): pip install triton for the kernels", RuntimeWarning, stacklevel=4)
 
 
-_CPU = {"dense": _cpu_dense, "multilevel": _cpu_multilevel}
+_CPU = {"dense": _cpu_dense, "multilevel": _cpu_multilevel, "matching": _cpu_matching}
 
 
 def implementation(device: torch.device, op: str):
-    """The module holding op ("dense" or "multilevel") for tensors on `device`: kernels.<op> (imported at first
+    """The module holding op ("dense", "multilevel" or "matching") for tensors on `device`: kernels.<op> (imported at first
     use: it imports Triton) or cpu.<op> (imported with this module, never first inside a torch.compile trace, where
     its module-level tensors would be created as fake tensors)."""
     if select_backend(device) == "triton":

@@ -15,6 +15,7 @@ once). It ignores latency, occupancy, the L2 and the edge tiles' idle lanes: a f
 prediction of overlap. The edge (masked) loops weigh in by the share of tiles they take (`loop_weights`).
 """
 import collections
+import importlib.util
 import json
 import os
 import re
@@ -115,6 +116,7 @@ def access_kind(op: str):
 
 
 _TAG_CACHE = {}
+_KERNELS_DIR = importlib.util.find_spec("focal_triton.kernels").submodule_search_locations[0]
 
 
 def _source_tag(where):
@@ -122,8 +124,11 @@ def _source_tag(where):
     comment (the loop's own line, or the call that inlined it), or None."""
     for path, lineno in where or ():
         if path not in _TAG_CACHE:
+            # Debug info names the file the kernel was first compiled from: another checkout's when Triton's cache
+            # holds the same kernel (its key is the source text); where that file is gone, read this package's.
+            local = os.path.join(_KERNELS_DIR, os.path.basename(path))
             try:
-                with open(path) as f:
+                with open(path if os.path.exists(path) else local) as f:
                     _TAG_CACHE[path] = f.read().splitlines()
             except OSError:
                 _TAG_CACHE[path] = []

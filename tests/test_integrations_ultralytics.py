@@ -223,12 +223,12 @@ def test_switched_loss_trains_like_stock(torch_path, cfg, init):
     _assert_grads_equal(grads, ref_grads)
 
 
-@needs_ultralytics
-def test_switched_loss_numbers_with_the_triton_kernels(backend):
-    """The same check on a small case (64x64, 3 classes) on both implementations: the Triton kernels (interpreted
-    on CPU) and the torch path."""
-    model = _model("yolov8n.yaml", nc=3, zero_cls_bias=True)
-    batch = _batch(size=64, nc=3)
+def _assert_small_step_like_stock(nc, boxes=(3, 0, 2), class_weights=None):
+    """One training step of a small YOLOv8n (64x64 images, nc classes, classification biases 0): box and DFL
+    losses bitwise, classification within 1e-5 of ultralytics' (its float32 BCE is accurate there), gradients."""
+    model = _model("yolov8n.yaml", nc=nc, zero_cls_bias=True)
+    model.class_weights = class_weights
+    batch = _batch(size=64, nc=nc, boxes=boxes)
     preds = model(batch["img"])
     params = _params(model)
     ref_loss, _, ref_grads = _loss_and_grads(model.init_criterion(), preds, batch, params)
@@ -236,21 +236,20 @@ def test_switched_loss_numbers_with_the_triton_kernels(backend):
     assert loss[0] == ref_loss[0] and loss[2] == ref_loss[2]
     torch.testing.assert_close(loss[1], ref_loss[1], rtol=1e-5, atol=0)
     _assert_grads_equal(grads, ref_grads)
+
+
+@needs_ultralytics
+def test_switched_loss_numbers_with_the_triton_kernels(backend):
+    """The same check on a small case (64x64, 3 classes) on both implementations: the Triton kernels (interpreted
+    on CPU) and the torch path."""
+    _assert_small_step_like_stock(nc=3)
 
 
 @needs_ultralytics
 @pytest.mark.parametrize("boxes", [(0, 0), (1, 0)], ids=["no_boxes", "one_box"])
 def test_batches_with_few_boxes(torch_path, boxes):
     """No box in the batch (the assigner's early return: float labels, all background) and a single box."""
-    model = _model("yolov8n.yaml", nc=4, zero_cls_bias=True)
-    batch = _batch(size=64, nc=4, boxes=boxes)
-    preds = model(batch["img"])
-    params = _params(model)
-    ref_loss, _, ref_grads = _loss_and_grads(model.init_criterion(), preds, batch, params)
-    loss, _, grads = _loss_and_grads(use_focal_triton(model.init_criterion()), preds, batch, params)
-    assert loss[0] == ref_loss[0] and loss[2] == ref_loss[2]
-    torch.testing.assert_close(loss[1], ref_loss[1], rtol=1e-5, atol=0)
-    _assert_grads_equal(grads, ref_grads)
+    _assert_small_step_like_stock(nc=4, boxes=boxes)
 
 
 @needs_ultralytics
@@ -358,17 +357,8 @@ def test_focal_triton_runs_and_the_logits_are_not_copied(torch_path, monkeypatch
 def test_class_weights_keep_ultralytics_bce(torch_path, monkeypatch):
     """Per-class weights (model.class_weights, the trainer's cls_pw) are not a class-index option yet: the switched
     loss computes ultralytics' weighted BCE itself (same numbers, no focal_triton call)."""
-    model = _model("yolov8n.yaml", nc=4, zero_cls_bias=True)
-    model.class_weights = torch.tensor([0.5, 1.0, 1.5, 1.0])
     monkeypatch.setattr(integration, "multilevel_focal_loss", None)  # calling it would fail
-    batch = _batch(size=64, nc=4)
-    preds = model(batch["img"])
-    params = _params(model)
-    ref_loss, _, ref_grads = _loss_and_grads(model.init_criterion(), preds, batch, params)
-    loss, _, grads = _loss_and_grads(use_focal_triton(model.init_criterion()), preds, batch, params)
-    assert loss[0] == ref_loss[0] and loss[2] == ref_loss[2]
-    torch.testing.assert_close(loss[1], ref_loss[1], rtol=1e-5, atol=0)  # the sum runs over the permuted view
-    _assert_grads_equal(grads, ref_grads)
+    _assert_small_step_like_stock(nc=4, class_weights=torch.tensor([0.5, 1.0, 1.5, 1.0]))
 
 
 # --- the one call ------------------------------------------------------------------------------------------------

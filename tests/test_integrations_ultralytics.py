@@ -4,10 +4,14 @@ synthetic images and boxes in ultralytics' batch format, nothing downloaded (off
 loss gives ultralytics' losses and every parameter gradient; evaluation is unchanged; focal_triton really runs.
 Also the identity the switch rests on (class-index QFL with exponent 0 is BCE with the soft target on the labelled
 class) and why RT-DETR's loss is not switched (its VarifocalLoss is not focal_triton's "vfl")."""
+import contextlib
 import copy
 import os
+import random
 import tempfile
+import warnings
 
+import numpy
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,43 +19,73 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import focal_triton
 
+
+@contextlib.contextmanager
+def _process_state_kept():
+    """ultralytics changes process-wide state when imported (torch.save wrapped, print options, warnings filters,
+    environment variables such as OMP_NUM_THREADS) and when it trains (deterministic algorithms, seeds, torch
+    threads): the rest of the suite gets its own back."""
+    environ, filters, save = dict(os.environ), list(warnings.filters), torch.save
+    printing = {k: getattr(torch._tensor_str.PRINT_OPTS, k) for k in
+                ("precision", "threshold", "edgeitems", "linewidth", "sci_mode")}
+    numpy_printing = numpy.get_printoptions()
+    deterministic = (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled())
+    fill, cudnn_deterministic = torch.utils.deterministic.fill_uninitialized_memory, torch.backends.cudnn.deterministic
+    rng, threads = (torch.get_rng_state(), numpy.random.get_state(), random.getstate()), torch.get_num_threads()
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(environ):
+            del os.environ[key]
+        os.environ.update(environ)
+        warnings.filters[:] = filters
+        torch.save = save
+        for key, value in printing.items():
+            setattr(torch._tensor_str.PRINT_OPTS, key, value)
+        numpy.set_printoptions(**numpy_printing)
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+        torch.backends.cudnn.deterministic = cudnn_deterministic
+        torch.set_rng_state(rng[0])
+        numpy.random.set_state(rng[1])
+        random.setstate(rng[2])
+        torch.set_num_threads(threads)
+
+
 # Before ultralytics is imported: no network (none here: nothing may wait on it), no pip auto-installs, quiet, and
 # its settings file in a directory of this session instead of the user's config.
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_AUTOINSTALL", "False")
 os.environ.setdefault("YOLO_VERBOSE", "False")
 os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="focal_triton_test_yolo_"))
-_omp = os.environ.get("OMP_NUM_THREADS")
-try:
-    import ultralytics  # sets OMP_NUM_THREADS=1 where it is unset: not for the rest of the suite's processes
-except ImportError:
-    ultralytics = None
-finally:
-    if _omp is None:
-        os.environ.pop("OMP_NUM_THREADS", None)
+with _process_state_kept():
+    try:
+        import ultralytics
+    except ImportError:
+        ultralytics = None
+    if ultralytics is not None:
+        from ultralytics.cfg import get_cfg
+        from ultralytics.models.utils.loss import RTDETRDetectionLoss
+        from ultralytics.nn.tasks import DetectionModel, SegmentationModel
+        from ultralytics.utils.loss import E2ELoss, FocalLoss, VarifocalLoss
+
+        import focal_triton.integrations.ultralytics as integration
+        from focal_triton.integrations.ultralytics import FocalTritonDetectionLoss, use_focal_triton
 
 needs_ultralytics = pytest.mark.skipif(
     ultralytics is None, reason="ultralytics is not installed (pip install -e '.[integrations]'; make test does)")
-if ultralytics is not None:
-    from ultralytics.cfg import get_cfg
-    from ultralytics.models.utils.loss import RTDETRDetectionLoss
-    from ultralytics.nn.tasks import DetectionModel, SegmentationModel
-    from ultralytics.utils.loss import E2ELoss, FocalLoss, VarifocalLoss, v8DetectionLoss
-
-    import focal_triton.integrations.ultralytics as integration
-    from focal_triton.integrations.ultralytics import FocalTritonDetectionLoss, use_focal_triton
 
 CONFIGS = ["yolov8n.yaml", "yolo11n.yaml", "yolo26n.yaml"]  # yolo26n: E2ELoss, two v8DetectionLoss branches
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """One torch thread, and the suite's count back afterwards (ultralytics' CPU training sets its own). A small
-    YOLO's ops gain nothing from more, and on a shared machine two threads made each step 10-100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    """One torch thread (a small YOLO's ops gain nothing from more, and on a shared machine two threads made each
+    step 10-100x slower); afterwards the process state as it was (_process_state_kept)."""
+    with _process_state_kept():
+        torch.set_num_threads(1)
+        yield
 
 
 @pytest.fixture
@@ -389,6 +423,20 @@ def test_use_focal_triton_on_models_losses_and_trainers():
 
 
 @needs_ultralytics
+def test_tested_version_is_the_pinned_one(monkeypatch):
+    """The extra pins the version the switch restates; another one warns."""
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    pinned = pyproject["project"]["optional-dependencies"]["integrations"]
+    assert f"ultralytics=={integration.TESTED_VERSION}" in pinned
+    monkeypatch.setattr(ultralytics, "__version__", "9.0.0")
+    with pytest.warns(UserWarning, match="tested with ultralytics 8.4.190, this is 9.0.0"):
+        use_focal_triton(_model("yolov8n.yaml").init_criterion())
+
+
+@needs_ultralytics
 def test_other_losses_are_refused_before_anything_changes():
     with pytest.raises(TypeError, match="VarifocalLoss"):
         use_focal_triton(RTDETRDetectionLoss(nc=80, use_vfl=True))
@@ -427,9 +475,13 @@ def test_yolo_train_uses_focal_triton(torch_path, monkeypatch, tmp_path):
     real = integration.multilevel_focal_loss
     monkeypatch.setattr(integration, "multilevel_focal_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
 
-    yolo = use_focal_triton(ultralytics.YOLO("yolov8n.yaml"))
-    yolo.train(data=str(data), epochs=1, imgsz=64, batch=2, device="cpu", workers=0, plots=False, val=False,
-               amp=False, project=str(tmp_path / "runs"), name="train", exist_ok=True, verbose=False)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    with _process_state_kept():
+        yolo = use_focal_triton(ultralytics.YOLO("yolov8n.yaml"))
+        yolo.train(data=str(data), epochs=1, imgsz=64, batch=2, device="cpu", workers=0, plots=False, val=False,
+                   amp=False, project=str(tmp_path / "runs"), name="train", exist_ok=True, verbose=False)
+    assert torch.are_deterministic_algorithms_enabled() == deterministic  # given back; torch.save is torch's again
+    assert torch.save.__module__ == "torch.serialization"
     assert type(yolo.trainer.model.criterion) is FocalTritonDetectionLoss
     assert len(calls) == 1  # one batch of two images
     with zipfile.ZipFile(tmp_path / "runs" / "train" / "weights" / "last.pt") as checkpoint:

@@ -20,15 +20,19 @@ assigned label per anchor (-1 for background) and its score. What changes agains
 - the per-anchor targets are two (B, A) tensors: the label and a gather of the assigner's score at the label.
   The assigner still builds its (B, A, C) target_scores (ultralytics' box and DFL losses weight by it and
   target_scores_sum sums it); avoiding it would mean re-implementing the assigner, which stays ultralytics';
-- nothing is read on the host (labels are valid by construction: check_labels=False; the normalizer stays a 0-d
-  device tensor); under autocast the soft targets stay float32 (ultralytics rounds them to the logits' dtype).
+- the classification term reads nothing on the host (labels are valid by construction: check_labels=False; the
+  normalizer stays a 0-d device tensor); under autocast the soft targets stay float32 (ultralytics rounds them to
+  the logits' dtype).
 The assigner, box (CIoU) and DFL losses, gains and outputs are ultralytics' own calls, unchanged. With per-class
 weights (`model.class_weights`, set by the trainer when cls_pw > 0) the classification loss stays ultralytics' BCE
 (a per-class weight on every term is not a class-index option yet). Two E2E branches are two launches (their
 labels, normalizers and gains differ). RT-DETR (`RTDETRDetectionLoss`) is not switched: its VarifocalLoss is not
 focal_triton's "vfl" (docs/integrations.md).
 """
+import warnings
+
 import torch
+import ultralytics
 from torch import nn
 from ultralytics.engine.model import Model
 from ultralytics.engine.trainer import BaseTrainer
@@ -40,6 +44,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 from ..functional import multilevel_focal_loss
 
 BACKGROUND = -1
+TESTED_VERSION = "8.4.190"  # FocalTritonDetectionLoss restates this version's glue (pyproject's integrations extra)
 
 
 class FocalTritonDetectionLoss(v8DetectionLoss):
@@ -163,8 +168,12 @@ def use_focal_triton(target):
     none, from model.args as ultralytics would); a v8DetectionLoss or an E2ELoss / E2EDetectLoss of them: switched
     in place. Calling it again is harmless. Raises TypeError for other losses (segmentation, pose, OBB, RT-DETR)
     before anything is changed. Multi-GPU training through ultralytics' DDP launcher runs a fresh trainer in a
-    subprocess without the callback: switch the model in a trainer subclass there.
+    subprocess without the callback: switch the model in a trainer subclass there. Another ultralytics version than
+    the tested one gets a warning (run tests/test_integrations_ultralytics.py with it).
     """
+    if ultralytics.__version__ != TESTED_VERSION:
+        warnings.warn(f"focal_triton.integrations.ultralytics is tested with ultralytics {TESTED_VERSION}, this is "
+                      f"{ultralytics.__version__}: check its v8DetectionLoss against the tests", stacklevel=2)
     if isinstance(target, (Model, BaseTrainer)):
         if _on_train_start not in target.callbacks["on_train_start"]:
             target.add_callback("on_train_start", _on_train_start)

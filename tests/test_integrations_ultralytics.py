@@ -388,11 +388,16 @@ def test_focal_triton_runs_and_the_logits_are_not_copied(torch_path, monkeypatch
 
 
 @needs_ultralytics
-def test_class_weights_keep_ultralytics_bce(torch_path, monkeypatch):
-    """Per-class weights (model.class_weights, the trainer's cls_pw) are not a class-index option yet: the switched
-    loss computes ultralytics' weighted BCE itself (same numbers, no focal_triton call)."""
-    monkeypatch.setattr(integration, "multilevel_focal_loss", None)  # calling it would fail
-    _assert_small_step_like_stock(nc=4, class_weights=torch.tensor([0.5, 1.0, 1.5, 1.0]))
+def test_class_weights(torch_path, monkeypatch):
+    """Per-class weights (model.class_weights, float64 as the trainer computes them from cls_pw) weight every term of
+    their class, as ultralytics' bce_loss *= class_weights: one focal_triton call with class_weights."""
+    calls = []
+    real = integration.multilevel_focal_loss
+    monkeypatch.setattr(integration, "multilevel_focal_loss", lambda *a, **k: calls.append(k["class_weights"]) or
+                        real(*a, **k))
+    weights = torch.tensor([0.5, 1.0, 1.5, 1.0], dtype=torch.float64)
+    _assert_small_step_like_stock(nc=4, class_weights=weights)
+    assert len(calls) == 1 and torch.equal(calls[0], weights.float())
 
 
 # --- the one call ------------------------------------------------------------------------------------------------

@@ -9,11 +9,12 @@
 classification loss as BCE-with-logits against the task-aligned assigner's soft targets, summed over every
 (anchor, class) and divided by target_scores_sum:
 
-    cls = sum_{b,a,c} BCE(x[b, c, a], t[b, a, c]) / max(sum t, 1),   t = one_hot(label) * score (0 off the label)
+    cls = sum_{b,a,c} w_c BCE(x[b, c, a], t[b, a, c]) / max(sum t, 1),   t = one_hot(label) * score (0 off the label)
 
-which is focal_triton's class-index QFL with exponent 0 (|t - p|**0 = 1): one `multilevel_focal_loss` call with
-the head's class-major scores (B, C, A) read in place as one NCHW level (B, C, A, 1) with num_anchors = 1, the
-assigned label per anchor (-1 for background) and its score. What changes against ultralytics' own code:
+(w: the optional per-class weights, model.class_weights), which is focal_triton's class-index "bce" kind (QFL with
+exponent 0, |t - p|**0 = 1, with class weights): one `multilevel_focal_loss` call with the head's class-major
+scores (B, C, A) read in place as one NCHW level (B, C, A, 1) with num_anchors = 1, the assigned label per anchor
+(-1 for background) and its score. What changes against ultralytics' own code:
 - the logits are not copied: ultralytics makes a (B, A, C) `permute(0, 2, 1).contiguous()` copy of the scores
   and a (B, A, C) elementwise BCE (and their gradients); here the assigner reads a permuted view of the sigmoid
   (the same values) and the kernel writes the gradient in the scores' own (B, C, A) layout;
@@ -23,11 +24,9 @@ assigned label per anchor (-1 for background) and its score. What changes agains
 - the classification term reads nothing on the host (labels are valid by construction: check_labels=False; the
   normalizer stays a 0-d device tensor); under autocast the soft targets stay float32 (ultralytics rounds them to
   the logits' dtype).
-The assigner, box (CIoU) and DFL losses, gains and outputs are ultralytics' own calls, unchanged. With per-class
-weights (`model.class_weights`, set by the trainer when cls_pw > 0) the classification loss stays ultralytics' BCE
-(a per-class weight on every term is not a class-index option yet). Two E2E branches are two launches (their
-labels, normalizers and gains differ). RT-DETR (`RTDETRDetectionLoss`) is not switched: its VarifocalLoss is not
-focal_triton's "vfl" (docs/integrations.md).
+The assigner, box (CIoU) and DFL losses, gains and outputs are ultralytics' own calls, unchanged. Two E2E branches
+are two launches (their labels, normalizers and gains differ). RT-DETR (`RTDETRDetectionLoss`) is not switched
+(yet): its VarifocalLoss is not focal_triton's "vfl" (docs/integrations.md).
 """
 import warnings
 
@@ -106,16 +105,15 @@ class FocalTritonDetectionLoss(v8DetectionLoss):
         )
 
     def classification_loss(self, scores, target_labels, target_scores, fg_mask, target_scores_sum):
-        """sum BCE(scores, target_scores) / target_scores_sum, scores (B, C, A), the assigner's outputs per anchor
-        (labels (B, A), fg_mask (B, A)) and target_scores (B, A, C): at most one non-zero per row, at the label."""
-        if self.class_weights is not None:  # ultralytics' weighted BCE (on the permuted view: no logits copy)
-            bce = self.bce(scores.permute(0, 2, 1), target_scores.to(scores.dtype)) * self.class_weights
-            return bce.sum() / target_scores_sum
+        """sum w_c BCE(scores, target_scores) / target_scores_sum, scores (B, C, A), the assigner's outputs per anchor
+        (labels (B, A), fg_mask (B, A)) and target_scores (B, A, C): at most one non-zero per row, at the label;
+        w the optional per-class weights (model.class_weights). focal_triton's "bce" kind."""
         labels = torch.where(fg_mask, target_labels.long(), BACKGROUND)
         quality = target_scores.gather(2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, A), reads B*A
-        return multilevel_focal_loss([scores.unsqueeze(-1)], labels, 1, loss="qfl", beta=0.0, scores=quality,
-                                     background=BACKGROUND, ignore_index=None, normalizer=target_scores_sum,
-                                     check_labels=False)
+        weights = None if self.class_weights is None else self.class_weights.reshape(-1).to(torch.float32)
+        return multilevel_focal_loss([scores.unsqueeze(-1)], labels, 1, loss="bce", scores=quality,
+                                     class_weights=weights, background=BACKGROUND, ignore_index=None,
+                                     normalizer=target_scores_sum, check_labels=False)
 
 
 def _switch_loss(criterion):

@@ -11,7 +11,7 @@ $(PY):
 	$(PY) -m pip install --upgrade "pip>=23" "setuptools>=64" wheel
 
 $(VENV)/.installed-test: pyproject.toml | $(PY)
-	$(PY) -m pip install -e ".[test]"
+	$(PY) -m pip install -e ".[test,integrations]"
 	touch $@
 
 $(VENV)/.installed-bench: pyproject.toml | $(PY)

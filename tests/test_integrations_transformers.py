@@ -1,7 +1,8 @@
-"""focal_triton.integrations.transformers against the real transformers package: a tiny RT-DETR (its own ResNet
-backbone, random weights) switched to focal_triton trains exactly like the stock model (every loss and every
-parameter gradient) and infers exactly like it; the loss functions of D-FINE, DEIMv2, Deformable DETR and LW-DETR
-give their stock losses and logit gradients on synthetic outputs. Nothing is downloaded."""
+"""focal_triton.integrations.transformers against the real transformers package: a tiny RT-DETR and a tiny
+Deformable DETR (ResNet backbones, random weights) switched to focal_triton train exactly like the stock models
+(every loss and every parameter gradient) and infer exactly like them; the loss functions of RT-DETR, D-FINE,
+DEIMv2, Deformable DETR and LW-DETR give their stock losses and logit gradients on synthetic outputs. Nothing is
+downloaded."""
 import copy
 import io
 import os
@@ -18,12 +19,14 @@ pytest.importorskip("PIL", reason=REASON)
 
 from transformers import (  # noqa: E402
     DeformableDetrConfig,
+    DeformableDetrForObjectDetection,
     DFineConfig,
     Deimv2Config,
     LwDetrConfig,
     RTDetrConfig,
     RTDetrForObjectDetection,
     RTDetrResNetConfig,
+    ResNetConfig,
 )
 from transformers.loss.loss_utils import LOSS_MAPPING  # noqa: E402
 
@@ -46,6 +49,24 @@ def _tiny_rtdetr_config():
 def _tiny_rtdetr():
     torch.manual_seed(0)
     return RTDetrForObjectDetection(_tiny_rtdetr_config())
+
+
+def _tiny_deformable_detr():
+    backbone = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1],
+                            out_features=["stage2", "stage3", "stage4"])
+    config = DeformableDetrConfig(backbone_config=backbone, use_timm_backbone=False, use_pretrained_backbone=False,
+                                  num_labels=NUM_LABELS, d_model=32, encoder_layers=1, decoder_layers=2,
+                                  encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_attention_heads=2,
+                                  decoder_attention_heads=2, num_queries=20, num_feature_levels=3,
+                                  encoder_n_points=2, decoder_n_points=2, auxiliary_loss=True)
+    torch.manual_seed(0)
+    return DeformableDetrForObjectDetection(config)
+
+
+# model -> (builder, the keys of its classification losses in loss_dict, focal_triton's loss)
+MODELS = {"rt_detr": (_tiny_rtdetr, ["loss_vfl", "loss_vfl_aux_0", "loss_vfl_aux_1", "loss_vfl_dn_0",
+                                     "loss_vfl_dn_1"], "vfl_rtdetr"),  # main, decoder layer, encoder, denoising
+          "deformable_detr": (_tiny_deformable_detr, ["loss_ce", "loss_ce_0"], "fl")}  # main, decoder layer
 
 
 def _images_and_labels():
@@ -95,27 +116,28 @@ def spy(monkeypatch):
     return calls
 
 
-def test_rtdetr_trains_like_the_stock_model(spy):
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_model_trains_like_the_stock_model(spy, kind):
     """On the Triton kernels (interpreted on CPU); the torch path is checked on each family's loss function below."""
-    stock = _tiny_rtdetr()
+    build, cls_keys, loss_name = MODELS[kind]
+    stock = build()
     patched = use_focal_triton(copy.deepcopy(stock))
     images, labels = _images_and_labels()
     ref_losses, ref_grads = _train_step(stock, images, labels)
     assert not spy
     losses, grads = _train_step(patched, images, labels)
-    vfl_keys = [k for k in ref_losses if k.startswith("loss_vfl")]
-    # main output, 1 decoder layer + the encoder's proposals (auxiliary), 2 denoising layers: one call each
-    assert sorted(vfl_keys) == ["loss_vfl", "loss_vfl_aux_0", "loss_vfl_aux_1", "loss_vfl_dn_0", "loss_vfl_dn_1"]
-    assert spy == ["vfl_rtdetr"] * len(vfl_keys)
+    assert sorted(k for k in ref_losses if k.startswith(cls_keys[0])) == cls_keys
+    assert spy == [loss_name] * len(cls_keys)  # one call per classification loss
     assert losses.keys() == ref_losses.keys()
     for key in losses:
         torch.testing.assert_close(losses[key], ref_losses[key], rtol=1e-5, atol=0, msg=key)
-    assert len(grads) > 200
+    assert len(grads) > 50  # the backbone, encoder, decoder and heads
     assert_grads_close(grads, ref_grads)
 
 
-def test_rtdetr_inference_unchanged():
-    stock = _tiny_rtdetr().eval()
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_model_inference_unchanged(kind):
+    stock = MODELS[kind][0]().eval()
     patched = use_focal_triton(copy.deepcopy(stock)).eval()
     images, labels = _images_and_labels()
     with torch.no_grad():

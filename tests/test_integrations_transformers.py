@@ -21,7 +21,9 @@ from transformers import (  # noqa: E402
     DeformableDetrConfig,
     DeformableDetrForObjectDetection,
     DFineConfig,
+    DFineForObjectDetection,
     Deimv2Config,
+    Deimv2ForObjectDetection,
     LwDetrConfig,
     RTDetrConfig,
     RTDetrForObjectDetection,
@@ -36,19 +38,21 @@ from focal_triton.integrations.transformers import FocalTritonLossFunction, use_
 NUM_LABELS = 5
 
 
-def _tiny_rtdetr_config():
+def _tiny_rtdetr_family(config_class, model_class, **options):
+    """RT-DETR, D-FINE or DEIMv2 at toy sizes, on RT-DETR's ResNet backbone (random weights)."""
     backbone = RTDetrResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1],
                                   out_features=["stage2", "stage3", "stage4"])
-    return RTDetrConfig(backbone_config=backbone, use_pretrained_backbone=False, use_timm_backbone=False,
-                        encoder_hidden_dim=16, encoder_in_channels=[16, 24, 32], encoder_ffn_dim=32,
-                        encoder_attention_heads=2, d_model=16, decoder_in_channels=[16, 16, 16], decoder_ffn_dim=32,
-                        decoder_attention_heads=2, decoder_layers=2, decoder_n_points=2, num_queries=20,
-                        num_denoising=8, num_labels=NUM_LABELS)
+    config = config_class(backbone_config=backbone, use_pretrained_backbone=False, encoder_hidden_dim=16,
+                          encoder_in_channels=[16, 24, 32], encoder_ffn_dim=32, encoder_attention_heads=2,
+                          d_model=16, decoder_in_channels=[16, 16, 16], decoder_ffn_dim=32, decoder_attention_heads=2,
+                          decoder_layers=2, decoder_n_points=2, num_queries=20, num_denoising=8,
+                          num_labels=NUM_LABELS, **options)
+    torch.manual_seed(0)
+    return model_class(config)
 
 
 def _tiny_rtdetr():
-    torch.manual_seed(0)
-    return RTDetrForObjectDetection(_tiny_rtdetr_config())
+    return _tiny_rtdetr_family(RTDetrConfig, RTDetrForObjectDetection, use_timm_backbone=False)
 
 
 def _tiny_deformable_detr():
@@ -63,10 +67,18 @@ def _tiny_deformable_detr():
     return DeformableDetrForObjectDetection(config)
 
 
-# model -> (builder, the keys of its classification losses in loss_dict, focal_triton's loss)
-MODELS = {"rt_detr": (_tiny_rtdetr, ["loss_vfl", "loss_vfl_aux_0", "loss_vfl_aux_1", "loss_vfl_dn_0",
-                                     "loss_vfl_dn_1"], "vfl_rtdetr"),  # main, decoder layer, encoder, denoising
-          "deformable_detr": (_tiny_deformable_detr, ["loss_ce", "loss_ce_0"], "fl")}  # main, decoder layer
+# model -> (builder, the keys of its classification losses in loss_dict, focal_triton's loss). Main output, decoder
+# layer, encoder proposals, 2 denoising layers (RT-DETR, D-FINE, DEIMv2); main output, decoder layer (Deformable).
+RTDETR_KEYS = ["", "_aux_0", "_aux_1", "_dn_0", "_dn_1"]
+MODELS = {"rt_detr": (_tiny_rtdetr, ["loss_vfl" + k for k in RTDETR_KEYS], "vfl_rtdetr"),
+          "d_fine": (lambda: _tiny_rtdetr_family(DFineConfig, DFineForObjectDetection),
+                     ["loss_vfl" + k for k in RTDETR_KEYS], "vfl_rtdetr"),
+          "deimv2": (lambda: _tiny_rtdetr_family(Deimv2Config, Deimv2ForObjectDetection, mal_alpha=0.5),
+                     ["loss_mal" + k for k in RTDETR_KEYS], "mal"),
+          "deformable_detr": (_tiny_deformable_detr, ["loss_ce", "loss_ce_0"], "fl")}
+# D-FINE and DEIMv2 train on the torch path (the Triton interpreter would add ~5 s each; their losses run on the
+# kernels in test_loss_functions_match_stock); RT-DETR and Deformable DETR on the kernels.
+TORCH_PATH = {"d_fine", "deimv2"}
 
 
 def _images_and_labels():
@@ -117,9 +129,10 @@ def spy(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
-def test_model_trains_like_the_stock_model(spy, kind):
-    """On the Triton kernels (interpreted on CPU); the torch path is checked on each family's loss function below."""
+def test_model_trains_like_the_stock_model(spy, monkeypatch, kind):
     build, cls_keys, loss_name = MODELS[kind]
+    if kind in TORCH_PATH:
+        monkeypatch.setenv("FOCAL_TRITON_BACKEND", "torch")
     stock = build()
     patched = use_focal_triton(copy.deepcopy(stock))
     images, labels = _images_and_labels()
@@ -135,7 +148,7 @@ def test_model_trains_like_the_stock_model(spy, kind):
     assert_grads_close(grads, ref_grads)
 
 
-@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("kind", ["rt_detr", "deformable_detr"])  # the switch is the same for every model
 def test_model_inference_unchanged(kind):
     stock = MODELS[kind][0]().eval()
     patched = use_focal_triton(copy.deepcopy(stock)).eval()

@@ -3,7 +3,8 @@ pins): YOLOv8n, YOLO11n and YOLO26n (end-to-end head) built from ultralytics' ow
 synthetic images and boxes in ultralytics' batch format, nothing downloaded (offline settings below). The switched
 loss gives ultralytics' losses and every parameter gradient; evaluation is unchanged; focal_triton really runs.
 Also the identity the switch rests on (class-index QFL with exponent 0 is BCE with the soft target on the labelled
-class) and why RT-DETR's loss is not switched (its VarifocalLoss is not focal_triton's "vfl")."""
+class), and RT-DETR (rtdetr-l.yaml): its classification terms are focal_triton's "vfl_rtdetr" (detach_weight=False),
+"fl" and "bce" (not "vfl": why, below), with every loss entry and gradient of a training step ultralytics'."""
 import contextlib
 import copy
 import os
@@ -67,11 +68,12 @@ with _process_state_kept():
     if ultralytics is not None:
         from ultralytics.cfg import get_cfg
         from ultralytics.models.utils.loss import RTDETRDetectionLoss
-        from ultralytics.nn.tasks import DetectionModel, SegmentationModel
+        from ultralytics.nn.tasks import DetectionModel, RTDETRDetectionModel, SegmentationModel
         from ultralytics.utils.loss import E2ELoss, FocalLoss, VarifocalLoss
 
         import focal_triton.integrations.ultralytics as integration
-        from focal_triton.integrations.ultralytics import FocalTritonDetectionLoss, use_focal_triton
+        from focal_triton.integrations.ultralytics import (FocalTritonDetectionLoss, FocalTritonRTDETRLoss,
+                                                           use_focal_triton)
 
 needs_ultralytics = pytest.mark.skipif(
     ultralytics is None, reason="ultralytics is not installed (pip install -e '.[integrations]'; make test does)")
@@ -443,8 +445,6 @@ def test_tested_version_is_the_pinned_one(monkeypatch):
 
 @needs_ultralytics
 def test_other_losses_are_refused_before_anything_changes():
-    with pytest.raises(TypeError, match="VarifocalLoss"):
-        use_focal_triton(RTDETRDetectionLoss(nc=80, use_vfl=True))
     seg = SegmentationModel("yolov8n-seg.yaml", verbose=False)
     seg.args = get_cfg()
     with pytest.raises(TypeError, match="v8SegmentationLoss"):
@@ -494,13 +494,13 @@ def test_yolo_train_uses_focal_triton(torch_path, monkeypatch, tmp_path):
     assert b"FocalTritonDetectionLoss" not in pickled and b"focal_triton" not in pickled
 
 
-# --- RT-DETR: not switched, and why --------------------------------------------------------------------------------
+# --- RT-DETR ---------------------------------------------------------------------------------------------------------
 
 @needs_ultralytics
 def test_rtdetr_varifocal_loss_is_not_focal_tritons_vfl(torch_path):
-    """ultralytics' RT-DETR classification loss (DETRLoss._get_loss_class, use_vfl: VarifocalLoss(gamma=1.5,
-    alpha=0.25), .mean(1).sum() / (num_gts / nq) = sum / num_gts) against focal_triton's "vfl" with the same
-    options: equal while every matched query's IoU is > 0 (the gradient of ultralytics' undetached weight
+    """Why the switch uses "vfl_rtdetr", not "vfl": ultralytics' RT-DETR classification loss
+    (DETRLoss._get_loss_class, use_vfl: VarifocalLoss(gamma=1.5, alpha=0.25), .mean(1).sum() / (num_gts / nq) =
+    sum / num_gts) against focal_triton's "vfl" with the same options: equal while every matched query's IoU is > 0 (the gradient of ultralytics' undetached weight
     alpha * p**gamma included), different once a matched query has IoU 0: ultralytics' weight there is
     gt_score * label = 0, focal_triton's "vfl" (mmdet's) takes it as a negative, alpha p**gamma BCE(x, 0). The
     no-ground-truth branch's FocalLoss(1.5, 0.25) is focal_triton's "fl"."""
@@ -539,3 +539,155 @@ def test_rtdetr_varifocal_loss_is_not_focal_tritons_vfl(torch_path):
     ref = criterion._get_loss_class(x, empty, torch.zeros(bs, nq), 0)["loss_class"]
     loss = focal_triton.focal_loss(x, empty, background=nc, alpha=0.25, gamma=1.5)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=0)
+
+
+def _rtdetr_class_inputs(nc=6, seed=0):
+    """One decoder layer's classification inputs as DETRLoss._get_loss ends up with them: (B, Q, C) logits, (B, Q)
+    labels (nc: unmatched), (B, Q) IoUs of the matched boxes (one of them 0: no overlap), the number of matches."""
+    g = torch.Generator().manual_seed(seed)
+    bs, nq = 2, 30
+    x = torch.randn(bs, nq, nc, generator=g) * 3
+    labels = torch.full((bs, nq), nc)
+    labels[0, :3], labels[1, :2] = torch.tensor([0, 4, 5]), torch.tensor([2, 2])
+    iou = torch.zeros(bs, nq)
+    iou[labels < nc] = torch.rand(5, generator=g) * 0.9 + 0.05
+    iou[0, 1] = 0.0
+    return x, labels, iou, 5
+
+
+def _class_loss_and_grad(criterion, x, labels, iou, num_gts):
+    logits = x.clone().requires_grad_()
+    out = criterion._get_loss_class(logits, labels, iou, num_gts, postfix="_dn")
+    assert list(out) == ["loss_class_dn"]
+    return out["loss_class_dn"], torch.autograd.grad(out["loss_class_dn"], logits)[0]
+
+
+RTDETR_CASES = {  # ultralytics' branch of _get_loss_class -> the focal_triton kind that replaces it
+    "vfl": (dict(use_vfl=True), 5, "vfl_rtdetr"),
+    "vfl_gamma2_alpha075": (dict(use_vfl=True, gamma=2.0, alpha=0.75), 5, "vfl_rtdetr"),
+    "no_ground_truth": (dict(use_vfl=True), 0, "fl"),  # VarifocalLoss needs num_gts > 0: FocalLoss
+    "fl": (dict(use_vfl=False), 5, "fl"),
+    "fl_alpha0": (dict(use_vfl=False, alpha=0.0), 5, "fl"),  # FocalLoss skips its alpha factor
+    "bce": (dict(use_fl=False, use_vfl=True), 5, "bce"),  # no FocalLoss: BCE on the IoU targets, .mean(1).sum()
+}
+
+
+@needs_ultralytics
+@pytest.mark.parametrize("case", list(RTDETR_CASES))
+def test_rtdetr_class_loss_is_ultralytics(backend, monkeypatch, case):
+    """Each branch of ultralytics' DETRLoss._get_loss_class (gains 1 and 2) against the switched one on the same
+    inputs, with a matched query of IoU 0: value within 1e-5 relative, gradient to rounding, one focal_triton call
+    of the kind named in RTDETR_CASES and neither VarifocalLoss nor FocalLoss called. Both implementations."""
+    options, num_gts, kind = RTDETR_CASES[case]
+    calls = []
+    real = integration.focal_loss
+    monkeypatch.setattr(integration, "focal_loss", lambda *a, **k: calls.append(k) or real(*a, **k))
+    x, labels, iou, _ = _rtdetr_class_inputs()
+    if num_gts == 0:
+        labels, iou = torch.full_like(labels, 6), torch.zeros_like(iou)
+    for gain in (1.0, 2.0):
+        stock = RTDETRDetectionLoss(nc=6, loss_gain={"class": gain, "bbox": 5, "giou": 2}, **options)
+        switched = use_focal_triton(copy.deepcopy(stock))
+        assert type(switched) is FocalTritonRTDETRLoss
+        for part in (switched.vfl, switched.fl):
+            if part is not None:
+                part.forward = None  # calling ultralytics' VarifocalLoss / FocalLoss would fail
+        (loss, grad), (ref, ref_grad) = (_class_loss_and_grad(c, x, labels, iou, num_gts) for c in (switched, stock))
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=0)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6 * ref_grad.abs().max().item())
+        assert ref_grad[0, 1, 4] == 0 or kind != "vfl_rtdetr"  # the IoU-0 match: no loss, no gradient at its class
+    assert [k["loss"] for k in calls] == [kind, kind]
+    assert all(k["background"] == 6 and k["check_labels"] is False for k in calls)
+
+
+@needs_ultralytics
+def test_rtdetr_focal_alpha_per_class_runs_ultralytics_code(torch_path, monkeypatch):
+    """A FocalLoss with a per-class alpha tensor (ultralytics applies it to every class once any entry is > 0) is
+    no focal_triton kind: that call is ultralytics' own, unchanged."""
+    calls = []
+    monkeypatch.setattr(integration, "focal_loss", lambda *a, **k: calls.append(1))
+    x, labels, iou, num_gts = _rtdetr_class_inputs()
+    stock = RTDETRDetectionLoss(nc=6, use_vfl=False)
+    stock.fl.alpha = torch.tensor([0.25, 0.0, 0.5, 0.25, 0.75, 1.0])
+    switched = use_focal_triton(copy.deepcopy(stock))
+    (loss, grad), (ref, ref_grad) = (_class_loss_and_grad(c, x, labels, iou, num_gts) for c in (switched, stock))
+    assert calls == [] and torch.equal(loss, ref) and torch.equal(grad, ref_grad)
+
+
+def _rtdetr_model(nc=4):
+    torch.manual_seed(0)
+    model = RTDETRDetectionModel("rtdetr-l.yaml", nc=nc, verbose=False)
+    model.nc = nc  # the trainer's set_model_attributes; RTDETRDetectionModel.init_criterion reads it
+    return model.train()
+
+
+def _rtdetr_targets(batch):
+    """RTDETRDetectionModel.loss's targets (what its decoder's denoising reads)."""
+    bs = batch["img"].shape[0]
+    return {"cls": batch["cls"].long().view(-1), "bboxes": batch["bboxes"], "batch_idx": batch["batch_idx"].long(),
+            "gt_groups": [int((batch["batch_idx"] == i).sum()) for i in range(bs)]}
+
+
+def _rtdetr_loss_and_grads(model, criterion, batch, preds, params):
+    """RTDETRDetectionModel.loss with the given criterion on precomputed predictions: every entry of the
+    criterion's loss dict and the gradients of ultralytics' total (their sum)."""
+    entries, forward = {}, criterion.forward
+    criterion.forward = lambda *a, **k: entries.update(forward(*a, **k)) or entries
+    model.criterion = criterion
+    loss, _ = model.loss(batch, preds)
+    grads = torch.autograd.grad(loss, [p for _, p in params], retain_graph=True, allow_unused=True)
+    grads = dict((name, g) for (name, _), g in zip(params, grads) if g is not None)
+    return {k: v.detach() for k, v in entries.items()}, grads
+
+
+@needs_ultralytics
+@pytest.mark.parametrize("boxes", [(3, 0, 2), (0, 0, 0)], ids=["boxes", "no_boxes"])
+def test_rtdetr_switched_loss_trains_like_stock(torch_path, monkeypatch, boxes):
+    """rtdetr-l.yaml (random weights, 4 classes, 64x64 synthetic images, one forward with its denoising queries
+    drawn once): every entry of RTDETRDetectionLoss's dict equal (box and GIoU bitwise, the classification ones
+    within 1e-5 relative), every parameter gradient equal to rounding; focal_triton called once per decoder layer
+    and denoising layer (7 + 6: VarifocalLoss's "vfl_rtdetr"; no boxes: 7 "fl", no denoising queries), ultralytics'
+    VarifocalLoss and FocalLoss never."""
+    calls = []
+    real = integration.focal_loss
+    monkeypatch.setattr(integration, "focal_loss", lambda *a, **k: calls.append(k["loss"]) or real(*a, **k))
+    model = _rtdetr_model()
+    batch = _batch(size=64, nc=4, boxes=boxes)
+    preds = model.predict(batch["img"], batch=_rtdetr_targets(batch))
+    assert (preds[-1] is None) == (sum(boxes) == 0)  # the denoising groups exist where there are boxes
+    stock = model.init_criterion()
+    switched = use_focal_triton(model.init_criterion())
+    assert type(switched) is FocalTritonRTDETRLoss
+    switched.vfl.forward = switched.fl.forward = None  # calling ultralytics' VarifocalLoss / FocalLoss would fail
+    params = _params(model)
+
+    ref, ref_grads = _rtdetr_loss_and_grads(model, stock, batch, preds, params)
+    got, grads = _rtdetr_loss_and_grads(model, switched, batch, preds, params)
+
+    assert calls == (["vfl_rtdetr"] * 13 if sum(boxes) else ["fl"] * 7)
+    assert got.keys() == ref.keys() and len(ref) == 12
+    for key in ref:
+        if key.startswith("loss_class") and ref[key] != 0:
+            torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=0, msg=key)
+        else:
+            assert torch.equal(got[key], ref[key]), key
+    _assert_grads_equal(grads, ref_grads)
+
+
+@needs_ultralytics
+def test_use_focal_triton_on_rtdetr():
+    """The RTDETR model (a callback), an RTDETRDetectionModel (its criterion created; model.nc required) and an
+    RTDETRDetectionLoss (in place, state kept; again: harmless)."""
+    criterion = RTDETRDetectionLoss(nc=5, use_vfl=True, gamma=2.0)
+    assert use_focal_triton(criterion) is criterion and type(criterion) is FocalTritonRTDETRLoss
+    assert use_focal_triton(criterion) is criterion and (criterion.nc, criterion.vfl.gamma) == (5, 2.0)
+    model = _rtdetr_model(nc=3)
+    assert use_focal_triton(model) is model and type(model.criterion) is FocalTritonRTDETRLoss
+    assert model.criterion.nc == 3
+    bare = RTDETRDetectionModel("rtdetr-l.yaml", nc=3, verbose=False)
+    with pytest.raises(ValueError, match="model.nc"):
+        use_focal_triton(bare)
+    assert getattr(bare, "criterion", None) is None
+    rtdetr = ultralytics.RTDETR("rtdetr-l.yaml")
+    assert use_focal_triton(rtdetr) is rtdetr
+    assert rtdetr.callbacks["on_train_start"].count(integration._on_train_start) == 1

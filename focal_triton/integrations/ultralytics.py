@@ -25,8 +25,22 @@ scores (B, C, A) read in place as one NCHW level (B, C, A, 1) with num_anchors =
   normalizer stays a 0-d device tensor); under autocast the soft targets stay float32 (ultralytics rounds them to
   the logits' dtype).
 The assigner, box (CIoU) and DFL losses, gains and outputs are ultralytics' own calls, unchanged. Two E2E branches
-are two launches (their labels, normalizers and gains differ). RT-DETR (`RTDETRDetectionLoss`) is not switched
-(yet): its VarifocalLoss is not focal_triton's "vfl" (docs/integrations.md).
+are two launches (their labels, normalizers and gains differ).
+
+RT-DETR (`RTDETRDetectionLoss`, `RTDETR("rtdetr-l.yaml")`) computes, per decoder layer and denoising group,
+`DETRLoss._get_loss_class` on a one-hot (B, Q, C+1) target of the Hungarian matcher's labels (C: unmatched) and
+IoUs s of the matched boxes:
+
+    VarifocalLoss (use_vfl, ground truth present): sum_{b,q,c} (hit ? s BCE(x, s) : alpha p**gamma BCE(x, 0)) / num_gts
+    FocalLoss (no ground truth, or use_vfl=False):  sum FL_{alpha,gamma}(x, hit) / max(num_gts, 1)
+    BCE (use_fl=False):                             sum BCE(x, hit ? s : 0) / Q
+
+(ultralytics writes the normalizers as `.mean(1).sum() / (max(num_gts, 1) / Q)` and `.mean(1).sum()`; p**gamma keeps
+its gradient, alpha / gamma are its VarifocalLoss' and FocalLoss' own, 0.25 / 1.5 by default), which are
+focal_triton's class-index "vfl_rtdetr" with detach_weight=False, "fl" and "bce": one `focal_loss` call each on the
+(B, Q, C) logits with the (B, Q) labels (background C) and IoUs, no one-hot tensor. A FocalLoss whose alpha is not
+one number in [0, 1] (a per-class tensor, or above 1: negatives weighted 1 - alpha < 0) is no focal_triton kind:
+that call runs ultralytics' own code. Matcher, box losses, denoising groups and gains stay ultralytics'.
 """
 import warnings
 
@@ -35,15 +49,16 @@ import ultralytics
 from torch import nn
 from ultralytics.engine.model import Model
 from ultralytics.engine.trainer import BaseTrainer
-from ultralytics.nn.tasks import BaseModel
+from ultralytics.models.utils.loss import RTDETRDetectionLoss
+from ultralytics.nn.tasks import BaseModel, RTDETRDetectionModel
 from ultralytics.utils.loss import E2EDetectLoss, E2ELoss, v8DetectionLoss
 from ultralytics.utils.tal import make_anchors
 from ultralytics.utils.torch_utils import unwrap_model
 
-from ..functional import multilevel_focal_loss
+from ..functional import focal_loss, multilevel_focal_loss
 
 BACKGROUND = -1
-TESTED_VERSION = "8.4.190"  # FocalTritonDetectionLoss restates this version's glue (pyproject's integrations extra)
+TESTED_VERSION = "8.4.190"  # the classes below restate this version's glue (pyproject's integrations extra)
 
 
 class FocalTritonDetectionLoss(v8DetectionLoss):
@@ -116,8 +131,51 @@ class FocalTritonDetectionLoss(v8DetectionLoss):
                                      normalizer=target_scores_sum, check_labels=False)
 
 
+class FocalTritonRTDETRLoss(RTDETRDetectionLoss):
+    """ultralytics' RTDETRDetectionLoss with its classification term computed by focal_triton (module docstring).
+    `use_focal_triton` turns an existing RTDETRDetectionLoss into one in place (its state is kept)."""
+
+    def _get_loss_class(self, pred_scores, targets, gt_scores, num_gts, postfix=""):
+        """ultralytics 8.4.190's DETRLoss._get_loss_class without the one-hot target: pred_scores (B, Q, C) logits,
+        targets (B, Q) the matched class or C, gt_scores (B, Q) the matched box's IoU (0 elsewhere), num_gts the
+        number of matched boxes (a host int, as ultralytics passes it); same return."""
+        kind = _class_loss_kind(self, num_gts)
+        if kind is None:  # not one of focal_triton's kinds: ultralytics' own code
+            return super()._get_loss_class(pred_scores, targets, gt_scores, num_gts, postfix)
+        loss, options = kind
+        nq = pred_scores.shape[1]
+        normalizer = float(nq) if loss == "bce" else float(max(num_gts, 1))
+        if loss != "fl":
+            options["scores"] = gt_scores.view(targets.shape)
+        loss_cls = focal_loss(pred_scores, targets, loss=loss, background=self.nc, ignore_index=None,
+                              normalizer=normalizer, check_labels=False, **options)
+        return {f"loss_class{postfix}": loss_cls.squeeze() * self.loss_gain["class"]}
+
+
+def _class_loss_kind(criterion, num_gts):
+    """(loss, options) of the focal_triton kind equal to the branch DETRLoss._get_loss_class takes, or None."""
+    if not criterion.fl:
+        return "bce", {}
+    if num_gts and criterion.vfl:
+        alpha, gamma = float(criterion.vfl.alpha), float(criterion.vfl.gamma)
+        if alpha < 0 or gamma < 0:
+            return None  # negative weights or a weight infinite at p = 0: outside focal_triton's options
+        return "vfl_rtdetr", dict(alpha=alpha, gamma=gamma, detach_weight=False)
+    alpha, gamma = criterion.fl.alpha, float(criterion.fl.gamma)
+    if torch.is_tensor(alpha):
+        if alpha.numel() != 1:
+            return None  # per-class alpha, applied to every class once any entry is > 0
+        alpha = alpha.item()
+    if alpha > 1 or gamma < 0:
+        return None  # FocalLoss weights negatives by 1 - alpha < 0, or (1 - p_t)**gamma is infinite at p_t = 1
+    return "fl", dict(alpha=alpha if alpha > 0 else -1.0, gamma=gamma)  # alpha <= 0: FocalLoss weights nothing
+
+
 def _switch_loss(criterion):
-    """The criterion with its v8DetectionLoss parts switched in place (TypeError for the others)."""
+    """The criterion with its v8DetectionLoss / RTDETRDetectionLoss parts switched in place (TypeError for others)."""
+    if type(criterion) in (RTDETRDetectionLoss, FocalTritonRTDETRLoss):
+        criterion.__class__ = FocalTritonRTDETRLoss
+        return criterion
     if isinstance(criterion, (E2ELoss, E2EDetectLoss)):
         for branch in (criterion.one2many, criterion.one2one):
             _check_loss(branch, f"{type(criterion).__name__}'s branch")
@@ -130,12 +188,8 @@ def _switch_loss(criterion):
 
 def _check_loss(criterion, what):
     if type(criterion) not in (v8DetectionLoss, FocalTritonDetectionLoss):
-        raise TypeError(f"{what} must be ultralytics' v8DetectionLoss (YOLOv8/11 detection) or an E2ELoss of them, "
-                        f"got {type(criterion).__name__}" + _WHY_NOT.get(type(criterion).__name__, ""))
-
-
-_WHY_NOT = {"RTDETRDetectionLoss": ": its VarifocalLoss weights a matched query with IoU 0 by 0 at its class, "
-                                   "focal_triton's 'vfl' treats it as a negative (docs/integrations.md)"}
+        raise TypeError(f"{what} must be ultralytics' v8DetectionLoss (YOLOv8/11 detection), an E2ELoss of them or "
+                        f"an RTDETRDetectionLoss, got {type(criterion).__name__}")
 
 
 def _switch_model(model):
@@ -143,7 +197,12 @@ def _switch_model(model):
     model = unwrap_model(model)
     model = getattr(model, "student_model", model)  # distillation: the student builds the loss
     criterion = getattr(model, "criterion", None)
-    if criterion is None:
+    if criterion is None and isinstance(model, RTDETRDetectionModel):
+        if not hasattr(model, "nc"):  # RTDETRDetectionModel.init_criterion reads it
+            raise ValueError("RT-DETR model has no criterion yet and no model.nc (set it as the trainer does, or "
+                             "pass the trainer or the RTDETR model)")
+        criterion = model.init_criterion()
+    elif criterion is None:
         if not hasattr(getattr(model, "args", None), "box"):  # the loss gains v8DetectionLoss reads
             raise ValueError("model has no criterion yet and model.args is not ultralytics' hyperparameters "
                              "namespace (set model.args = ultralytics.cfg.get_cfg() as the trainer does, or pass "
@@ -159,19 +218,22 @@ def _on_train_start(trainer):
 
 
 def use_focal_triton(target):
-    """Make ultralytics' YOLO detection loss compute its classification term with focal_triton; returns target.
+    """Make ultralytics' YOLO or RT-DETR detection loss compute its classification term with focal_triton; returns
+    target.
 
-    target: a `YOLO` model (ultralytics.engine.model.Model) or a trainer: the model its training builds is switched
-    when training starts (a callback on "on_train_start"); a DetectionModel: its criterion (created now if it has
-    none, from model.args as ultralytics would); a v8DetectionLoss or an E2ELoss / E2EDetectLoss of them: switched
-    in place. Calling it again is harmless. Raises TypeError for other losses (segmentation, pose, OBB, RT-DETR)
-    before anything is changed. Multi-GPU training through ultralytics' DDP launcher runs a fresh trainer in a
-    subprocess without the callback: switch the model in a trainer subclass there. Another ultralytics version than
-    the tested one gets a warning (run tests/test_integrations_ultralytics.py with it).
+    target: a `YOLO` / `RTDETR` model (ultralytics.engine.model.Model) or a trainer: the model its training builds is
+    switched when training starts (a callback on "on_train_start"); a DetectionModel: its criterion (created now if
+    it has none, from model.args as ultralytics would; an RTDETRDetectionModel needs model.nc); a v8DetectionLoss,
+    an E2ELoss / E2EDetectLoss of them or an RTDETRDetectionLoss: switched in place. Calling it again is harmless.
+    Raises TypeError for other losses (segmentation, pose, OBB) before anything is changed. Multi-GPU training
+    through ultralytics' DDP launcher runs a fresh trainer in a subprocess without the callback: switch the model in
+    a trainer subclass there. Another ultralytics version than the tested one gets a warning (run
+    tests/test_integrations_ultralytics.py with it).
     """
     if ultralytics.__version__ != TESTED_VERSION:
         warnings.warn(f"focal_triton.integrations.ultralytics is tested with ultralytics {TESTED_VERSION}, this is "
-                      f"{ultralytics.__version__}: check its v8DetectionLoss against the tests", stacklevel=2)
+                      f"{ultralytics.__version__}: check its v8DetectionLoss / DETRLoss against the tests",
+                      stacklevel=2)
     if isinstance(target, (Model, BaseTrainer)):
         if _on_train_start not in target.callbacks["on_train_start"]:
             target.add_callback("on_train_start", _on_train_start)

@@ -462,20 +462,7 @@ def test_yolo_train_uses_focal_triton(torch_path, monkeypatch, tmp_path):
     """`YOLO(...).train()` after the one call: ultralytics' own trainer (dataset on disk, dataloader, optimizer,
     checkpoint) runs one epoch on two synthetic 64x64 images with focal_triton computing the classification loss;
     the checkpoint does not refer to focal_triton (ultralytics strips the criterion before saving)."""
-    import zipfile
-
-    from PIL import Image
-
-    g = torch.Generator().manual_seed(0)
-    for split in ("train", "val"):
-        (tmp_path / "images" / split).mkdir(parents=True)
-        (tmp_path / "labels" / split).mkdir(parents=True)
-        for i in range(2):
-            pixels = (torch.rand(64, 64, 3, generator=g) * 255).to(torch.uint8).numpy()
-            Image.fromarray(pixels).save(tmp_path / "images" / split / f"{i}.jpg")
-            (tmp_path / "labels" / split / f"{i}.txt").write_text("0 0.5 0.5 0.4 0.4\n1 0.3 0.3 0.2 0.2\n")
-    data = tmp_path / "data.yaml"
-    data.write_text(f"path: {tmp_path}\ntrain: images/train\nval: images/val\nnames:\n  0: a\n  1: b\n")
+    data = _synthetic_dataset(tmp_path)
     calls = []
     real = integration.multilevel_focal_loss
     monkeypatch.setattr(integration, "multilevel_focal_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -489,9 +476,46 @@ def test_yolo_train_uses_focal_triton(torch_path, monkeypatch, tmp_path):
     assert torch.save.__module__ == "torch.serialization"
     assert type(yolo.trainer.model.criterion) is FocalTritonDetectionLoss
     assert len(calls) == 1  # one batch of two images
-    with zipfile.ZipFile(tmp_path / "runs" / "train" / "weights" / "last.pt") as checkpoint:
-        pickled = b"".join(checkpoint.read(name) for name in checkpoint.namelist() if name.endswith(".pkl"))
-    assert b"FocalTritonDetectionLoss" not in pickled and b"focal_triton" not in pickled
+    _assert_checkpoint_is_stock(tmp_path / "runs" / "train" / "weights" / "last.pt")
+
+
+def _synthetic_dataset(tmp_path):
+    """Two 64x64 images with two boxes each, as an ultralytics dataset on disk; returns its data.yaml."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        (tmp_path / "images" / split).mkdir(parents=True)
+        (tmp_path / "labels" / split).mkdir(parents=True)
+        for i in range(2):
+            pixels = (torch.rand(64, 64, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / "images" / split / f"{i}.jpg")
+            (tmp_path / "labels" / split / f"{i}.txt").write_text("0 0.5 0.5 0.4 0.4\n1 0.3 0.3 0.2 0.2\n")
+    data = tmp_path / "data.yaml"
+    data.write_text(f"path: {tmp_path}\ntrain: images/train\nval: images/val\nnames:\n  0: a\n  1: b\n")
+    return data
+
+
+def _assert_checkpoint_is_stock(path):
+    """No object of the checkpoint's pickles is of a focal_triton class (their text may name focal_triton: ultralytics
+    stores the git commit message of the working directory)."""
+    import pickletools
+    import zipfile
+
+    with zipfile.ZipFile(path) as checkpoint:
+        pickles = [checkpoint.read(name) for name in checkpoint.namelist() if name.endswith(".pkl")]
+    classes = []
+    for data in pickles:
+        strings = []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL":  # "module name"
+                classes.append(arg)
+            elif op.name == "STACK_GLOBAL":  # module and name: the last two strings pushed
+                classes.append(" ".join(strings[-2:]))
+            elif isinstance(arg, str):
+                strings.append(arg)
+    assert any(c.startswith("ultralytics.nn.tasks ") for c in classes)  # the spy sees the model's class
+    assert not [c for c in classes if "focal_triton" in c or "FocalTriton" in c]
 
 
 # --- RT-DETR ---------------------------------------------------------------------------------------------------------
@@ -691,3 +715,21 @@ def test_use_focal_triton_on_rtdetr():
     rtdetr = ultralytics.RTDETR("rtdetr-l.yaml")
     assert use_focal_triton(rtdetr) is rtdetr
     assert rtdetr.callbacks["on_train_start"].count(integration._on_train_start) == 1
+
+
+@needs_ultralytics
+def test_rtdetr_train_uses_focal_triton(torch_path, monkeypatch, tmp_path):
+    """`RTDETR("rtdetr-l.yaml").train()` after the one call: ultralytics' RT-DETR trainer runs one step on two
+    synthetic 64x64 images with focal_triton computing all 13 classification terms (7 layers + 6 denoising layers);
+    the checkpoint does not refer to focal_triton."""
+    data = _synthetic_dataset(tmp_path)
+    calls = []
+    real = integration.focal_loss
+    monkeypatch.setattr(integration, "focal_loss", lambda *a, **k: calls.append(k["loss"]) or real(*a, **k))
+    with _process_state_kept():
+        model = use_focal_triton(ultralytics.RTDETR("rtdetr-l.yaml"))
+        model.train(data=str(data), epochs=1, imgsz=64, batch=2, device="cpu", workers=0, plots=False, val=False,
+                    amp=False, project=str(tmp_path / "runs"), name="train", exist_ok=True, verbose=False)
+    assert type(model.trainer.model.criterion) is FocalTritonRTDETRLoss
+    assert calls == ["vfl_rtdetr"] * 13
+    _assert_checkpoint_is_stock(tmp_path / "runs" / "train" / "weights" / "last.pt")

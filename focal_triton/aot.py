@@ -203,7 +203,7 @@ OPTION_SETS = ((True, False, False, False), (False, False, False, False), (True,
 
 def multilevel_spec(x_dtype, lab: str, mode: int, power: int, aligned_c: bool, tile, kind: int = 0,
                     stats: bool = False, loss_dtype: str = None, options=OPTION_SETS[0],
-                    archs=(90,)) -> Specialization:
+                    archs=(90,), generic: bool = False) -> Specialization:
     """The multi-level kernel as multilevel._launch compiles it. Its integer arguments are never specialized
     by the JIT (do_not_specialize), so only dtypes and constexprs vary."""
     from .kernels import multilevel as mf
@@ -214,7 +214,7 @@ def multilevel_spec(x_dtype, lab: str, mode: int, power: int, aligned_c: bool, t
     acc = "fp64" if x_dtype == torch.float64 else "fp32"
     num_warps = mf.gpu_num_warps(_itemsize(x_dtype), aligned_c)
     per_thread = tile[0] * tile[1] // (num_warps * 32)
-    ce = mf.kernel_constexprs(x_dtype, mode, power, aligned_c, tile, kind, stats, *options)
+    ce = mf.kernel_constexprs(x_dtype, mode, power, aligned_c, tile, kind, stats, *options, has_generic=generic)
     ptr_types = {"x": xs, "o": loss_dtype if mode == mf.MODE_NONE else xs,
                  "g": loss_dtype if mode == mf.MODE_GRAD_TENSOR else xs}
     sig = {}
@@ -222,9 +222,11 @@ def multilevel_spec(x_dtype, lab: str, mode: int, power: int, aligned_c: bool, t
         sig.update({f"{group}{i}{'_' if group == 'g' else ''}": f"*{ptr_types[group]}" for i in range(levels)})
     sig.update({f"hw{i}": "i32" for i in range(levels)})
     sig.update({f"ts{i}": "i32" for i in range(1, levels)})
+    sig.update({f"{field}{i}": "i32" for field in ("sn", "on", "sk", "sp", "sh", "wd") for i in range(levels)})
     sig.update(lab_ptr=f"*{lab}", w_ptr=f"*{acc}", s_ptr=f"*{acc}", alpha_ptr=f"*{acc}",
                partials_ptr=f"*{acc}", grad_scalar_ptr=f"*{acc}", scale_ptr=f"*{acc}", stats_ptr=f"*{acc}")
-    sig.update({k: "i32" for k in ("tiles_per_image", "num_anchors_total", "num_levels", "cl_mask", "P", "A", "C")})
+    sig.update({k: "i32" for k in ("tiles_per_image", "label_row", "num_levels", "cl_mask", "generic_mask", "N", "P",
+                                   "A", "C", "grad_stride", "scale_stride")})
     sig.update(c0="fp32", c1="fp32", gamma="fp32", beta="fp32", smoothing="fp32", ignore_index="i32")
     sig.update({k: "constexpr" for k in ce})
     names = list(sig)
@@ -237,13 +239,15 @@ def multilevel_spec(x_dtype, lab: str, mode: int, power: int, aligned_c: bool, t
         mf.multilevel_focal_kernel, sig, ce, num_warps,
         f"multilevel x={xs} labels={lab} mode={mode} pow={power} class_aligned={aligned_c} "
         f"tile={tile[0]}x{tile[1]} opts={opts or '-'}{f' loss={loss_dtype}' if loss_dtype != xs else ''}"
-        f"{f' loss_kind={kind}' if kind else ''}{' stats' if stats else ''}", aligned=pointers,
+        f"{f' loss_kind={kind}' if kind else ''}{' stats' if stats else ''}{' generic' if generic else ''}",
+        aligned=pointers,
         vector_load_bytes=wide * (2 if mode == mf.MODE_GRAD_TENSOR else 1),
         vector_store_bytes=0 if mode == mf.MODE_SUM else wide, elements_per_thread=per_thread,
         tile_access_bytes={g: per_thread * _itemsize(_TRITON_TO_TORCH[t]) for g, t in ptr_types.items()},
         # masked NCHW and channels_last, and for a class-aligned head their unmasked full tiles (bf16: NCHW twice,
         # as pairs of positions and singly)
-        tile_bodies=(5 if x_dtype == torch.bfloat16 else 4) if aligned_c else 2, param_groups=groups,
+        # (and the generic gather's masked body where compiled)
+        tile_bodies=((5 if x_dtype == torch.bfloat16 else 4) if aligned_c else 2) + int(generic), param_groups=groups,
         tile_bytes=per_thread * _itemsize(x_dtype),
         archs=archs, tile_loop_depth=2)
 
@@ -287,16 +291,21 @@ def multilevel_specializations():
         # The forward with loss statistics (MODE 0, STATS) of FL.
         for power, aligned_c in itertools.product(MATRIX_POWERS, (True, False)):
             specs.append(multilevel_spec(x_dtype, "i64", mf.MODE_SUM, power, aligned_c, tile, stats=True))
+        # The generic gather (HAS_GENERIC: a segment whose positions do not collapse to one axis), in the two modes
+        # of segmented_focal_loss.
+        for mode, aligned_c in itertools.product((mf.MODE_SUM, mf.MODE_GRAD_SCALAR), (True, False)):
+            specs.append(multilevel_spec(x_dtype, "i64", mode, 2, aligned_c, tile, generic=True))
     for x_dtype in (torch.float32, torch.float64):  # one per accumulation dtype
         acc = "fp64" if x_dtype == torch.float64 else "fp32"
-        for norm_mode, norm_dtype in ((0, "fp32"), (1, acc), (1, "i64"), (2, acc), (2, "i64")):
+        # 0-2: one normalizer shared by the segments (multilevel_focal_loss); 3: per-segment divisors
+        for norm_mode, norm_dtype in ((0, "fp32"), (1, acc), (1, "i64"), (2, acc), (2, "i64"), (3, acc)):
             sig = {"partials_ptr": f"*{acc}", "norm_ptr": f"*{norm_dtype}", "scale_ptr": f"*{acc}",
-                   "out_ptr": f"*{acc}", "N": "i32", "P": "i32", "norm_hi": "fp32", "norm_lo": "fp32",
-                   "NORM_MODE": "constexpr", "BLOCK": "constexpr"}
+                   "segment_ptr": f"*{acc}", "out_ptr": f"*{acc}", "S": "i32", "N": "i32", "P": "i32",
+                   "norm_hi": "fp32", "norm_lo": "fp32", "NORM_MODE": "constexpr", "BLOCK": "constexpr"}
             specs.append(Specialization(
                 mf.normalize_partials_kernel, sig, {"NORM_MODE": norm_mode, "BLOCK": launch_partial_block()},
                 4, f"normalize_partials acc={acc} norm_mode={norm_mode} normalizer={norm_dtype}",
-                aligned=(0, 1, 2, 3)))
+                aligned=(0, 1, 2, 3, 4)))
     return specs
 
 
@@ -525,7 +534,8 @@ def _family(spec) -> tuple:
 
 # The rarer cases of the matrix, each a (constexpr, value) or a label word, of which the subset takes one each.
 _RARE = (("INT64", True), "n=i64", ("CLASS_ALIGNED", False), ("MODE", 3), ("MODE", 2), ("MODE", 1), ("STATS", True),
-         ("HAS_WEIGHT", True), ("GAMMA", -1), ("GAMMA", 0), ("GAMMA", 3), "out=fp32", "upstream=fp32")
+         ("HAS_WEIGHT", True), ("GAMMA", -1), ("GAMMA", 0), ("GAMMA", 3), "out=fp32", "upstream=fp32",
+         ("HAS_GENERIC", True), ("NORM_MODE", 3))
 
 
 def representative() -> list:

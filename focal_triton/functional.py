@@ -16,6 +16,8 @@ moves only the BCE targets to s/2 and 1 - s/2 (apex's definition); modulation an
 "qfl" (Quality Focal Loss) or "vfl" (Varifocal Loss); for the last two the per-element target is the anchor's score
 (`scores`, e.g. the IoU of its box) on its label's class and 0 on the other classes.
 """
+from typing import NamedTuple, Optional, Union
+
 import torch
 
 from . import validation as V
@@ -23,6 +25,7 @@ from .losses import LossKind
 from .ops.dense import sigmoid_focal_loss as _dense
 from .ops.matching import focal_matching_cost as _matching_cost
 from .ops.multilevel import multilevel_focal_loss as _class_index
+from .ops.multilevel import segmented_focal_loss as _segments
 from .stats import loss_statistics
 
 
@@ -206,6 +209,66 @@ def focal_loss(logits, labels, *, alpha=None, gamma=None, weights=None, label_sm
     if reduction == "none":
         return out[0].permute(0, 2, 3, 1).reshape(logits.shape)
     return out
+
+
+class Segment(NamedTuple):
+    """One head output of a `segmented_focal_loss` call and its targets.
+
+    logits: (N, Q, C) (decoder queries, anchor points: any strides, e.g. ``stacked[l]`` of (L, N, Q, C),
+        ``stacked[:, l]`` of (N, L, Q, C), ``x[:, :num_dn]``, or ultralytics' class-major (N, C, A) scores as
+        ``scores.permute(0, 2, 1)``) or (N, A*C, H, W) (a conv head's level: NCHW, channels_last or any view).
+    labels: (N, Q) or (N, H*W*A) int32 / int64 class indices ((h, w, a) row-major), background or ignore_index.
+    weights: optional (N, Q) per-anchor weights. scores: (N, Q) target scores ("qfl", "vfl" only; required there).
+    normalizer: None, a number, a 0-d tensor (loss = sum / Z) or an (N,) tensor (loss = mean over images of
+        sum_n / Z_n), as in `multilevel_focal_loss`; never read on the host.
+    """
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    weights: Optional[torch.Tensor] = None
+    scores: Optional[torch.Tensor] = None
+    normalizer: Union[None, float, torch.Tensor] = None
+
+
+class SegmentLosses(NamedTuple):
+    """`segmented_focal_loss`'s result: the sum of the segments' losses (0-d) and each segment's loss (S,)."""
+
+    total: torch.Tensor
+    per_segment: torch.Tensor
+
+
+def segmented_focal_loss(segments, *, num_anchors=1, alpha=None, gamma=None, label_smoothing=0.0, background=-1,
+                         ignore_index=-2, check_labels=True, loss="fl", beta=None, iou_weighted=None):
+    r"""The class-index focal loss (or a relative, `loss=`) of several head outputs in one kernel launch: the
+    decoder layers, encoder and denoising groups of a DETR, the one-to-many and one-to-one heads of a YOLO, the
+    levels of an FPN. Each `Segment` brings its own logits (read in place, whatever their strides), labels, weights
+    / scores and normalizer; per segment s (formulas as `multilevel_focal_loss`)
+
+        loss_s = sum over its anchors and classes of FL / normalizer_s,      total = sum_s loss_s
+
+    in fixed order (deterministic, no atomics, no host sync). Labels that are consecutive column slices of one
+    tensor (FPN levels: ``labels[:, start:end]``) are read in place, others are concatenated once (1/C of the
+    logits' bytes).
+
+    Args:
+        segments: 1 to 16 `Segment`\ s (or tuples in its field order, or dicts of its fields) sharing dtype,
+            device, N and C.
+        num_anchors: A of 4-D logits (N, A*C, H, W); 3-D logits need A = 1 (the default).
+        alpha, gamma, label_smoothing, background, ignore_index, check_labels, loss, beta, iou_weighted: as
+            `multilevel_focal_loss`, shared by the segments.
+
+    Returns:
+        `SegmentLosses(total, per_segment)`: float32 (float64 for float64 logits) 0-d and (S,). Gradients flow to
+        every segment's logits (from either output), written in the logits' own strides where they are dense and
+        image by image with the logits' strides within an image where they are a view with gaps.
+    Errors: a ValueError or TypeError naming the segment and the argument (``segments[3].labels must have shape
+    ...``), before anything runs.
+    """
+    options = dict(alpha=alpha, gamma=gamma, label_smoothing=label_smoothing, background=background,
+                   ignore_index=ignore_index, check_labels=check_labels, loss=loss, beta=beta,
+                   iou_weighted=iou_weighted)
+    total, per_segment = _segments(V.segments_call(segments, num_anchors, options))
+    return SegmentLosses(total, per_segment)
 
 
 def _result(call):

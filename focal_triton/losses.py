@@ -71,7 +71,8 @@ LOSS_DEFAULTS = {
 
 LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LABEL_DTYPES = (torch.int32, torch.int64)
-MAX_LEVELS = 8                  # levels (or segments) of one multi-level launch
+MAX_LEVELS = 8                  # levels of one multilevel_focal_loss call
+MAX_SEGMENTS = 16               # segments (levels, decoder layers) of one launch of the class-index kernel
 INT32_MAX = 2**31 - 1           # one image of a level holds fewer logits; label values fit in 32 bits
 
 

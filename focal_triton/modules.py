@@ -2,8 +2,8 @@
 import torch
 from torch import nn
 
-from .functional import (focal_loss, multilevel_focal_loss, quality_focal_loss, sigmoid_focal_loss,
-                         sigmoid_focal_loss_star, varifocal_loss)
+from .functional import (focal_loss, multilevel_focal_loss, quality_focal_loss, segmented_focal_loss,
+                         sigmoid_focal_loss, sigmoid_focal_loss_star, varifocal_loss)
 from .validation import (check_alpha, check_bool, check_class_index_options, check_gamma, check_int, check_qfl_beta,
                          check_reduction, check_star_beta, check_star_gamma, check_vfl_alpha)
 
@@ -149,3 +149,32 @@ class MultiLevelFocalLoss(FocalLoss):
 
     def extra_repr(self) -> str:
         return f"num_anchors={self.num_anchors}, " + super().extra_repr()
+
+
+class SegmentedFocalLoss(nn.Module):
+    """Module form of :func:`focal_triton.segmented_focal_loss`: the options are checked when the module is built
+    (a per-class alpha tensor kept as a buffer); ``forward(segments)`` returns ``SegmentLosses(total,
+    per_segment)``."""
+
+    def __init__(self, num_anchors: int = 1, alpha=None, gamma=None, label_smoothing: float = 0.0,
+                 background: int = -1, ignore_index=-2, check_labels: bool = True, loss: str = "fl", beta=None,
+                 iou_weighted=None):
+        super().__init__()
+        check_class_index_options(loss, alpha, gamma, beta, iou_weighted, label_smoothing, background, ignore_index,
+                                  "sum", check_labels)
+        self.num_anchors = check_int("num_anchors", num_anchors, 1)
+        if isinstance(alpha, torch.Tensor):
+            self.register_buffer("alpha", alpha.detach().clone())
+        else:
+            self.alpha = alpha
+        self.options = dict(gamma=gamma, label_smoothing=float(label_smoothing), background=background,
+                            ignore_index=ignore_index, check_labels=check_labels, loss=loss, beta=beta,
+                            iou_weighted=iou_weighted)
+
+    def forward(self, segments):
+        return segmented_focal_loss(segments, num_anchors=self.num_anchors, alpha=self.alpha, **self.options)
+
+    def extra_repr(self) -> str:
+        alpha = "per-class tensor" if isinstance(self.alpha, torch.Tensor) else self.alpha
+        return f"num_anchors={self.num_anchors}, alpha={alpha}, " + ", ".join(f"{k}={v!r}" for k, v in
+                                                                            self.options.items())

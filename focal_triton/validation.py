@@ -6,14 +6,16 @@ was expected and what was given) and turned into one record in the ops' final en
 `losses.LossSpec`, the normalizer, the output dtype, whether a gradient will be needed). The modules run the same
 checks when they are built.
 """
+import contextlib
 import numbers
 from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 
-from .losses import (INT32_MAX, LABEL_DTYPES, LOGIT_DTYPES, LOSS_DEFAULTS, LOSSES, MAX_LEVELS, LossKind, LossSpec,
-                     compute_dtype, encode)
+from .layouts import overlapping
+from .losses import (INT32_MAX, LABEL_DTYPES, LOGIT_DTYPES, LOSS_DEFAULTS, LOSSES, MAX_LEVELS, MAX_SEGMENTS, LossKind,
+                     LossSpec, compute_dtype, encode)
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -606,3 +608,188 @@ def flat_call(logits, labels, options) -> ClassIndexCall:
                   for k in ("weights", "scores")}
     return class_index_call([level], labels.reshape(num_images, rows), 1, num_images, num_classes,
                             (num_images, rows), None, **{**options, **per_anchor}, labels_checked=True)
+
+
+# --- segments: segmented_focal_loss -----------------------------------------------------------------------------
+
+SEGMENT_FIELDS = ("logits", "labels", "weights", "scores", "normalizer")
+
+
+@contextlib.contextmanager
+def _in_segment(i: int):
+    """Errors of segment i's checks name it: "segments[i].labels must ..."."""
+    try:
+        yield
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"segments[{i}].{e}") from None
+
+
+def _segment_fields(i: int, segment) -> tuple:
+    """(logits, labels, weights, scores, normalizer) of a Segment, a tuple in that order or a dict of those keys."""
+    if isinstance(segment, dict):
+        unknown = sorted(set(segment) - set(SEGMENT_FIELDS))
+        if unknown or "logits" not in segment or "labels" not in segment:
+            raise ValueError(f"segments[{i}] as a dict needs the keys 'logits' and 'labels' (optional: 'weights', "
+                             f"'scores', 'normalizer'), got {sorted(segment)}")
+        return tuple(segment.get(k) for k in SEGMENT_FIELDS)
+    if isinstance(segment, tuple) and 2 <= len(segment) <= len(SEGMENT_FIELDS):
+        return tuple(segment) + (None,) * (len(SEGMENT_FIELDS) - len(segment))
+    raise TypeError(f"segments[{i}] must be a focal_triton.Segment (logits, labels, weights=None, scores=None, "
+                    f"normalizer=None), a tuple of those or a dict, got {type(segment).__name__}")
+
+
+def _segment_logits(x, num_anchors: int, first) -> torch.Tensor:
+    """A segment's logits as the (N, A*C, H, W) view the op takes: (N, Q, C) -> (N, C, Q, 1) (one anchor per
+    query or anchor point), (N, A*C, H, W) as given. Any strides but overlapping ones; no copy."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() not in (3, 4):
+        raise ValueError(f"logits must be 3-D (N, Q, C) or 4-D (N, A*C, H, W), got shape {tuple(x.shape)}")
+    if x.dtype not in LOGIT_DTYPES:
+        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.dim() == 3 and num_anchors != 1:
+        raise ValueError(f"logits of shape (N, Q, C) {tuple(x.shape)} have one anchor per row, but num_anchors = "
+                         f"{num_anchors}: pass 4-D (N, A*C, H, W) logits")
+    if overlapping(x):
+        raise ValueError(f"logits must not overlap in memory (an expanded tensor, a stride of 0 along a dim of size "
+                         f"> 1): got shape {tuple(x.shape)} with strides {tuple(x.stride())}; pass .contiguous()")
+    view = x.permute(0, 2, 1).unsqueeze(-1) if x.dim() == 3 else x
+    if view.shape[1] == 0 or view.shape[1] % num_anchors:
+        raise ValueError(f"logits' channels ({view.shape[1]}) must be num_anchors ({num_anchors}) times the number "
+                         f"of classes (>= 1)")
+    if first is not None:
+        f = first
+        if (view.dtype, view.device, view.shape[0], view.shape[1]) != (f.dtype, f.device, f.shape[0], f.shape[1]):
+            raise ValueError(f"logits must share dtype, device, N and classes with segments[0].logits: got "
+                             f"{view.dtype} on {view.device} with {view.shape[0]} images and {view.shape[1]} "
+                             f"channels, segments[0] has {f.dtype} on {f.device}, {f.shape[0]} images, {f.shape[1]} "
+                             f"channels")
+    span = 1 + sum((d - 1) * abs(st) for d, st in zip(view.shape[1:], view.stride()[1:]))
+    if view.numel() and span > INT32_MAX:
+        raise ValueError(f"logits: one image must span < 2**31 elements of storage, got {span}")
+    return view
+
+
+def _shared_columns(tensors, num_images: int):
+    """(view, row stride) when the (N, M_s) tensors are consecutive column slices of one tensor (one storage, unit
+    column stride, one row stride): the (N, sum M_s) view from the first one's first column, read in place; else
+    None."""
+    t0 = tensors[0]
+    storage = t0.untyped_storage().data_ptr()
+    offset, row = t0.storage_offset(), t0.stride(0)
+    for t in tensors:
+        if t.dtype != t0.dtype or t.untyped_storage().data_ptr() != storage or t.storage_offset() != offset:
+            return None
+        if (t.shape[1] > 1 and t.stride(1) != 1) or (num_images > 1 and t.stride(0) != row):
+            return None
+        offset += t.shape[1]
+    width = offset - t0.storage_offset()
+    if num_images > 1 and width > row:
+        return None
+    row = row if num_images > 1 else max(width, 1)
+    return t0.as_strided((num_images, width), (row, 1), t0.storage_offset()), row
+
+
+def _segment_divisors(normalizers, num_images: int, dtype, device) -> torch.Tensor:
+    """(S, N) divisors: loss_s = sum_n (sum over image n of segment s) / divisors[s, n]: Z (a number or 0-d tensor,
+    1 without normalizer) or N Z_n (per image). Built on the device from the tensors; never read on the host."""
+    rows = []
+    for z in normalizers:
+        if z is None or not isinstance(z, torch.Tensor):
+            rows.append(torch.full((num_images,), 1.0 if z is None else float(z), dtype=dtype, device=device))
+        elif z.numel() == 1 and not (z.dim() == 1 and z.shape[0] == num_images):
+            rows.append(z.reshape(()).to(dtype).expand(num_images))
+        else:
+            rows.append(z.to(dtype) * num_images)
+    return torch.stack(rows)
+
+
+@dataclass(frozen=True)
+class SegmentsCall:
+    """A segmented_focal_loss call in the segments op's encoding."""
+
+    logits: List[torch.Tensor]              # (N, A*C, H_s, W_s) views, any non-overlapping strides
+    labels: torch.Tensor                    # (N, >= M) int32 / int64, unit column stride, row stride label_row
+    label_row: int
+    weights: Optional[torch.Tensor]         # laid out like labels, compute dtype
+    scores: Optional[torch.Tensor]          # laid out like labels, compute dtype, detached
+    alpha_per_class: Optional[torch.Tensor]
+    divisors: torch.Tensor                  # (S, N) compute dtype
+    num_anchors: int
+    spec: LossSpec
+    ignore_index: Optional[int]
+
+
+def segments_call(segments, num_anchors, options) -> SegmentsCall:
+    """segmented_focal_loss's arguments checked (every message names the segment and the argument) and encoded."""
+    if isinstance(segments, torch.Tensor) or not isinstance(segments, (list, tuple)) or (
+            segments and isinstance(segments[0], torch.Tensor)):
+        raise TypeError(f"segments must be a list or tuple of focal_triton.Segment, got {type(segments).__name__}")
+    if not (1 <= len(segments) <= MAX_SEGMENTS):
+        raise ValueError(f"segments must hold 1 to {MAX_SEGMENTS} segments, got {len(segments)}")
+    num_anchors = check_int("num_anchors", num_anchors, 1)
+    fields = [_segment_fields(i, s) for i, s in enumerate(segments)]
+    logits = []
+    for i, (x, *_rest) in enumerate(fields):
+        with _in_segment(i):
+            logits.append(_segment_logits(x, num_anchors, logits[0] if logits else None))
+    first = logits[0]
+    device, num_images, num_classes = first.device, first.shape[0], first.shape[1] // num_anchors
+    loss = options["loss"]
+    kind, alpha, gamma, beta, iou_weighted, smoothing, _ = check_class_index_options(
+        loss, options["alpha"], options["gamma"], options["beta"], options["iou_weighted"],
+        options["label_smoothing"], options["background"], options["ignore_index"], "sum", options["check_labels"],
+        False, num_classes, device)
+    normalizers = []
+    for i, ((_, labels, weights, scores, normalizer), x) in enumerate(zip(fields, logits)):
+        shape = (num_images, x.shape[2] * x.shape[3] * num_anchors)
+        with _in_segment(i):
+            check_labels_tensor(labels, shape, device, "N, positions * num_anchors of the segment")
+            check_weights(weights, shape, device)
+            check_scores(scores, loss, shape, device)
+            normalizers.append(check_normalizer(normalizer, num_images, device, "sum"))
+    ignore_index = options["ignore_index"]
+    cdt = compute_dtype(first.dtype)
+    labels, label_row, weights, scores = _segment_columns([f[1] for f in fields], [f[2] for f in fields],
+                                                          [f[3] for f in fields], num_images, cdt)
+    if options["check_labels"] and labels.numel():
+        try:
+            check_label_range(labels, num_classes, options["background"], ignore_index)
+        except ValueError:
+            for i, f in enumerate(fields):
+                with _in_segment(i):
+                    check_label_range(f[1], num_classes, options["background"], ignore_index)
+            raise
+    per_class = isinstance(alpha, torch.Tensor)
+    return SegmentsCall(
+        logits, labels, label_row, weights, scores, alpha.detach().to(cdt).contiguous() if per_class else None,
+        _segment_divisors(normalizers, num_images, cdt, device), num_anchors,
+        encode(kind, -1.0 if per_class else alpha, gamma, beta, iou_weighted, smoothing),
+        None if ignore_index is None else int(ignore_index))
+
+
+def _segment_columns(labels, weights, scores, num_images: int, dtype):
+    """The segments' labels, weights and scores as one label layout (N, >= M) with one row stride: in place where
+    each is a run of consecutive column slices of one tensor with the same row stride (FPN levels of one label
+    tensor), else concatenated (a copy 1/C the size of the logits; missing weights as ones)."""
+    has_weights, has_scores = any(w is not None for w in weights), scores[0] is not None
+    groups = [labels] + ([weights] if has_weights else []) + ([scores] if has_scores else [])
+    shared = [None if any(t is None or (g is not labels and t.dtype != dtype) for t in g)
+              else _shared_columns(g, num_images) for g in groups]
+    if all(s is not None for s in shared) and len({s[1] for s in shared}) == 1:
+        out = [s[0] for s in shared]
+        row = shared[0][1]
+    else:
+        lab_dtype = torch.int64 if any(t.dtype == torch.int64 for t in labels) else torch.int32
+        out = [torch.cat([t.to(lab_dtype) for t in labels], dim=1)]
+        if has_weights:
+            out.append(torch.cat([w.to(dtype) if w is not None else torch.ones(l.shape, dtype=dtype, device=l.device)
+                                  for w, l in zip(weights, labels)], dim=1))
+        if has_scores:
+            out.append(torch.cat([s.to(dtype) for s in scores], dim=1))
+        row = out[0].shape[1]
+    out = iter(out)
+    lab = next(out)
+    w = next(out) if has_weights else None
+    s = next(out).detach() if has_scores else None
+    return lab, row, w, s

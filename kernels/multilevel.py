@@ -38,22 +38,27 @@ import torch
 import triton
 import triton.language as tl
 
-from ..losses import FL, MAX_LEVELS, LossSpec
+from ..layouts import LAYOUT_CL, LAYOUT_GENERIC, empty_out, out_image_stride, segment_layout
+from ..losses import FL, MAX_SEGMENTS, LossSpec
 from . import tuning
 from .launch import PARTIAL_SUM_BLOCK, ElementwiseConfig, compiled_path, device_guard, load_before_launch, max_programs
 from .math import (detr_loss_and_grad, fast_math, family_loss_and_grad, focal_binary_loss_and_grad, power_key,
                    row_target, short_log, spec_power, triton_compute_dtype)
 from .tuning import MULTILEVEL_CANDIDATES, make_key, options_of
+# Slots of one launch: segments (FPN levels, decoder layers), each with its own pointers, sizes and strides.
+MAX_LEVELS = MAX_SEGMENTS
 # No integer argument is specialized by the JIT (on divisibility by 16 or equality to 1): sizes change with every
 # image size in multi-scale training, and each new combination would compile a new kernel. What the compiler needs
 # to know for wide loads, whether C (and so K = A * C) is a multiple of 16, is the CLASS_ALIGNED constexpr.
-_INT_ARGS = ["hw0", "hw1", "hw2", "hw3", "hw4", "hw5", "hw6", "hw7", "ts1", "ts2", "ts3", "ts4", "ts5", "ts6",
-             "ts7", "tiles_per_image", "num_anchors_total", "num_levels", "cl_mask", "P", "A", "C", "ignore_index"]
+_INT_ARGS = [f"{field}{i}" for field in ("hw", "sn", "on", "sk", "sp", "sh", "wd") for i in range(MAX_SEGMENTS)] + \
+    [f"ts{i}" for i in range(1, MAX_SEGMENTS)] + ["tiles_per_image", "label_row", "num_levels", "cl_mask",
+                                                  "generic_mask", "N", "P", "A", "C", "grad_stride", "scale_stride",
+                                                  "ignore_index"]
 
 
 @triton.jit
-def _pick(lvl, v0, v1, v2, v3, v4, v5, v6, v7):
-    """v_lvl for a runtime level index lvl in [0, 8): a chain of scalar selects."""
+def _pick(lvl, v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15):
+    """v_lvl for a runtime segment index lvl in [0, 16): a chain of scalar selects."""
     r = tl.where(lvl == 1, v1, v0)
     r = tl.where(lvl == 2, v2, r)
     r = tl.where(lvl == 3, v3, r)
@@ -61,6 +66,14 @@ def _pick(lvl, v0, v1, v2, v3, v4, v5, v6, v7):
     r = tl.where(lvl == 5, v5, r)
     r = tl.where(lvl == 6, v6, r)
     r = tl.where(lvl == 7, v7, r)
+    r = tl.where(lvl == 8, v8, r)
+    r = tl.where(lvl == 9, v9, r)
+    r = tl.where(lvl == 10, v10, r)
+    r = tl.where(lvl == 11, v11, r)
+    r = tl.where(lvl == 12, v12, r)
+    r = tl.where(lvl == 13, v13, r)
+    r = tl.where(lvl == 14, v14, r)
+    r = tl.where(lvl == 15, v15, r)
     return r
 
 
@@ -175,7 +188,7 @@ def _accumulate(acc, loss, keep, mask, HAS_IGNORE: tl.constexpr, MASKED: tl.cons
 
 
 @triton.jit
-def _pair_part(x_ptr, o_ptr, g_ptr, part, lanes, K, rel, keep, row_mask, c_start, C, w, score, alpha_ptr, g0, lc0,
+def _pair_part(x_ptr, o_ptr, g_ptr, part, lanes, sp, rel, keep, row_mask, c_start, C, w, score, alpha_ptr, g0, lc0,
                lc1, gc0, gc1, gamma, beta, half_smoothing, MODE: tl.constexpr, STATS: tl.constexpr,
                MASKED: tl.constexpr, ZEROED: tl.constexpr, SELECT: tl.constexpr, LOSS_KIND: tl.constexpr,
                GAMMA: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_ALPHA: tl.constexpr, SMOOTH: tl.constexpr,
@@ -187,8 +200,9 @@ def _pair_part(x_ptr, o_ptr, g_ptr, part, lanes, K, rel, keep, row_mask, c_start
     the (even, odd) losses. ZEROED: an ignored anchor's words are set to 0 (its factors are 0): a NaN there still
     gives 0."""
     quad = tl.arange(0, PART_C // 2)
-    # Word offsets: K and the tile's base are even (CLASS_ALIGNED), so each word holds classes 2i and 2i + 1.
-    w_offs = lanes[:, None] * (K // 2) + (part * (PART_C // 2) + quad)[None, :]
+    # Word offsets: the position stride sp and the tile's base are even (CLASS_ALIGNED), so each word holds classes
+    # 2i and 2i + 1.
+    w_offs = lanes[:, None] * (sp // 2) + (part * (PART_C // 2) + quad)[None, :]
     w_mask = row_mask[:, None] & ((c_start + part * PART_C + 2 * quad) < C)[None, :]
     if MASKED:
         v = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + w_offs, mask=w_mask, other=0)
@@ -211,7 +225,7 @@ def _pair_part(x_ptr, o_ptr, g_ptr, part, lanes, K, rel, keep, row_mask, c_start
         else:
             value = tl.reshape(tl.join(grad0, grad1), [BLOCK_HW, PART_C])
         part_cols = part * PART_C + tl.arange(0, PART_C)
-        offs = lanes[:, None] * K + part_cols[None, :]
+        offs = lanes[:, None] * sp + part_cols[None, :]
         mask = row_mask[:, None] & ((c_start + part_cols) < C)[None, :]
         if MODE == 3:
             if MASKED:
@@ -224,13 +238,14 @@ def _pair_part(x_ptr, o_ptr, g_ptr, part, lanes, K, rel, keep, row_mask, c_start
 
 
 @triton.jit
-def _nchw_pair_tile(x_ptr, o_ptr, g_ptr, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, A, C, a, row0, c_start, ct,
+def _nchw_pair_tile(x_ptr, o_ptr, g_ptr, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, sk, A, C, a, row0, c_start, ct,
                     anchor_base, acc, g0, lc0, lc1, gc0, gc1, gamma, beta, half_smoothing, ignore_index,
                     MODE: tl.constexpr, STATS: tl.constexpr, LOSS_KIND: tl.constexpr, GAMMA: tl.constexpr,
                     HAS_IGNORE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_ALPHA: tl.constexpr,
                     SMOOTH: tl.constexpr, FAST: tl.constexpr, SHORT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
                     BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
-    """A full NCHW tile of bf16 logits in a level of even hw (`_tile`'s MODEs): each class row read as int32 words
+    """A full NCHW tile of bf16 logits in a segment of even class stride sk (`_tile`'s MODEs): each class row read
+    as int32 words
     of two positions (positions row0 + 2i and row0 + 2i + 1: the lower and upper half), each half with its own
     labels, computed apart (both added to acc) and joined again for the store (32-bit stores of two positions).
     With a scalar alpha an ignored anchor's half-words and factors are set to 0, as in `_pair_part`."""
@@ -254,8 +269,8 @@ def _nchw_pair_tile(x_ptr, o_ptr, g_ptr, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats
     if LOSS_KIND >= 2:
         score_lo = tl.load(s_ptr + (anchor_base + row0 * A) + lane_lo).to(COMPUTE_DTYPE)
         score_hi = tl.load(s_ptr + (anchor_base + row0 * A) + lane_lo + A).to(COMPUTE_DTYPE)
-    base = (a * C + c_start) * hw + row0  # even: hw is, and so is row0
-    v = tl.load((x_ptr + base).to(tl.pointer_type(tl.int32)) + (cols[None, :] * (hw // 2) + i[:, None]))
+    base = (a * C + c_start) * sk + row0  # even: sk is, and so is row0
+    v = tl.load((x_ptr + base).to(tl.pointer_type(tl.int32)) + (cols[None, :] * (sk // 2) + i[:, None]))
     ZEROED: tl.constexpr = HAS_IGNORE and (not HAS_ALPHA) and (LOSS_KIND == 0)
     SELECT: tl.constexpr = HAS_IGNORE and not ZEROED
     lc0_lo, lc1_lo, gc0_lo, gc1_lo = lc0, lc1, gc0, gc1
@@ -289,7 +304,7 @@ def _nchw_pair_tile(x_ptr, o_ptr, g_ptr, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats
         else:
             lo, hi = grad_lo, grad_hi
         # Element (i, c, k) of a [positions / 2, classes, 2] tensor is position row0 + 2i + k of class c.
-        offs = cols[None, :, None] * hw + 2 * i[:, None, None] + tl.arange(0, 2)[None, None, :]
+        offs = cols[None, :, None] * sk + 2 * i[:, None, None] + tl.arange(0, 2)[None, None, :]
         if MODE == 3:
             g_lo, g_hi = tl.split(tl.load(g_ptr + base + offs).to(COMPUTE_DTYPE))
             lo, hi = lo * g_lo, hi * g_hi
@@ -299,20 +314,21 @@ def _nchw_pair_tile(x_ptr, o_ptr, g_ptr, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats
             pair = tl.join(lo, hi).to(tl.bfloat16).to(tl.uint16, bitcast=True)
             p_lo, p_hi = tl.split(pair)
             word = (p_hi.to(tl.uint32) << 16) | p_lo.to(tl.uint32)
-            tl.store((o_ptr + base).to(tl.pointer_type(tl.uint32)) + (cols[None, :] * (hw // 2) + i[:, None]), word)
+            tl.store((o_ptr + base).to(tl.pointer_type(tl.uint32)) + (cols[None, :] * (sk // 2) + i[:, None]), word)
         else:
             tl.store(o_ptr + base + offs, tl.join(lo, hi).to(o_ptr.dtype.element_ty))
     return acc
 
 
 @triton.jit
-def _tile(x_ptr, o_ptr, g_ptr, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, a, row0, c_start, ct,
-          anchor_base, acc0, acc1, acc2, acc3, g0, lc0, lc1, gc0, gc1, gamma, beta, half_smoothing, ignore_index,
-          MODE: tl.constexpr, STATS: tl.constexpr, MASKED: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-          PAIRS: tl.constexpr, LOSS_KIND: tl.constexpr, GAMMA: tl.constexpr, HAS_IGNORE: tl.constexpr,
-          HAS_WEIGHT: tl.constexpr, HAS_ALPHA: tl.constexpr, SMOOTH: tl.constexpr, FAST: tl.constexpr,
-          SHORT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One tile (x_ptr, o_ptr, g_ptr: its image's block of the level) of one of the kernel's MODEs:
+def _tile(x_ptr, o_ptr, g_ptr, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, sk, sp, sh, wd, A, C, a, row0,
+          c_start, ct, anchor_base, acc0, acc1, acc2, acc3, g0, lc0, lc1, gc0, gc1, gamma, beta, half_smoothing,
+          ignore_index, MODE: tl.constexpr, STATS: tl.constexpr, MASKED: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+          GENERIC: tl.constexpr, PAIRS: tl.constexpr, LOSS_KIND: tl.constexpr, GAMMA: tl.constexpr,
+          HAS_IGNORE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_ALPHA: tl.constexpr, SMOOTH: tl.constexpr,
+          FAST: tl.constexpr, SHORT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, BLOCK_HW: tl.constexpr,
+          BLOCK_C: tl.constexpr):
+    """One tile (x_ptr, o_ptr, g_ptr: its image's block of the segment) of one of the kernel's MODEs:
     0 forward, acc += loss;  1 forward, o = loss;  2 backward, o = g0 * dFL/dx;  3 backward, o = g * dFL/dx.
     The loss and gradient are multiplied by the anchor's weight and zeroed where the anchor is ignored.
     PAIRS (bf16 channels_last rows of a class-aligned head, BLOCK_C <= 16): the tile is read in parts of at most 8
@@ -348,12 +364,19 @@ def _tile(x_ptr, o_ptr, g_ptr, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, 
                             other=0.0).to(COMPUTE_DTYPE)
         else:
             score = tl.load(s_ptr + (anchor_base + row0 * A) + lane_anchor).to(COMPUTE_DTYPE)
-    if CHANNELS_LAST:
-        base = row0 * K + a * C + c_start
-        offs = lanes[:, None] * K + cols[None, :]
+    # Element (position p, channel k) of the image block: p sp + k (CHANNELS_LAST: sk = 1), k sk + p (positions
+    # contiguous: sp = 1), or (GENERIC) (p // W) sh + (p % W) sp + k sk.
+    if GENERIC:
+        pos = row0 + lanes
+        h = pos // wd
+        base = (a * C + c_start) * sk
+        offs = (h * sh + (pos - h * wd) * sp)[:, None] + cols[None, :] * sk
+    elif CHANNELS_LAST:
+        base = row0 * sp + a * C + c_start
+        offs = lanes[:, None] * sp + cols[None, :]
     else:
-        base = (a * C + c_start) * hw + row0
-        offs = cols[None, :] * hw + lanes[:, None]
+        base = (a * C + c_start) * sk + row0
+        offs = cols[None, :] * sk + lanes[:, None]
     mask = row_mask[:, None] & ((c_start + cols) < C)[None, :]
     x_ptr += base
     o_ptr += base
@@ -368,14 +391,14 @@ def _tile(x_ptr, o_ptr, g_ptr, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, 
             gc0 = tl.where(keep, gc0, zero)[:, None]
             gc1 = tl.where(keep, gc1, zero)[:, None]
         PART_C: tl.constexpr = 8 if BLOCK_C > 8 else BLOCK_C
-        l0, l1 = _pair_part(x_ptr, o_ptr, g_ptr, 0, lanes, K, rel, keep, row_mask, c_start, C, w, score, alpha_ptr,
+        l0, l1 = _pair_part(x_ptr, o_ptr, g_ptr, 0, lanes, sp, rel, keep, row_mask, c_start, C, w, score, alpha_ptr,
                             g0, lc0, lc1, gc0, gc1, gamma, beta, half_smoothing, MODE, STATS, MASKED, ZEROED, SELECT,
                             LOSS_KIND, GAMMA, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW,
                             PART_C)
         l2 = tl.zeros_like(l0)
         l3 = tl.zeros_like(l1)
         if BLOCK_C > PART_C:
-            l2, l3 = _pair_part(x_ptr, o_ptr, g_ptr, 1, lanes, K, rel, keep, row_mask, c_start, C, w, score,
+            l2, l3 = _pair_part(x_ptr, o_ptr, g_ptr, 1, lanes, sp, rel, keep, row_mask, c_start, C, w, score,
                                 alpha_ptr, g0, lc0, lc1, gc0, gc1, gamma, beta, half_smoothing, MODE, STATS, MASKED,
                                 ZEROED, SELECT, LOSS_KIND, GAMMA, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT,
                                 COMPUTE_DTYPE, BLOCK_HW, PART_C)
@@ -430,25 +453,27 @@ def _store(ptr, offs, mask, value, MASKED: tl.constexpr):
 
 @triton.jit
 def _tile_step(j, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc0, acc1, acc2, acc3, xp, op, gp, lab_ptr, w_ptr, s_ptr,
-               alpha_ptr, stats_ptr, hw, K, A, C, anchor_level, g0, lc0, lc1, gc0, gc1, gamma, beta, half_smoothing,
-               ignore_index, MODE: tl.constexpr, STATS: tl.constexpr, MASKED: tl.constexpr,
-               CHANNELS_LAST: tl.constexpr, PAIRS: tl.constexpr, ROW_PAIRS: tl.constexpr, LOSS_KIND: tl.constexpr,
+               alpha_ptr, stats_ptr, hw, sk, sp, sh, wd, A, C, anchor_level, g0, lc0, lc1, gc0, gc1, gamma, beta,
+               half_smoothing, ignore_index, MODE: tl.constexpr, STATS: tl.constexpr, MASKED: tl.constexpr,
+               CHANNELS_LAST: tl.constexpr, GENERIC: tl.constexpr, PAIRS: tl.constexpr, ROW_PAIRS: tl.constexpr,
+               LOSS_KIND: tl.constexpr,
                GAMMA: tl.constexpr, HAS_IGNORE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_ALPHA: tl.constexpr,
                SMOOTH: tl.constexpr, FAST: tl.constexpr, SHORT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
                BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Tile j of one level, of one kind (masked or not, layout, pairs), added to the accumulators; returns the
+    """Tile j of one segment, of one kind (masked or not, layout, pairs), added to the accumulators; returns the
     program's next tile (j + P), its coordinates and the accumulators. (The tile loops are in the kernel, each on its
     own source line, by which the per-logit report names them: focal_triton/roofline.py.)"""
     if ROW_PAIRS:
-        acc0 = _nchw_pair_tile(xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, A, C, a, ht * BLOCK_HW,
+        acc0 = _nchw_pair_tile(xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, sk, A, C, a, ht * BLOCK_HW,
                                ct * BLOCK_C, ct, anchor_level + a, acc0, g0, lc0, lc1, gc0, gc1, gamma, beta,
                                half_smoothing, ignore_index, MODE, STATS, LOSS_KIND, GAMMA, HAS_IGNORE, HAS_WEIGHT,
                                HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
     else:
         acc0, acc1, acc2, acc3 = _tile(
-            xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, a, ht * BLOCK_HW, ct * BLOCK_C, ct,
-            anchor_level + a, acc0, acc1, acc2, acc3, g0, lc0, lc1, gc0, gc1, gamma, beta, half_smoothing,
-            ignore_index, MODE, STATS, MASKED, CHANNELS_LAST, PAIRS, LOSS_KIND, GAMMA, HAS_IGNORE, HAS_WEIGHT,
+            xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, sk, sp, sh, wd, A, C, a, ht * BLOCK_HW,
+            ct * BLOCK_C, ct, anchor_level + a, acc0, acc1, acc2, acc3, g0, lc0, lc1, gc0, gc1, gamma, beta,
+            half_smoothing, ignore_index, MODE, STATS, MASKED, CHANNELS_LAST, GENERIC, PAIRS, LOSS_KIND, GAMMA,
+            HAS_IGNORE, HAS_WEIGHT,
             HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
     ht, a, ct = _advance(ht, a, ct, d_ht, d_a, d_ct, A, n_ct)
     return j + P, ht, a, ct, acc0, acc1, acc2, acc3
@@ -456,44 +481,62 @@ def _tile_step(j, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc0, acc1, acc2, acc3, x
 
 @triton.jit(do_not_specialize=_INT_ARGS)
 def multilevel_focal_kernel(
-    x0, x1, x2, x3, x4, x5, x6, x7,          # logits of each level (unused levels repeat x0)
-    o0, o1, o2, o3, o4, o5, o6, o7,          # loss ("none") or gradient of each level, in the level's layout
-    g0_, g1_, g2_, g3_, g4_, g5_, g6_, g7_,  # upstream gradient of each level (MODE 3)
-    hw0, hw1, hw2, hw3, hw4, hw5, hw6, hw7,  # H_l * W_l
-    ts1, ts2, ts3, ts4, ts5, ts6, ts7,       # first per-image tile of each level (level 0 starts at 0)
+    # logits of each segment (unused slots repeat x0)
+    x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
+    # loss ("none") or gradient of each segment
+    o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15,
+    # upstream gradients (MODE 3)
+    g0_, g1_, g2_, g3_, g4_, g5_, g6_, g7_, g8_, g9_, g10_, g11_, g12_, g13_, g14_, g15_,
+    # positions of each segment (H * W)
+    hw0, hw1, hw2, hw3, hw4, hw5, hw6, hw7, hw8, hw9, hw10, hw11, hw12, hw13, hw14, hw15,
+    # first per-image tile of each segment (segment 0 starts at 0)
+    ts1, ts2, ts3, ts4, ts5, ts6, ts7, ts8, ts9, ts10, ts11, ts12, ts13, ts14, ts15,
+    # image stride of each segment's logits
+    sn0, sn1, sn2, sn3, sn4, sn5, sn6, sn7, sn8, sn9, sn10, sn11, sn12, sn13, sn14, sn15,
+    # image stride of its loss / gradient / upstream gradient
+    on0, on1, on2, on3, on4, on5, on6, on7, on8, on9, on10, on11, on12, on13, on14, on15,
+    # channel stride
+    sk0, sk1, sk2, sk3, sk4, sk5, sk6, sk7, sk8, sk9, sk10, sk11, sk12, sk13, sk14, sk15,
+    # position stride (GENERIC: of the W axis)
+    sp0, sp1, sp2, sp3, sp4, sp5, sp6, sp7, sp8, sp9, sp10, sp11, sp12, sp13, sp14, sp15,
+    # GENERIC: stride of the H axis
+    sh0, sh1, sh2, sh3, sh4, sh5, sh6, sh7, sh8, sh9, sh10, sh11, sh12, sh13, sh14, sh15,
+    # GENERIC: W
+    wd0, wd1, wd2, wd3, wd4, wd5, wd6, wd7, wd8, wd9, wd10, wd11, wd12, wd13, wd14, wd15,
     lab_ptr, w_ptr, s_ptr, alpha_ptr, partials_ptr, grad_scalar_ptr, scale_ptr, stats_ptr,
-    tiles_per_image, num_anchors_total, num_levels, cl_mask, P, A, C,
+    tiles_per_image, label_row, num_levels, cl_mask, generic_mask, N, P, A, C, grad_stride, scale_stride,
     c0, c1, gamma, beta, smoothing, ignore_index,
     MODE: tl.constexpr, LOSS_KIND: tl.constexpr, GAMMA: tl.constexpr, HAS_IGNORE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_ALPHA: tl.constexpr, SMOOTH: tl.constexpr, CLASS_ALIGNED: tl.constexpr,
     FAST: tl.constexpr, SHORT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, BLOCK_HW: tl.constexpr,
-    BLOCK_C: tl.constexpr, STATS: tl.constexpr,
+    BLOCK_C: tl.constexpr, STATS: tl.constexpr, HAS_GENERIC: tl.constexpr,
 ):
-    """Forward (MODE 0: partial sums into partials[pid]; MODE 1: elementwise loss) or backward (MODE 2: the
-    upstream scalar grad_scalar[0] times scale[n]; MODE 3: per-level upstream gradients) over every level. The
-    backward recomputes everything from the logits and labels (the forward saves nothing of logit size).
-    STATS (MODE 0 only): per-(anchor, class tile) loss sums into stats (N * M * ceil(C / BLOCK_C),), the
+    """Forward (MODE 0: one partial sum per (segment, image, program) into partials[(s N + n) P + p]; MODE 1:
+    elementwise loss) or backward (MODE 2: the upstream scalar grad_scalar[s grad_stride] times
+    scale[s scale_stride + n]; MODE 3: per-segment upstream gradients) over every segment. The backward recomputes
+    everything from the logits and labels (the forward saves nothing of logit size).
+    STATS (MODE 0 only): per-(anchor, class tile) loss sums into stats (N * label_row * ceil(C / BLOCK_C),), the
     by-product from which `focal_triton.stats` builds loss statistics.
 
     Options are compile-time (GAMMA: an integer gamma or -1; HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA: a per-class alpha
-    tensor; SMOOTH: label smoothing != 0), so the common case carries none of their loads and selects. FAST: float32
-    math in math.py's short forms; SHORT: the backward of 16-bit logits, whose gradient is rounded to 16 bits,
-    takes the short log1p. Per level,
-    each layout has its own tile loops: the full tiles (a prefix of the level's tiles in (position tile, anchor,
-    class tile) order, unmasked) and then the edge tiles (masked)."""
+    tensor; SMOOTH: label smoothing != 0; HAS_GENERIC: some segment takes the generic gather), so the common case
+    carries none of their loads and selects. FAST: float32 math in math.py's short forms; SHORT: the backward of
+    16-bit logits, whose gradient is rounded to 16 bits, takes the short log1p. Per segment, each layout has its
+    own tile loops: the full tiles (a prefix of the segment's tiles in (position tile, anchor, class tile) order,
+    unmasked) and then the edge tiles (masked); the generic gather has one, masked."""
     if CLASS_ALIGNED:
-        C = (C // 16) * 16  # == C; tells the compiler that rows of K = A * C are 16-element aligned
-    K = A * C
+        C = (C // 16) * 16  # == C; tells the compiler that class rows are 16-element aligned
     pid = tl.program_id(0)
     n = pid // P
     j = pid % P
+    program = j
     n_ct = tl.cdiv(C, BLOCK_C)
     # P = (d_ht A + d_a) n_ct + d_ct: the step of a program's tile coordinates (divisions once per program).
     d_ct = P % n_ct
     d_a = (P // n_ct) % A
     d_ht = P // (n_ct * A)
     # One accumulator per layout: the two layouts' tiles live in different register layouts, and adding one to the
-    # other in the loop would move every tile through shared memory (once, at the end, is fine). channels_last bf16
+    # other in the loop would move every tile through shared memory (once per segment is fine). channels_last bf16
     # tiles of a class-aligned head are read in pairs (even and odd classes: two half-width accumulators).
     PAIRS: tl.constexpr = CLASS_ALIGNED and (x0.dtype.element_ty == tl.bfloat16) and (BLOCK_C <= 16)
     CL_WIDTH: tl.constexpr = (4 if BLOCK_C > 8 else BLOCK_C // 2) if PAIRS else BLOCK_C
@@ -503,35 +546,42 @@ def multilevel_focal_kernel(
     acc_cl1 = tl.zeros([BLOCK_HW, CL_WIDTH], COMPUTE_DTYPE)
     acc_cl2 = tl.zeros([BLOCK_HW, CL_WIDTH], COMPUTE_DTYPE)
     acc_cl3 = tl.zeros([BLOCK_HW, CL_WIDTH], COMPUTE_DTYPE)
-    # NCHW bf16 tiles of a class-aligned head in levels of even hw are read in pairs of positions (two half-height
-    # accumulators).
+    # NCHW bf16 tiles of a class-aligned head in segments of even class stride are read in pairs of positions (two
+    # half-height accumulators).
     ROW_PAIRS: tl.constexpr = CLASS_ALIGNED and (x0.dtype.element_ty == tl.bfloat16)
     acc_np = tl.zeros([BLOCK_HW // 2 if ROW_PAIRS else 1, BLOCK_C], COMPUTE_DTYPE)
-    g0 = 1.0
-    if MODE == 2:
-        g0 = tl.load(grad_scalar_ptr).to(COMPUTE_DTYPE) * tl.load(scale_ptr + n).to(COMPUTE_DTYPE)
     # FL's per-side factors: alpha_t(0) = c0 off the label's class, alpha_t(1) = c1 on it; the gradient's carry
-    # g0 and, on the label's class, the sign of dz/dx = -1.
+    # g0 (per segment) and, on the label's class, the sign of dz/dx = -1.
     # (Scalars as COMPUTE_DTYPE values: a select of two Python floats would be float32 in the interpreter.)
     lc0 = tl.full([], c0, COMPUTE_DTYPE)
     lc1 = tl.full([], c1, COMPUTE_DTYPE)
-    gc0 = lc0 * g0
-    gc1 = lc1 * -g0
     half_smoothing = 0.5 * tl.full([], smoothing, COMPUTE_DTYPE)
-    label_row = n.to(tl.int64) * num_anchors_total
-    mb = 0  # anchors of the levels before this one
+    label_base = n.to(tl.int64) * label_row
+    mb = 0  # label columns of the segments before this one
     lvl = 0
     while lvl < num_levels:
-        # This level's pointers and sizes, picked once per level; tile numbers run on across levels.
-        hw = _pick(lvl, hw0, hw1, hw2, hw3, hw4, hw5, hw6, hw7)
-        start = _pick(lvl, 0, ts1, ts2, ts3, ts4, ts5, ts6, ts7)
-        end = _pick(lvl, ts1, ts2, ts3, ts4, ts5, ts6, ts7, tiles_per_image)
-        image = n.to(tl.int64) * K * hw  # first element of this image in the level
-        xp = _pick(lvl, x0, x1, x2, x3, x4, x5, x6, x7) + image
-        op = _pick(lvl, o0, o1, o2, o3, o4, o5, o6, o7) + image
-        gp = _pick(lvl, g0_, g1_, g2_, g3_, g4_, g5_, g6_, g7_) + image
+        if MODE == 2:
+            g0 = tl.load(grad_scalar_ptr + lvl * grad_stride).to(COMPUTE_DTYPE) * \
+                tl.load(scale_ptr + lvl * scale_stride + n).to(COMPUTE_DTYPE)
+        else:
+            g0 = 1.0
+        gc0 = lc0 * g0
+        gc1 = lc1 * -g0
+        # This segment's pointers, sizes and strides, picked once per segment; tile numbers run on across segments.
+        hw = _pick(lvl, hw0, hw1, hw2, hw3, hw4, hw5, hw6, hw7, hw8, hw9, hw10, hw11, hw12, hw13, hw14, hw15)
+        start = _pick(lvl, 0, ts1, ts2, ts3, ts4, ts5, ts6, ts7, ts8, ts9, ts10, ts11, ts12, ts13, ts14, ts15)
+        end = _pick(lvl, ts1, ts2, ts3, ts4, ts5, ts6, ts7, ts8, ts9, ts10, ts11, ts12, ts13, ts14, ts15,
+                    tiles_per_image)
+        sn = _pick(lvl, sn0, sn1, sn2, sn3, sn4, sn5, sn6, sn7, sn8, sn9, sn10, sn11, sn12, sn13, sn14, sn15)
+        on = _pick(lvl, on0, on1, on2, on3, on4, on5, on6, on7, on8, on9, on10, on11, on12, on13, on14, on15)
+        sk = _pick(lvl, sk0, sk1, sk2, sk3, sk4, sk5, sk6, sk7, sk8, sk9, sk10, sk11, sk12, sk13, sk14, sk15)
+        sp = _pick(lvl, sp0, sp1, sp2, sp3, sp4, sp5, sp6, sp7, sp8, sp9, sp10, sp11, sp12, sp13, sp14, sp15)
+        xb = _pick(lvl, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15)
+        ob = _pick(lvl, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15)
+        gb = _pick(lvl, g0_, g1_, g2_, g3_, g4_, g5_, g6_, g7_, g8_, g9_, g10_, g11_, g12_, g13_, g14_, g15_)
         channels_last = ((cl_mask >> lvl) & 1) != 0
-        # The program's first tile of the level in (position tile, anchor, class tile) coordinates, and the end of
+        generic = (((generic_mask >> lvl) & 1) != 0) if HAS_GENERIC else False
+        # The program's first tile of the segment in (position tile, anchor, class tile) coordinates, and the end of
         # the full tiles: every position tile but the last partial one, where the class tiles are full too.
         local = j - start
         ct = local % n_ct
@@ -541,83 +591,131 @@ def multilevel_focal_kernel(
         if CLASS_ALIGNED:
             if C % BLOCK_C == 0:
                 full_end = start + (hw // BLOCK_HW) * A * n_ct
-        anchor_level = label_row + mb
-        if channels_last:
+        anchor_level = label_base + mb
+        if generic:
+            sh = _pick(lvl, sh0, sh1, sh2, sh3, sh4, sh5, sh6, sh7, sh8, sh9, sh10, sh11, sh12, sh13, sh14, sh15)
+            wd = _pick(lvl, wd0, wd1, wd2, wd3, wd4, wd5, wd6, wd7, wd8, wd9, wd10, wd11, wd12, wd13, wd14, wd15)
+            xp = xb + n.to(tl.int64) * sn
+            op = ob + n.to(tl.int64) * on
+            gp = gb + n.to(tl.int64) * on
+            while j < end:  # tile loop: generic
+                j, ht, a, ct, acc, _u1, _u2, _u3 = _tile_step(
+                    j, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc, unused, unused, unused, xp, op, gp, lab_ptr, w_ptr,
+                    s_ptr, alpha_ptr, stats_ptr, hw, sk, sp, sh, wd, A, C, anchor_level, g0, lc0, lc1, gc0, gc1, gamma,
+                    beta, half_smoothing, ignore_index, MODE, STATS, True, False, True, False, False, LOSS_KIND, GAMMA,
+                    HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
+        elif channels_last:
+            if CLASS_ALIGNED:  # the host checked: sn, on and sp are multiples of 16 here; tell the compiler
+                sn = (sn // 16) * 16
+                on = (on // 16) * 16
+                sp = (sp // 16) * 16
+            xp = xb + n.to(tl.int64) * sn  # first element of this image in the segment
+            op = ob + n.to(tl.int64) * on
+            gp = gb + n.to(tl.int64) * on
             if CLASS_ALIGNED:  # (otherwise no tile is full: the loop is not compiled)
                 while j < full_end:  # tile loop: channels_last full
                     j, ht, a, ct, acc_cl0, acc_cl1, acc_cl2, acc_cl3 = _tile_step(
                         j, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc_cl0, acc_cl1, acc_cl2, acc_cl3, xp, op, gp,
-                        lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, anchor_level, g0, lc0, lc1, gc0,
-                        gc1, gamma, beta, half_smoothing, ignore_index, MODE, STATS, False, True, PAIRS, False,
-                        LOSS_KIND, GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE,
-                        BLOCK_HW, BLOCK_C)
+                        lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, sk, sp, sp, hw, A, C, anchor_level, g0, lc0,
+                        lc1, gc0, gc1, gamma, beta, half_smoothing, ignore_index, MODE, STATS, False, True, False,
+                        PAIRS, False, LOSS_KIND, GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT,
+                        COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
             while j < end:  # tile loop: channels_last edge
                 j, ht, a, ct, acc_cl0, acc_cl1, acc_cl2, acc_cl3 = _tile_step(
                     j, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc_cl0, acc_cl1, acc_cl2, acc_cl3, xp, op, gp, lab_ptr,
-                    w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, anchor_level, g0, lc0, lc1, gc0, gc1, gamma,
-                    beta, half_smoothing, ignore_index, MODE, STATS, True, True, PAIRS, False, LOSS_KIND, GAMMA,
-                    HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
+                    w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, sk, sp, sp, hw, A, C, anchor_level, g0, lc0, lc1, gc0,
+                    gc1, gamma, beta, half_smoothing, ignore_index, MODE, STATS, True, True, False, PAIRS, False,
+                    LOSS_KIND, GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW,
+                    BLOCK_C)
         else:
-            # NCHW rows run along hw, whose alignment is unknown (hw is not specialized): narrow loads, 32-bit ones
-            # (two positions) for bf16 where hw is even; the scalar full loop then finds no tile left.
+            if CLASS_ALIGNED:  # the host checked: sn and on are multiples of 16 here
+                sn = (sn // 16) * 16
+                on = (on // 16) * 16
+            xp = xb + n.to(tl.int64) * sn
+            op = ob + n.to(tl.int64) * on
+            gp = gb + n.to(tl.int64) * on
+            # NCHW rows run along the positions, whose alignment is unknown (sizes are not specialized): narrow
+            # loads, 32-bit ones (two positions) for bf16 where the class stride is even; the scalar full loop then
+            # finds no tile left.
             if ROW_PAIRS:
-                if hw % 2 == 0:
-                    hw2 = (hw // 2) * 2  # == hw; tells the compiler that class rows start at even elements
+                if sk % 2 == 0:
+                    sk2 = (sk // 2) * 2  # == sk; tells the compiler that class rows start at even elements
                     while j < full_end:  # tile loop: NCHW full pairs
                         j, ht, a, ct, acc_np, _u1, _u2, _u3 = _tile_step(
                             j, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc_np, unused, unused, unused, xp, op, gp,
-                            lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw2, K, A, C, anchor_level, g0, lc0, lc1,
-                            gc0, gc1, gamma, beta, half_smoothing, ignore_index, MODE, STATS, False, False, False,
-                            True, LOSS_KIND, GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT,
-                            COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
+                            lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, sk2, sp, sp, hw, A, C, anchor_level, g0,
+                            lc0, lc1, gc0, gc1, gamma, beta, half_smoothing, ignore_index, MODE, STATS, False, False,
+                            False, False, True, LOSS_KIND, GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST,
+                            SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
             if CLASS_ALIGNED:
                 while j < full_end:  # tile loop: NCHW full
                     j, ht, a, ct, acc, _u1, _u2, _u3 = _tile_step(
                         j, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc, unused, unused, unused, xp, op, gp, lab_ptr,
-                        w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, anchor_level, g0, lc0, lc1, gc0, gc1, gamma,
-                        beta, half_smoothing, ignore_index, MODE, STATS, False, False, False, False, LOSS_KIND, GAMMA,
-                        HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
+                        w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, sk, sp, sp, hw, A, C, anchor_level, g0, lc0, lc1, gc0,
+                        gc1, gamma, beta, half_smoothing, ignore_index, MODE, STATS, False, False, False, False, False,
+                        LOSS_KIND, GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE,
+                        BLOCK_HW, BLOCK_C)
             while j < end:  # tile loop: NCHW edge
                 j, ht, a, ct, acc, _u1, _u2, _u3 = _tile_step(
                     j, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc, unused, unused, unused, xp, op, gp, lab_ptr, w_ptr,
-                    s_ptr, alpha_ptr, stats_ptr, hw, K, A, C, anchor_level, g0, lc0, lc1, gc0, gc1, gamma, beta,
-                    half_smoothing, ignore_index, MODE, STATS, True, False, False, False, LOSS_KIND, GAMMA,
-                    HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
+                    s_ptr, alpha_ptr, stats_ptr, hw, sk, sp, sp, hw, A, C, anchor_level, g0, lc0, lc1, gc0, gc1, gamma,
+                    beta, half_smoothing, ignore_index, MODE, STATS, True, False, False, False, False, LOSS_KIND,
+                    GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
+        if MODE == 0:
+            # The segment's partial sum of this (image, program); the accumulators start again from 0.
+            total = tl.sum(tl.sum(acc, axis=1), axis=0) + \
+                tl.sum(tl.sum(acc_cl0 + acc_cl1 + acc_cl2 + acc_cl3, axis=1), axis=0)
+            total += tl.sum(tl.sum(acc_np, axis=1), axis=0)
+            tl.store(partials_ptr + (lvl * N + n) * P + program, total)
+            acc = tl.zeros([BLOCK_HW, BLOCK_C], COMPUTE_DTYPE)
+            acc_cl0 = tl.zeros([BLOCK_HW, CL_WIDTH], COMPUTE_DTYPE)
+            acc_cl1 = tl.zeros([BLOCK_HW, CL_WIDTH], COMPUTE_DTYPE)
+            acc_cl2 = tl.zeros([BLOCK_HW, CL_WIDTH], COMPUTE_DTYPE)
+            acc_cl3 = tl.zeros([BLOCK_HW, CL_WIDTH], COMPUTE_DTYPE)
+            acc_np = tl.zeros([BLOCK_HW // 2 if ROW_PAIRS else 1, BLOCK_C], COMPUTE_DTYPE)
         mb += hw * A
         lvl += 1
-    if MODE == 0:
-        total = tl.sum(tl.sum(acc, axis=1), axis=0) + tl.sum(tl.sum(acc_cl0 + acc_cl1 + acc_cl2 + acc_cl3, axis=1),
-                                                             axis=0)
-        total += tl.sum(tl.sum(acc_np, axis=1), axis=0)
-        tl.store(partials_ptr + pid, total)
 
 
-@triton.jit(do_not_specialize=["N", "P"])
-def normalize_partials_kernel(partials_ptr, norm_ptr, scale_ptr, out_ptr, N, P, norm_hi, norm_lo,
+@triton.jit(do_not_specialize=["S", "N", "P"])
+def normalize_partials_kernel(partials_ptr, norm_ptr, scale_ptr, segment_ptr, out_ptr, S, N, P, norm_hi, norm_lo,
                               NORM_MODE: tl.constexpr, BLOCK: tl.constexpr):
-    """One program. S_n = sum of image n's P partials (in order); scale_n = 1 / v (NORM_MODE 0: a host number v
-    = norm_hi + norm_lo, split in two float32 scalars so that float64 keeps 48 bits of it; 1 without normalizer),
-    1 / norm[0] (1: a 0-d tensor) or 1 / (N norm[n]) (2: per image);
-    out = sum_n S_n scale_n in image order, and scale[n] = scale_n for the backward."""
+    """One program. S_sn = sum of the P partials of segment s, image n (in order); scale_sn = 1 / v (NORM_MODE 0: a
+    host number v = norm_hi + norm_lo, split in two float32 scalars so that float64 keeps 48 bits of it; 1 without
+    normalizer), 1 / norm[0] (1: a 0-d tensor), 1 / (N norm[n]) (2: per image) or 1 / norm[s N + n] (3: one divisor
+    per segment and image, the segments' own normalizers);
+    segment[s] = sum_n S_sn scale_sn in image order, out = sum_s segment[s] in segment order, and scale[n] (modes
+    0-2, shared by the segments) or scale[s N + n] (3) for the backward."""
     acc_dtype = partials_ptr.dtype.element_ty
     total = tl.sum(tl.zeros([BLOCK], acc_dtype), axis=0)
-    n = 0
-    while n < N:
-        acc = tl.zeros([BLOCK], acc_dtype)
-        start = 0
-        while start < P:
-            offs = start + tl.arange(0, BLOCK)
-            acc += tl.load(partials_ptr + n * P + offs, mask=offs < P, other=0.0)
-            start += BLOCK
-        if NORM_MODE == 0:
-            scale = 1.0 / (tl.full([], norm_hi, acc_dtype) + tl.full([], norm_lo, acc_dtype))
-        elif NORM_MODE == 1:
-            scale = 1.0 / tl.load(norm_ptr).to(acc_dtype)
-        else:
-            scale = 1.0 / (tl.load(norm_ptr + n).to(acc_dtype) * N.to(acc_dtype))
-        tl.store(scale_ptr + n, scale)
-        total += tl.sum(acc, axis=0) * scale
-        n += 1
+    s = 0
+    while s < S:
+        seg_total = tl.sum(tl.zeros([BLOCK], acc_dtype), axis=0)
+        n = 0
+        while n < N:
+            acc = tl.zeros([BLOCK], acc_dtype)
+            start = 0
+            while start < P:
+                offs = start + tl.arange(0, BLOCK)
+                acc += tl.load(partials_ptr + (s * N + n) * P + offs, mask=offs < P, other=0.0)
+                start += BLOCK
+            if NORM_MODE == 0:
+                scale = 1.0 / (tl.full([], norm_hi, acc_dtype) + tl.full([], norm_lo, acc_dtype))
+            elif NORM_MODE == 1:
+                scale = 1.0 / tl.load(norm_ptr).to(acc_dtype)
+            elif NORM_MODE == 2:
+                scale = 1.0 / (tl.load(norm_ptr + n).to(acc_dtype) * N.to(acc_dtype))
+            else:
+                scale = 1.0 / tl.load(norm_ptr + s * N + n).to(acc_dtype)
+            if NORM_MODE == 3:
+                tl.store(scale_ptr + s * N + n, scale)
+            else:
+                tl.store(scale_ptr + n, scale)
+            seg_total += tl.sum(acc, axis=0) * scale
+            n += 1
+        tl.store(segment_ptr + s, seg_total.to(segment_ptr.dtype.element_ty))
+        total += seg_total
+        s += 1
     tl.store(out_ptr, total.to(out_ptr.dtype.element_ty))
 
 
@@ -673,7 +771,9 @@ def tuning_key(mode: str, levels, num_anchors: int, spec: LossSpec, options: dic
     the compiled kernel beyond them: the loss kind, the exponent specialization (GAMMA) and the compiled-in options
     (`option_constexprs`)."""
     x = levels[0]
-    cl_mask = sum(1 << i for i, lv in enumerate(levels) if not lv.is_contiguous())
+    layouts = [segment_layout(lv) for lv in levels]
+    cl_mask = sum(1 << i for i, lay in enumerate(layouts) if lay.kind == LAYOUT_CL)
+    cl_mask |= sum(1 << (16 + i) for i, lay in enumerate(layouts) if lay.kind == LAYOUT_GENERIC)
     tag = "".join(flag for flag, on in zip("iwas", options.values()) if on)
     mode = mode if spec.kind == FL else f"{mode} kind={int(spec.kind)}"
     mode += power_key(spec_power(spec)) + (f" opts={tag}" if tag else "")
@@ -683,24 +783,28 @@ def tuning_key(mode: str, levels, num_anchors: int, spec: LossSpec, options: dic
 
 def kernel_constexprs(x_dtype, mode: int, power: int, class_aligned: bool, tile, loss_kind: int = FL,
                       stats: bool = False, has_ignore: bool = False, has_weight: bool = False,
-                      has_alpha: bool = False, smooth: bool = False) -> dict:
+                      has_alpha: bool = False, smooth: bool = False, has_generic: bool = False) -> dict:
     return dict(MODE=mode, LOSS_KIND=loss_kind, GAMMA=power, HAS_IGNORE=has_ignore, HAS_WEIGHT=has_weight,
                 HAS_ALPHA=has_alpha, SMOOTH=smooth, CLASS_ALIGNED=class_aligned, FAST=fast_math(x_dtype),
                 SHORT=short_log(x_dtype, mode >= MODE_GRAD_SCALAR), COMPUTE_DTYPE=triton_compute_dtype(x_dtype),
-                BLOCK_HW=tile[0], BLOCK_C=tile[1], STATS=stats)
+                BLOCK_HW=tile[0], BLOCK_C=tile[1], STATS=stats, HAS_GENERIC=has_generic)
 
 
 class Plan:
-    """Host-side integers of one call (from shapes only: nothing is read from the device)."""
+    """Host-side integers of one call (from shapes, strides and addresses only: nothing is read from the device)."""
 
-    def __init__(self, levels, num_anchors: int, device: torch.device, itemsize: int, config: dict = None):
+    def __init__(self, levels, num_anchors: int, device: torch.device, itemsize: int, config: dict = None,
+                 outs=()):
         self.N, self.K = levels[0].shape[0], levels[0].shape[1]
         self.A = num_anchors
         self.C = self.K // num_anchors
         self.config = config
         self.tile = tile_for(device, itemsize, config)
         self.hw = [x.shape[2] * x.shape[3] for x in levels]
-        self.cl_mask = sum(1 << i for i, x in enumerate(levels) if not x.is_contiguous())
+        self.layouts = [segment_layout(x) for x in levels]
+        self.cl_mask = sum(1 << i for i, lay in enumerate(self.layouts) if lay.kind == LAYOUT_CL)
+        self.generic_mask = sum(1 << i for i, lay in enumerate(self.layouts) if lay.kind == LAYOUT_GENERIC)
+        self.out_strides = [o.stride(0) for o in outs] if outs else [out_image_stride(x) for x in levels]
         n_ct = -(-self.C // self.tile[1])
         starts, total = [], 0
         for hw in self.hw:
@@ -712,12 +816,35 @@ class Plan:
         self.num_levels = len(levels)
         self.device = device
         self.itemsize = itemsize
+        self.class_aligned = self._class_aligned(levels, outs)
+
+    def _class_aligned(self, levels, tensors) -> bool:
+        """CLASS_ALIGNED: C % 16 == 0 and, in every segment but the generic ones, the image strides (and for
+        channels_last the position stride) multiples of 16 and the logits (and outputs) 16-byte aligned: the
+        kernel then tells the compiler so, for full tiles and wide loads."""
+        if self.C % 16:
+            return False
+        for i, (lay, x) in enumerate(zip(self.layouts, levels)):
+            if lay.kind == LAYOUT_GENERIC:
+                continue
+            if lay.sn % 16 or self.out_strides[i] % 16 or (lay.kind == LAYOUT_CL and lay.sp % 16):
+                return False
+            if any(t.data_ptr() % 16 for t in [x] + [t[i] for t in tensors]):
+                return False
+        return True
 
     def options(self) -> dict:
-        return launch_options(self.device, self.itemsize, self.C % 16 == 0, self.config)
+        return launch_options(self.device, self.itemsize, self.class_aligned, self.config)
 
     def level_args(self, tensors, fill):
         return list(tensors) + [fill] * (MAX_LEVELS - len(tensors))
+
+    def layout_args(self) -> list:
+        """sn, on, sk, sp, sh, wd of every slot (the kernel's argument groups of those names)."""
+        lays = self.layouts
+        return [*self.level_args([lay.sn for lay in lays], 0), *self.level_args(self.out_strides, 0),
+                *self.level_args([lay.sk for lay in lays], 0), *self.level_args([lay.sp for lay in lays], 0),
+                *self.level_args([lay.sh for lay in lays], 0), *self.level_args([lay.wd for lay in lays], 1)]
 
     def programs_per_image(self, args, constexprs) -> int:
         if not compiled_path(self.device):
@@ -738,36 +865,42 @@ def _round_to_float32(v: float) -> float:
 
 
 def _launch(mode, levels, outs, grads, labels, weights, scores, alpha_per_class, spec: LossSpec, ignore_index,
-            num_anchors, config, partials_dtype=torch.float32, grad_scalar=None, scale=None, with_stats=False):
-    """Launch multilevel_focal_kernel once over every level; returns (plan, programs per image, partials, stats)
-    with stats the (N, M) per-anchor losses when with_stats (MODE_SUM only), else None."""
+            num_anchors, config, partials_dtype=torch.float32, grad_scalar=None, scale=None, with_stats=False,
+            label_row=None, per_segment=False):
+    """Launch multilevel_focal_kernel once over every segment; returns (plan, programs per image, partials, stats)
+    with partials (S, N, P) (MODE_SUM) and stats the (N, M) per-anchor losses when with_stats (MODE_SUM only), else
+    None. label_row: the labels' row stride (default M, the segments' anchors); per_segment: grad_scalar (S,) and
+    scale (S, N) hold one row per segment (else one shared by all)."""
     x = levels[0]
-    plan = Plan(levels, num_anchors, x.device, x.element_size(), config)
+    plan = Plan(levels, num_anchors, x.device, x.element_size(), config, outs)
     options = option_constexprs(weights, alpha_per_class, spec, ignore_index)
-    constexprs = kernel_constexprs(x.dtype, mode, spec_power(spec), plan.C % 16 == 0, plan.tile, spec.kind,
+    constexprs = kernel_constexprs(x.dtype, mode, spec_power(spec), plan.class_aligned, plan.tile, spec.kind,
                                    with_stats, options["HAS_IGNORE"], options["HAS_WEIGHT"], options["HAS_ALPHA"],
-                                   options["SMOOTH"])
+                                   options["SMOOTH"], plan.generic_mask != 0)
     dummy = torch.empty(1, dtype=torch.float32, device=x.device)
     class_tiles = -(-plan.C // plan.tile[1])
     stats = (torch.empty(plan.N * plan.num_anchors_total * class_tiles, dtype=partials_dtype, device=x.device)
              if with_stats else dummy)
-    ints = [plan.tiles_per_image, plan.num_anchors_total, plan.num_levels, plan.cl_mask]
+    label_row = plan.num_anchors_total if label_row is None else label_row
+    ints = [plan.tiles_per_image, label_row, plan.num_levels, plan.cl_mask, plan.generic_mask, plan.N]
     # A per-class alpha is read in the kernel (HAS_ALPHA; spec's c0, c1 are then not read).
     scalars = [spec.c0, spec.c1, spec.gamma, spec.beta, float(spec.smoothing),
                0 if ignore_index is None else int(ignore_index)]
+    strides = [1, plan.N] if per_segment else [0, 0]
 
     def args(partials, P):
         return [*plan.level_args(levels, x), *plan.level_args(outs, outs[0] if outs else x),
                 *plan.level_args(grads, grads[0] if grads else x), *plan.level_args(plan.hw, 0), *plan.starts,
-                labels, weights if weights is not None else dummy, scores if scores is not None else dummy,
-                alpha_per_class if alpha_per_class is not None else dummy, partials,
-                grad_scalar if grad_scalar is not None else dummy, scale if scale is not None else dummy, stats,
-                *ints, P, plan.A, plan.C, *scalars]
+                *plan.layout_args(), labels, weights if weights is not None else dummy,
+                scores if scores is not None else dummy, alpha_per_class if alpha_per_class is not None else dummy,
+                partials, grad_scalar if grad_scalar is not None else dummy, scale if scale is not None else dummy,
+                stats, *ints, P, plan.A, plan.C, *strides, *scalars]
 
     with device_guard(x.device):
         # Only the types and alignment of the arguments size the grid: an empty stand-in for the partial sums.
         P = plan.programs_per_image(args(torch.empty(0, dtype=partials_dtype, device=x.device), 1), constexprs)
-        partials = torch.empty(plan.N * P if mode == MODE_SUM else 0, dtype=partials_dtype, device=x.device)
+        partials = torch.empty(plan.num_levels * plan.N * P if mode == MODE_SUM else 0, dtype=partials_dtype,
+                               device=x.device)
         multilevel_focal_kernel[(plan.N * P,)](*args(partials, P), **plan.options(), **constexprs)
     # Each anchor's loss: its class tiles' row sums, added in class order (deterministic).
     per_anchor = stats.view(plan.N, plan.num_anchors_total, class_tiles).sum(-1) if with_stats else None
@@ -809,17 +942,27 @@ def _forward(levels, labels, weights, scores, alpha_per_class, spec, ignore_inde
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     plan, P, partials, per_anchor = _launch(MODE_SUM, levels, [], [], *operands, partials_dtype=acc_dtype,
                                             with_stats=with_stats)
-    total = torch.empty((), dtype=acc_dtype, device=x.device)
-    scale = torch.empty(plan.N, dtype=acc_dtype, device=x.device)
     norm_mode = 0 if normalizer is None else (1 if normalizer.dim() == 0 else 2)
-    norm_ptr = normalizer if normalizer is not None else torch.empty(1, dtype=torch.float32, device=x.device)
-    with device_guard(x.device):
-        hi = _round_to_float32(norm_value)
-        final_args = (partials, norm_ptr, scale, total, plan.N, P, hi, float(norm_value) - hi)
-        final = dict(NORM_MODE=norm_mode, BLOCK=PARTIAL_SUM_BLOCK)
-        load_before_launch(normalize_partials_kernel, (1,), final_args, {}, final, x.device)
-        normalize_partials_kernel[(1,)](*final_args, **final)
+    total, _, scale = _normalize(partials, plan, P, normalizer, norm_mode, norm_value, acc_dtype)
     return (total, scale, per_anchor) if with_stats else (total, scale)
+
+
+def _normalize(partials, plan, P, norm, norm_mode, norm_value, acc_dtype):
+    """(total, per-segment losses (S,), scale) from the (S, N, P) partials: normalize_partials_kernel; scale (N,)
+    for a shared normalizer (norm_mode 0-2), (S, N) for per-segment divisors (3)."""
+    device = partials.device
+    total = torch.empty((), dtype=acc_dtype, device=device)
+    per_segment = torch.empty(plan.num_levels, dtype=acc_dtype, device=device)
+    scale = torch.empty((plan.num_levels, plan.N) if norm_mode == 3 else (plan.N,), dtype=acc_dtype, device=device)
+    norm_ptr = norm if norm is not None else torch.empty(1, dtype=torch.float32, device=device)
+    with device_guard(device):
+        hi = _round_to_float32(norm_value)
+        final_args = (partials, norm_ptr, scale, per_segment, total, plan.num_levels, plan.N, P, hi,
+                      float(norm_value) - hi)
+        final = dict(NORM_MODE=norm_mode, BLOCK=PARTIAL_SUM_BLOCK)
+        load_before_launch(normalize_partials_kernel, (1,), final_args, {}, final, device)
+        normalize_partials_kernel[(1,)](*final_args, **final)
+    return total, per_segment, scale
 
 
 def backward(grads, levels, labels, weights, scores, alpha_per_class, spec: LossSpec, ignore_index, num_anchors,
@@ -841,4 +984,43 @@ def _backward(grads, levels, labels, weights, scores, alpha_per_class, spec, ign
         _launch(MODE_GRAD_SCALAR, levels, outs, [], *operands, grad_scalar=grads[0], scale=scale)
     else:
         _launch(MODE_GRAD_TENSOR, levels, outs, grads, *operands)
+    return outs
+
+
+# --- segments: each its own view, labels (columns of one label tensor), normalizer ------------------------------
+
+def segments_forward(levels, labels, label_row, weights, scores, alpha_per_class, spec: LossSpec, ignore_index,
+                     num_anchors, divisors):
+    """levels: (N, A*C, H_s, W_s) views of any non-overlapping strides (kernel layouts: `segment_layout`); labels
+    (N, >= M) with row stride label_row, segment s owning the A H_s W_s columns after those of the segments before
+    it; weights / scores None or laid out like the labels, in the compute dtype; divisors (S, N) in the compute
+    dtype: segment s's loss is sum_n (sum of image n) / divisors[s, n].
+    Returns (total 0-d, per-segment losses (S,), scale (S, N) = 1 / divisors for the backward)."""
+    return _tuned("sum segments", levels, num_anchors, spec, weights, alpha_per_class, ignore_index,
+                  lambda config: _segments_forward(levels, labels, label_row, weights, scores, alpha_per_class,
+                                                   spec, ignore_index, num_anchors, divisors, config))
+
+
+def _segments_forward(levels, labels, label_row, weights, scores, alpha_per_class, spec, ignore_index, num_anchors,
+                      divisors, config):
+    acc_dtype = torch.float64 if levels[0].dtype == torch.float64 else torch.float32
+    plan, P, partials, _ = _launch(MODE_SUM, levels, [], [], labels, weights, scores, alpha_per_class, spec,
+                                   ignore_index, num_anchors, config, partials_dtype=acc_dtype, label_row=label_row)
+    return _normalize(partials, plan, P, divisors, 3, 1.0, acc_dtype)
+
+
+def segments_backward(grad_per_segment, levels, labels, label_row, weights, scores, alpha_per_class, spec: LossSpec,
+                      ignore_index, num_anchors, scale):
+    """Gradients of sum_s grad_per_segment[s] * loss_s w.r.t. each segment's logits, written with `out_strides`
+    (the logits' own where dense). scale: the forward's (S, N)."""
+    return _tuned("grad_scalar segments", levels, num_anchors, spec, weights, alpha_per_class, ignore_index,
+                  lambda config: _segments_backward(grad_per_segment, levels, labels, label_row, weights, scores,
+                                                    alpha_per_class, spec, ignore_index, num_anchors, scale, config))
+
+
+def _segments_backward(grad_per_segment, levels, labels, label_row, weights, scores, alpha_per_class, spec,
+                       ignore_index, num_anchors, scale, config):
+    outs = [empty_out(lv) for lv in levels]
+    _launch(MODE_GRAD_SCALAR, levels, outs, [], labels, weights, scores, alpha_per_class, spec, ignore_index,
+            num_anchors, config, grad_scalar=grad_per_segment, scale=scale, label_row=label_row, per_segment=True)
     return outs

@@ -358,6 +358,58 @@ class Matching:
         assert_matching_close(cost, x, labels, self.alpha, self.gamma, self.name)
 
 
+@dataclass
+class Segments:
+    """segmented_focal_loss over views of a stacked (N, L, Q, C) decoder tensor (channels_last-like views with gaps,
+    one normalizer kind each) and, with `generic`, a spatial crop of a conv level (the generic gather)."""
+    name: str
+    dtype: torch.dtype
+    layers: int = 3
+    q: int = 7
+    c: int = 5
+    generic: bool = True
+
+    def inputs(self, device):
+        stack = _logits((2, self.layers, self.q, self.c), self.dtype, 30).to(device)
+        level = _logits((2, self.c, 3, 6), self.dtype, 31).to(device)
+        g = _gen(32)
+        labels = [torch.where(torch.rand(2, m, generator=g) < 0.3, torch.randint(0, self.c, (2, m), generator=g),
+                              torch.full((2, m), -1)).to(device)
+                  for m in [self.q] * self.layers + [12]]
+        norms = [None, 3.5, torch.tensor(2.0, dtype=torch.float32, device=device),
+                 torch.arange(1, 3, dtype=torch.float32, device=device)]
+        return [stack, level], labels, norms
+
+    def _segments(self, bases, labels, norms):
+        stack, level = bases
+        segs = [(stack[:, i], labels[i], None, None, norms[i % 4]) for i in range(self.layers)]
+        if self.generic:
+            segs.append((level[:, :, :, 1:5], labels[-1], None, None, 2.5))
+        return segs
+
+    def run(self, device):
+        bases, labels, norms = self.inputs(device)
+        leaves = [b.detach().clone().requires_grad_(True) for b in bases]
+        out = focal_triton.segmented_focal_loss([focal_triton.Segment(*s) for s in
+                                                 self._segments(leaves, labels, norms)])
+        grads = torch.autograd.grad(out.total + 0.5 * out.per_segment.sum(), leaves, allow_unused=True)
+        return out, [torch.zeros_like(b) if g is None else g for g, b in zip(grads, leaves)]
+
+    def check(self, device):
+        from reference_segments import segments_value_and_grads
+
+        out, grads = self.run(device)
+        bases, labels, norms = self.inputs(device)
+        n = len(self._segments(bases, labels, norms))
+        total, per, ref_grads = segments_value_and_grads(
+            bases, lambda b: self._segments(b, labels, norms), 1.0, torch.full((n,), 0.5, dtype=torch.float64))
+        acc = torch.float64 if self.dtype == torch.float64 else torch.float32
+        assert_close(out.per_segment, per, acc, what=f"{self.name} per-segment losses")
+        assert_close(out.total, total, acc, what=f"{self.name} total")
+        for i, (gr, r) in enumerate(zip(grads, ref_grads)):
+            assert_close(gr, r, self.dtype, what=f"{self.name} grad of base {i}")
+
+
 HW2 = ((5, 3), (1, 2))        # two odd-sized levels
 HW3E = ((4, 6), (0, 3), (2, 1))  # an empty level in the middle
 
@@ -461,6 +513,10 @@ SMOKE = [
     *[Matching(f"matching {str(dt)[6:]} int32 labels gamma=1.5", dt, labels_dtype=torch.int32, gamma=1.5)
       for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64)],
     Matching("matching bf16 gamma=0 alpha=0.5", torch.bfloat16, gamma=0.0, alpha=0.5),
+    # segments: per-segment normalizers (the final kernel's divisors), views with gaps and the generic gather
+    Segments("segments bf16 decoder layers C=16 and a cropped level", torch.bfloat16, c=16),
+    Segments("segments fp32 decoder layers and a cropped level", torch.float32),
+    Segments("segments fp64 decoder layers", torch.float64, generic=False),
 ]
 
 # Shape classes the suite uses beyond the smoke set's: sizes and integer arguments equal to 1, 16-divisible and odd

@@ -62,9 +62,9 @@ def backend(request, monkeypatch):
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    """Make torch.empty / torch.empty_like return float memory filled with NaN, so an output element (loss,
+    """Make torch.empty / empty_like / empty_strided return float memory filled with NaN, so an output element (loss,
     partial sum or gradient) that the code under test never writes fails the test instead of passing by luck."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
+    real_empty, real_empty_like, real_empty_strided = torch.empty, torch.empty_like, torch.empty_strided
 
     def _poison(t):
         if t.is_floating_point():
@@ -73,6 +73,7 @@ def poisoned(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: _poison(real_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _poison(real_empty_like(*a, **k)))
+    monkeypatch.setattr(torch, "empty_strided", lambda *a, **k: _poison(real_empty_strided(*a, **k)))
     yield
 
 

@@ -291,6 +291,32 @@ def _fast_backward(upstream, scale, levels, labels, spec, ignore_index, num_anch
 
 # --- the contract -----------------------------------------------------------------------------------------------
 
+def _image_sums(levels, labels, weights, scores, alpha_per_class, spec, ignore_index, num_anchors, scale, keep_grad,
+                per_anchor):
+    """(float64 (N,) per-image loss sums, the gradients kept by the negatives' pass or None); per_anchor None or the
+    (N, M) tensor the per-anchor losses are written into (statistics)."""
+    cdt = compute_dtype(levels[0].dtype)
+    num_images = levels[0].shape[0]
+    with_stats = per_anchor is not None
+    if _fast(levels, weights, alpha_per_class, spec, with_stats):
+        fast = _fast_forward(levels, labels, spec, ignore_index, num_anchors, keep_grad and cdt == levels[0].dtype,
+                             scale)
+        if fast is not None:
+            return fast
+    # the general form (also where the negatives' pass declines)
+    views = [anchor_view(lv, num_anchors) for lv in levels]
+    sums = [[] for _ in range(num_images)]
+    anchor_views = per_level(per_anchor, levels, num_anchors) if with_stats else None
+    for li, n, sl, lab, w, sc in _level_chunks(levels, labels, weights, num_anchors, scores):
+        value, _ = _chunk_terms(views[li][n, sl].to(cdt), lab, w, alpha_per_class, spec, ignore_index, False, sc)
+        sums[n].append(value.sum())
+        if with_stats:
+            anchor_views[li][n, sl] = value.sum(-1)
+    per_image = torch.stack([torch.stack(s).double().sum() if s else torch.zeros((), dtype=torch.float64)
+                             for s in sums]) if num_images else torch.zeros(0, dtype=torch.float64)
+    return per_image, None
+
+
 @torch.no_grad()
 def forward(levels, labels, weights, scores, alpha_per_class, spec, ignore_index, num_anchors, reduction,
             normalizer=None, norm_value=1.0, out_dtype=None, with_stats=False, keep_grad=False):
@@ -303,8 +329,8 @@ def forward(levels, labels, weights, scores, alpha_per_class, spec, ignore_index
     adds the (N, M) per-anchor losses (weighted, 0 for ignored anchors, not normalized), keep_grad the list of the
     loss's gradients w.r.t. the levels (upstream 1)."""
     cdt = compute_dtype(levels[0].dtype)
-    views = [anchor_view(lv, num_anchors) for lv in levels]
     if reduction == "none":
+        views = [anchor_view(lv, num_anchors) for lv in levels]
         outs = [torch.empty_like(lv, dtype=out_dtype or lv.dtype) for lv in levels]
         out_views = [anchor_view(o, num_anchors) for o in outs]
         for li, n, sl, lab, w, sc in _level_chunks(levels, labels, weights, num_anchors, scores):
@@ -314,24 +340,9 @@ def forward(levels, labels, weights, scores, alpha_per_class, spec, ignore_index
         return outs
     num_images = levels[0].shape[0]
     scale = _scale(normalizer, norm_value, num_images, cdt, labels.device)
-    per_image, kept = None, None
     per_anchor = torch.empty(labels.shape, dtype=cdt, device=labels.device) if with_stats else None
-    if _fast(levels, weights, alpha_per_class, spec, with_stats):
-        fast = _fast_forward(levels, labels, spec, ignore_index, num_anchors, keep_grad and cdt == levels[0].dtype,
-                             scale)
-        if fast is not None:
-            per_image, kept = fast
-    if per_image is None:  # the general form (also where the negatives' pass declines)
-        sums = [[] for _ in range(num_images)]
-        anchor_views = per_level(per_anchor, levels, num_anchors) if with_stats else None
-        for li, n, sl, lab, w, sc in _level_chunks(levels, labels, weights, num_anchors, scores):
-            value, _ = _chunk_terms(views[li][n, sl].to(cdt), lab, w, alpha_per_class, spec, ignore_index, False,
-                                    sc)
-            sums[n].append(value.sum())
-            if with_stats:
-                anchor_views[li][n, sl] = value.sum(-1)
-        per_image = torch.stack([torch.stack(s).double().sum() if s else torch.zeros((), dtype=torch.float64)
-                                 for s in sums]) if num_images else torch.zeros(0, dtype=torch.float64)
+    per_image, kept = _image_sums(levels, labels, weights, scores, alpha_per_class, spec, ignore_index, num_anchors,
+                                  scale, keep_grad, per_anchor)
     # Images added in float64, in order (a few terms; the chunk sums inside each are float32 cascade sums).
     total = (per_image.double() * scale.double()).sum().to(cdt)
     out = (total, scale) + ((per_anchor,) if with_stats else ())
@@ -362,3 +373,42 @@ def backward(grads, levels, labels, weights, scores, alpha_per_class, spec, igno
         g = grads[0].to(cdt) * scale[n].to(cdt) if scale is not None else grad_views[li][n, sl].to(cdt)
         out_views[li][n, sl] = g * dfl
     return outs
+
+
+# --- segments ---------------------------------------------------------------------------------------------------
+
+def _segment_columns(levels, labels, weights, scores, num_anchors):
+    """Per segment: its (N, M_s) label, weight and score columns (contiguous), in order."""
+    start = 0
+    for lv in levels:
+        cols = slice(start, start + lv.shape[2] * lv.shape[3] * num_anchors)
+        start = cols.stop
+        yield tuple(t[:, cols].contiguous() if t is not None else None for t in (labels, weights, scores))
+
+
+@torch.no_grad()
+def segments_forward(levels, labels, label_row, weights, scores, alpha_per_class, spec, ignore_index, num_anchors,
+                     divisors):
+    """The kernels' segments_forward contract: levels NCHW-contiguous or channels_last; each segment's per-image
+    sums (the level forward's) divided by its row of divisors (S, N). Returns (total, per-segment losses (S,),
+    scale (S, N)); segments and images added in float64, in order."""
+    cdt = compute_dtype(levels[0].dtype)
+    scale = (1.0 / divisors.to(cdt)).contiguous()
+    per_segment = []
+    for s, (lv, (lab, w, sc)) in enumerate(zip(levels, _segment_columns(levels, labels, weights, scores,
+                                                                          num_anchors))):
+        per_image, _ = _image_sums([lv], lab, w, sc, alpha_per_class, spec, ignore_index, num_anchors, scale[s],
+                                   False, None)
+        per_segment.append((per_image.double() * scale[s].double()).sum())
+    per_segment = torch.stack(per_segment)
+    return per_segment.sum().to(cdt), per_segment.to(cdt), scale
+
+
+@torch.no_grad()
+def segments_backward(grad_per_segment, levels, labels, label_row, weights, scores, alpha_per_class, spec,
+                      ignore_index, num_anchors, scale):
+    """Gradients of sum_s grad_per_segment[s] loss_s w.r.t. each segment, in its layout."""
+    return [backward([grad_per_segment[s]], [lv], lab, w, sc, alpha_per_class, spec, ignore_index, num_anchors,
+                     scale=scale[s])[0]
+            for s, (lv, (lab, w, sc)) in enumerate(zip(levels, _segment_columns(levels, labels, weights, scores,
+                                                                                 num_anchors)))]

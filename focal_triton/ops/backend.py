@@ -24,6 +24,7 @@ import torch
 from ..cpu import dense as _cpu_dense
 from ..cpu import matching as _cpu_matching
 from ..cpu import multilevel as _cpu_multilevel
+from ..layouts import is_dense  # noqa: F401 - dense_operands' rule, also imported from here
 
 BACKEND_ENV = "FOCAL_TRITON_BACKEND"
 BACKEND_CHOICES = ("auto", "triton", "torch")
@@ -103,16 +104,6 @@ def serialized(device: torch.device):
 
 
 # --- operands ---------------------------------------------------------------------------------------------------
-
-def is_dense(t: torch.Tensor) -> bool:
-    """True when t's elements fill exactly numel consecutive storage slots (any dim order, no gaps, no overlap)."""
-    expected = 1
-    for size, stride in sorted(((s, st) for s, st in zip(t.shape, t.stride()) if s != 1), key=lambda p: p[1]):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
 
 def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same shape and the same strides on every dim of size > 1 (size-1 dims may carry any stride)."""

@@ -23,6 +23,7 @@ from typing import List, Optional
 
 import torch
 
+from ..layouts import empty_out, reads_in_place
 from ..losses import LossSpec, compute_dtype
 from .backend import implementation, like, like_levels, native_layout, scaled, select_backend, serialized
 
@@ -168,3 +169,118 @@ def backward_op_args(call, grads, scale) -> tuple:
 def multilevel_focal_loss(call) -> list:
     """The op's outputs for a validated class-index call."""
     return multilevel_focal_loss_op(*op_args(call))
+
+
+# --- segments ---------------------------------------------------------------------------------------------------
+#
+#     focal_triton::segmented_focal_loss(logits, labels, label_row, weights, scores, alpha_per_class, divisors,
+#         num_anchors, kind, c0, c1, gamma, beta, smoothing, ignore_index) -> [total, per_segment (S,), scale (S, N)]
+#     focal_triton::segmented_focal_loss_backward(grad_per_segment, logits, labels, label_row, weights, scores,
+#         alpha_per_class, scale, num_anchors, kind, ...) -> one gradient per segment, with layouts.out_strides
+#
+# logits: (N, A*C, H_s, W_s) views of any non-overlapping strides, read in place by the kernels where
+# `layouts.reads_in_place` (else one contiguous copy), by the CPU path in native layout (a copy otherwise); labels
+# (N, >= M) with row stride label_row, segment s owning A H_s W_s columns after those of the segments before it;
+# weights / scores laid out like the labels; divisors (S, N): loss_s = sum_n (sum over image n of s) / divisors[s, n].
+
+
+def _segment_operands(logits, device):
+    """The logits as the implementation reads them."""
+    if select_backend(device) == "triton":
+        return [lv if reads_in_place(lv) else lv.contiguous() for lv in logits]
+    return [native_layout(lv) for lv in logits]
+
+
+@torch.library.custom_op("focal_triton::segmented_focal_loss", mutates_args=())
+def segmented_focal_loss_op(logits: List[torch.Tensor], labels: torch.Tensor, label_row: int,
+                            weights: Optional[torch.Tensor], scores: Optional[torch.Tensor],
+                            alpha_per_class: Optional[torch.Tensor], divisors: torch.Tensor, num_anchors: int,
+                            kind: int, c0: float, c1: float, gamma: float, beta: float, smoothing: float,
+                            ignore_index: Optional[int]) -> List[torch.Tensor]:
+    x = logits[0]
+    cdt = compute_dtype(x.dtype)
+    if _is_empty(logits):
+        return [torch.zeros((), dtype=cdt, device=x.device), torch.zeros(len(logits), dtype=cdt, device=x.device),
+                (1.0 / divisors.to(cdt)).contiguous()]
+    spec = LossSpec(kind, c0, c1, gamma, beta, smoothing)
+    with serialized(x.device):
+        total, per_segment, scale = implementation(x.device, "multilevel").segments_forward(
+            _segment_operands(logits, x.device), labels, label_row, weights, scores, alpha_per_class, spec,
+            ignore_index, num_anchors, divisors)
+    return [total, per_segment, scale]
+
+
+@segmented_focal_loss_op.register_fake
+def _(logits, labels, label_row, weights, scores, alpha_per_class, divisors, num_anchors, kind, c0, c1, gamma, beta,
+      smoothing, ignore_index):
+    x = logits[0]
+    cdt = compute_dtype(x.dtype)
+    return [x.new_empty((), dtype=cdt), x.new_empty((len(logits),), dtype=cdt),
+            x.new_empty((len(logits), x.shape[0]), dtype=cdt)]
+
+
+@torch.library.custom_op("focal_triton::segmented_focal_loss_backward", mutates_args=())
+def segmented_focal_loss_backward_op(grad_per_segment: torch.Tensor, logits: List[torch.Tensor],
+                                     labels: torch.Tensor, label_row: int, weights: Optional[torch.Tensor],
+                                     scores: Optional[torch.Tensor], alpha_per_class: Optional[torch.Tensor],
+                                     scale: torch.Tensor, num_anchors: int, kind: int, c0: float, c1: float,
+                                     gamma: float, beta: float, smoothing: float,
+                                     ignore_index: Optional[int]) -> List[torch.Tensor]:
+    if _is_empty(logits):
+        return [empty_out(lv).zero_() for lv in logits]
+    device = logits[0].device
+    operands = _segment_operands(logits, device)
+    with serialized(device):
+        outs = implementation(device, "multilevel").segments_backward(
+            grad_per_segment, operands, labels, label_row, weights, scores, alpha_per_class,
+            LossSpec(kind, c0, c1, gamma, beta, smoothing), ignore_index, num_anchors, scale)
+    # In the strides the fake promises (a copy only where the implementation read a copy).
+    return [o if o.stride() == empty_out(lv).stride() or lv.numel() == 0 else empty_out(lv).copy_(o)
+            for o, lv in zip(outs, logits)]
+
+
+@segmented_focal_loss_backward_op.register_fake
+def _(grad_per_segment, logits, labels, label_row, weights, scores, alpha_per_class, scale, num_anchors, kind, c0,
+      c1, gamma, beta, smoothing, ignore_index):
+    return [empty_out(lv) for lv in logits]
+
+
+_SEGMENT_OTHER_INPUTS = len(torch.ops.focal_triton.segmented_focal_loss.default._schema.arguments) - 1
+
+
+def _segments_setup_context(ctx, inputs, output):
+    (logits, labels, label_row, weights, scores, alpha_per_class, divisors, num_anchors, kind, c0, c1, gamma, beta,
+     smoothing, ignore_index) = inputs
+    ctx.set_materialize_grads(False)
+    ctx.num_segments = len(logits)
+    ctx.save_for_backward(*logits, labels, weights, scores, alpha_per_class, output[2])
+    ctx.params = (num_anchors, kind, c0, c1, gamma, beta, smoothing, ignore_index)
+    ctx.label_row = label_row
+
+
+def _segments_backward(ctx, grads):
+    saved = ctx.saved_tensors
+    logits, (labels, weights, scores, alpha_per_class, scale) = list(saved[:ctx.num_segments]), \
+        saved[ctx.num_segments:]
+    g_total, g_segment = grads[0], grads[1]
+    # d/dx of g_total * total + sum_s g_segment[s] * loss_s: one upstream factor per segment.
+    upstream = torch.zeros(ctx.num_segments, dtype=scale.dtype, device=scale.device)
+    if g_total is not None:
+        upstream = upstream + g_total.to(scale.dtype)
+    if g_segment is not None:
+        upstream = upstream + g_segment.to(scale.dtype)
+    grad_logits = segmented_focal_loss_backward_op(upstream.contiguous(), logits, labels, ctx.label_row, weights,
+                                                   scores, alpha_per_class, scale, *ctx.params)
+    return (grad_logits,) + (None,) * _SEGMENT_OTHER_INPUTS
+
+
+segmented_focal_loss_op.register_autograd(_segments_backward, setup_context=_segments_setup_context)
+
+
+def segmented_focal_loss(call) -> list:
+    """[total, per-segment losses] for a validated segments call (`validation.SegmentsCall`)."""
+    s = call.spec
+    out = segmented_focal_loss_op(call.logits, call.labels, call.label_row, call.weights, call.scores,
+                                  call.alpha_per_class, call.divisors, call.num_anchors, int(s.kind), s.c0, s.c1,
+                                  s.gamma, s.beta, s.smoothing, call.ignore_index)
+    return out[0], out[1]

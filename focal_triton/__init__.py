@@ -11,7 +11,7 @@ head outputs (`Segment`: DETR decoder layers, YOLO heads, FPN levels) of any str
 `focal_matching_cost`: the focal classification cost of DETR-style Hungarian matchers, (N, C) logits and G target
 labels to an (N, G) cost.
 Layers (imports run one way): functional / modules -> validation -> ops (registered ops: backend choice, autograd,
-fake shapes) -> kernels (Triton) | cpu (pure torch); kernels and cpu share only `losses` (docs/design.md).
+fake shapes) -> kernels (Triton) | cpu (pure torch); kernels and cpu share only `losses` and `layouts` (docs/design.md).
 """
 from .distributed import global_normalizer
 from .functional import (Segment, SegmentLosses, focal_loss, focal_matching_cost, multilevel_focal_loss,

@@ -27,12 +27,12 @@ def add_speedups(rows):
     return rows
 
 
-def write_csv(rows, path):
+def write_csv(rows, path, columns=CSV_COLUMNS):
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: "" if r.get(k) is None else r.get(k, "") for k in CSV_COLUMNS})
+            w.writerow({k: "" if r.get(k) is None else r.get(k, "") for k in columns})
 
 
 def write_json(record, path):

@@ -1,9 +1,10 @@
 """`make bench`: focal_triton against torchvision's eager focal loss (with the permute, cat and one-hot a detector
-needs), torch.compile of that code, and apex when installed, on this machine's GPU, or on its CPU without one.
+needs), torch.compile of that code, and apex when installed, on this machine's GPU, or on its CPU without one;
+then the YOLOv8 and RT-DETR heads against their libraries' code paths (bench/heads.py).
 
-    python bench/run.py [--quick] [--cases SUBSTRING] [--out DIR] [--no-compile] [--no-kernel-report]
+    python bench/run.py [--quick] [--cases SUBSTRING] [--out DIR] [--no-compile] [--no-kernel-report] [--no-heads]
 
-Writes DIR/bench-<device>.csv / .json and time-, speedup-, memory-roofline-<device>.png (DIR: bench/local/ by
+Writes DIR/bench-<device>.csv / .json, heads-<device>.csv and time-, speedup-, memory-roofline-<device>.png (DIR: bench/local/ by
 default, untracked; `make bench-results` writes the committed bench/results/), prints the table and the goals
 (README "Speed") with whether this run met them.
 """
@@ -20,6 +21,7 @@ sys.path.insert(0, HERE)
 import torch  # noqa: E402
 
 import cases as bench_cases  # noqa: E402
+import heads  # noqa: E402
 import measure  # noqa: E402
 import providers as bench_providers  # noqa: E402
 import report  # noqa: E402
@@ -158,6 +160,7 @@ def main(argv=None):
                              "results: `make bench-results` refreshes them)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile provider")
     parser.add_argument("--no-kernel-report", action="store_true")
+    parser.add_argument("--no-heads", action="store_true", help="leave out the YOLO and RT-DETR cases (bench/heads.py)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -187,6 +190,15 @@ def main(argv=None):
     if compile_times:
         print("torch.compile compile time (first call, fwd+bwd where timed so), s: " +
               ", ".join(f"{k}: {v}" for k, v in compile_times.items()))
+    head_rows = []
+    if not args.no_heads:
+        if device.type == "cpu":
+            print(f"note: {heads.CPU_NOTE}")
+        head_rows = heads.run(device, measure, quick=args.quick, compile_=not args.no_compile, only=args.cases)
+        for r in head_rows:
+            r["device"] = name
+        print("YOLO and RT-DETR heads (bench/heads.py), fwd+bwd:")
+        print(heads.table(head_rows))
     goals = check_goals(rows, device)
     print("goals:")
     for g in goals:
@@ -206,14 +218,18 @@ def main(argv=None):
     record = dict(device=name, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   versions=versions(), threads=torch.get_num_threads(), copy_bandwidth_gb_s=bandwidth,
                   chosen_configs=chosen_configs(device), cpu_note=bench_cases.CPU_CAP_NOTE if device.type == "cpu"
-                  else "", goals=goals, rows=rows, kernel_report=kernel,
+                  else "", goals=goals, rows=rows, head_rows=head_rows, kernel_report=kernel,
                   wall_s=round(time.perf_counter() - started, 1))
     csv_path = os.path.join(args.out, f"bench-{slug}.csv")
     json_path = os.path.join(args.out, f"bench-{slug}.json")
     report.write_csv(rows, csv_path)
+    if head_rows:
+        heads_path = os.path.join(args.out, f"heads-{slug}.csv")
+        report.write_csv(head_rows, heads_path, columns=list(head_rows[0]))
     report.write_json(record, json_path)
     pngs = report.plot(rows, args.out, slug, name)
-    print("wrote " + ", ".join(os.path.relpath(p) for p in [csv_path, json_path, *pngs]))
+    print("wrote " + ", ".join(os.path.relpath(p) for p in [csv_path, json_path, *pngs] +
+                               ([heads_path] if head_rows else [])))
     print(f"total {time.perf_counter() - started:.0f} s")
     return record
 

@@ -136,3 +136,22 @@ def test_gpu_goals_are_checked_from_rows():
     report.add_speedups(rows)
     goals = run.check_goals(rows, torch.device("cuda"))
     assert [g["met"] for g in goals] == [True, True, False, True]
+
+
+def test_heads_rows_compare_the_same_loss(quick_run):
+    """The YOLOv8 and RT-DETR cases (bench/heads.py): each provider of a case computes the same loss (the library's
+    code path and one segmented launch), and focal_triton's peak extra memory is the gradient's."""
+    out, stdout, _ = quick_run
+    assert "YOLO and RT-DETR heads" in stdout
+    with open(next(out.glob("heads-*.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    by_case = {}
+    for r in rows:
+        by_case.setdefault(r["case"], {})[r["provider"]] = r
+    assert {c.split()[0] for c in by_case} == {"yolov8", "rtdetr"}
+    for case, provs in by_case.items():
+        ours = provs.pop("focal_triton")
+        for r in provs.values():
+            assert float(ours["loss"]) == pytest.approx(float(r["loss"]), rel=1e-4), case
+        # float32 logits: the gradients (4 bytes per logit), plus per-anchor scalars
+        assert float(ours["peak_extra_per_logit_bytes"]) <= 4.5, case

@@ -260,7 +260,9 @@ def segmented_focal_loss(segments, *, num_anchors=1, alpha=None, gamma=None, lab
     Returns:
         `SegmentLosses(total, per_segment)`: float32 (float64 for float64 logits) 0-d and (S,). Gradients flow to
         every segment's logits (from either output), written in the logits' own strides where they are dense and
-        image by image with the logits' strides within an image where they are a view with gaps.
+        image by image with the logits' strides within an image where they are a view with gaps. Segments that
+        are disjoint slices of one tensor (a stacked decoder output) are differentiated through that tensor: one
+        gradient of its size, no view-backward copies (autograd.grad w.r.t. such a view sees none).
     Errors: a ValueError or TypeError naming the segment and the argument (``segments[3].labels must have shape
     ...``), before anything runs.
     """

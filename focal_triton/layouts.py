@@ -89,3 +89,36 @@ def overlapping(t: torch.Tensor) -> bool:
             return True
         span += (size - 1) * stride
     return False
+
+
+def segment_view(t: torch.Tensor) -> torch.Tensor:
+    """A segment's logits as the kernel's (N, K, H, W) view: (N, Q, C) -> (N, C, Q, 1); 4-D as it is."""
+    return t.permute(0, 2, 1).unsqueeze(-1) if t.dim() == 3 else t
+
+
+def base_box(view: torch.Tensor, base: torch.Tensor):
+    """The box of `base`'s indices that `view` holds, per base dim [lo, hi), when view is a slice / select /
+    permute (unit steps) of the dense base; None otherwise."""
+    offset = view.storage_offset() - base.storage_offset()
+    dims = sorted((d for d in range(base.dim()) if base.shape[d] > 1), key=lambda d: -base.stride(d))
+    lo = [0] * base.dim()
+    for d in dims:
+        lo[d], offset = divmod(offset, base.stride(d))
+    if offset:
+        return None
+    hi = [v + 1 for v in lo]
+    used = set()
+    for size, stride in zip(view.shape, view.stride()):
+        if size == 1:
+            continue
+        match = [d for d in dims if base.stride(d) == stride and d not in used]
+        if not match or lo[match[0]] + size > base.shape[match[0]]:
+            return None
+        used.add(match[0])
+        hi[match[0]] = lo[match[0]] + size
+    return lo, hi
+
+
+def disjoint(a, b) -> bool:
+    """Whether two boxes of base_box share no index."""
+    return any(ha <= lb or hb <= la for la, ha, lb, hb in zip(a[0], a[1], b[0], b[1]))

@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import torch
 
-from .layouts import overlapping
+from .layouts import base_box, disjoint, is_dense, overlapping, segment_view
 from .losses import (INT32_MAX, LABEL_DTYPES, LOGIT_DTYPES, LOSS_DEFAULTS, LOSSES, MAX_LEVELS, MAX_SEGMENTS, LossKind,
                      LossSpec, compute_dtype, encode)
 
@@ -653,7 +653,7 @@ def _segment_logits(x, num_anchors: int, first) -> torch.Tensor:
     if overlapping(x):
         raise ValueError(f"logits must not overlap in memory (an expanded tensor, a stride of 0 along a dim of size "
                          f"> 1): got shape {tuple(x.shape)} with strides {tuple(x.stride())}; pass .contiguous()")
-    view = x.permute(0, 2, 1).unsqueeze(-1) if x.dim() == 3 else x
+    view = segment_view(x)
     if view.shape[1] == 0 or view.shape[1] % num_anchors:
         raise ValueError(f"logits' channels ({view.shape[1]}) must be num_anchors ({num_anchors}) times the number "
                          f"of classes (>= 1)")
@@ -704,11 +704,45 @@ def _segment_divisors(normalizers, num_images: int, dtype, device) -> torch.Tens
     return torch.stack(rows)
 
 
+def _segment_sources(tensors, views):
+    """(sources, geometry): the tensors the op differentiates and, per segment, (source index, N, K, H, W, sn, sk,
+    sh, sw, storage offset) of its (N, A*C, H, W) view. Segments that are differentiable views of one dense base
+    on disjoint storage ranges (the layers of a stacked decoder tensor, the denoising split) share it as their
+    source: their gradients are written into the base's gradient in place, with no view-backward copies (autograd
+    would materialize a base-sized gradient for each view). Any other segment is its own source."""
+    groups = {}
+    for i, t in enumerate(tensors):
+        base = t._base
+        if base is not None and t.requires_grad and t.grad_fn is not None and base.requires_grad and \
+                is_dense(base) and not overlapping(base):
+            groups.setdefault(id(base), (base, []))[1].append(i)
+    index = [None] * len(tensors)
+    sources = []
+    for base, members in groups.values():
+        boxes = [base_box(tensors[i], base) for i in members if tensors[i].numel()]
+        if any(b is None for b in boxes) or any(not disjoint(a, b) for k, a in enumerate(boxes)
+                                                for b in boxes[k + 1:]):
+            continue  # not slices of the base, or two segments share logits: each keeps its own source
+        sources.append(base)
+        for i in members:
+            index[i] = len(sources) - 1
+    for i, t in enumerate(tensors):
+        if index[i] is None:
+            sources.append(t)
+            index[i] = len(sources) - 1
+    geometry = []
+    for i, v in zip(index, views):
+        geometry += [i, *v.shape, *v.stride(), v.storage_offset()]
+    return sources, geometry
+
+
 @dataclass(frozen=True)
 class SegmentsCall:
     """A segmented_focal_loss call in the segments op's encoding."""
 
     logits: List[torch.Tensor]              # (N, A*C, H_s, W_s) views, any non-overlapping strides
+    sources: List[torch.Tensor]             # what the op differentiates (`_segment_sources`)
+    geometry: List[int]                     # per segment: source index, sizes, strides, storage offset
     labels: torch.Tensor                    # (N, >= M) int32 / int64, unit column stride, row stride label_row
     label_row: int
     weights: Optional[torch.Tensor]         # laid out like labels, compute dtype
@@ -761,8 +795,9 @@ def segments_call(segments, num_anchors, options) -> SegmentsCall:
                     check_label_range(f[1], num_classes, options["background"], ignore_index)
             raise
     per_class = isinstance(alpha, torch.Tensor)
+    sources, geometry = _segment_sources([f[0] for f in fields], logits)
     return SegmentsCall(
-        logits, labels, label_row, weights, scores, alpha.detach().to(cdt).contiguous() if per_class else None,
+        logits, sources, geometry, labels, label_row, weights, scores, alpha.detach().to(cdt).contiguous() if per_class else None,
         _segment_divisors(normalizers, num_images, cdt, device), num_anchors,
         encode(kind, -1.0 if per_class else alpha, gamma, beta, iou_weighted, smoothing),
         None if ignore_index is None else int(ignore_index))

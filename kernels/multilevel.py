@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layouts import LAYOUT_CL, LAYOUT_GENERIC, empty_out, out_image_stride, segment_layout
+from ..layouts import LAYOUT_CL, LAYOUT_GENERIC, out_image_stride, segment_layout
 from ..losses import FL, MAX_SEGMENTS, LossSpec
 from . import tuning
 from .launch import PARTIAL_SUM_BLOCK, ElementwiseConfig, compiled_path, device_guard, load_before_launch, max_programs
@@ -818,7 +818,7 @@ class Plan:
         self.itemsize = itemsize
         self.class_aligned = self._class_aligned(levels, outs)
 
-    def _class_aligned(self, levels, tensors) -> bool:
+    def _class_aligned(self, levels, outs) -> bool:
         """CLASS_ALIGNED: C % 16 == 0 and, in every segment but the generic ones, the image strides (and for
         channels_last the position stride) multiples of 16 and the logits (and outputs) 16-byte aligned: the
         kernel then tells the compiler so, for full tiles and wide loads."""
@@ -829,7 +829,7 @@ class Plan:
                 continue
             if lay.sn % 16 or self.out_strides[i] % 16 or (lay.kind == LAYOUT_CL and lay.sp % 16):
                 return False
-            if any(t.data_ptr() % 16 for t in [x] + [t[i] for t in tensors]):
+            if any(t.data_ptr() % 16 for t in [x] + ([outs[i]] if outs else [])):
                 return False
         return True
 
@@ -1009,18 +1009,12 @@ def _segments_forward(levels, labels, label_row, weights, scores, alpha_per_clas
     return _normalize(partials, plan, P, divisors, 3, 1.0, acc_dtype)
 
 
-def segments_backward(grad_per_segment, levels, labels, label_row, weights, scores, alpha_per_class, spec: LossSpec,
-                      ignore_index, num_anchors, scale):
-    """Gradients of sum_s grad_per_segment[s] * loss_s w.r.t. each segment's logits, written with `out_strides`
-    (the logits' own where dense). scale: the forward's (S, N)."""
-    return _tuned("grad_scalar segments", levels, num_anchors, spec, weights, alpha_per_class, ignore_index,
-                  lambda config: _segments_backward(grad_per_segment, levels, labels, label_row, weights, scores,
-                                                    alpha_per_class, spec, ignore_index, num_anchors, scale, config))
-
-
-def _segments_backward(grad_per_segment, levels, labels, label_row, weights, scores, alpha_per_class, spec,
-                       ignore_index, num_anchors, scale, config):
-    outs = [empty_out(lv) for lv in levels]
-    _launch(MODE_GRAD_SCALAR, levels, outs, [], labels, weights, scores, alpha_per_class, spec, ignore_index,
-            num_anchors, config, grad_scalar=grad_per_segment, scale=scale, label_row=label_row, per_segment=True)
-    return outs
+def segments_backward(grad_per_segment, levels, outs, labels, label_row, weights, scores, alpha_per_class,
+                      spec: LossSpec, ignore_index, num_anchors, scale):
+    """Writes the gradients of sum_s grad_per_segment[s] * loss_s w.r.t. each segment's logits into outs (one
+    tensor per segment, of its logits' shape: views into its source's gradient, the logits' own strides, or
+    `layouts.out_strides`). scale: the forward's (S, N)."""
+    _tuned("grad_scalar segments", levels, num_anchors, spec, weights, alpha_per_class, ignore_index,
+           lambda config: _launch(MODE_GRAD_SCALAR, levels, outs, [], labels, weights, scores, alpha_per_class,
+                                  spec, ignore_index, num_anchors, config, grad_scalar=grad_per_segment,
+                                  scale=scale, label_row=label_row, per_segment=True))

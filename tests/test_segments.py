@@ -134,17 +134,49 @@ def test_bf16_class_aligned_views(backend, layout):
 
 def test_gradient_strides(backend):
     """Gradients w.r.t. each segment's logits: in the logits' own strides where they are dense (channels_last, a
-    permuted tensor), image by image with the logits' strides within an image for a view with gaps."""
-    base = logits_((B, 3, 11, C)).requires_grad_(True)
-    cl = logits_((B, A * C, 3, 4)).contiguous(memory_format=CL).requires_grad_(True)
+    permuted tensor), image by image with the logits' strides within an image for a view with gaps (here a leaf
+    view: it is its own source)."""
+    gapped = logits_((B, 3, 11, C))[:, 1].requires_grad_(True)
     t = logits_((11, B, C)).requires_grad_(True)
-    gapped, transposed = base[:, 1], t.permute(1, 0, 2)
-    segs = [Segment(gapped, labels_(11)), Segment(transposed, labels_(11))]
-    g_gapped, g_t = torch.autograd.grad(focal_triton.segmented_focal_loss(segs).total, [gapped, transposed])
-    assert g_gapped.stride() == (11 * C, C, 1) and g_t.stride() == transposed.stride()
+    cl = logits_((B, A * C, 3, 4)).contiguous(memory_format=CL).requires_grad_(True)
+    transposed = t.permute(1, 0, 2)
+    out = focal_triton.segmented_focal_loss([Segment(gapped, labels_(11)), Segment(transposed, labels_(11))])
+    g_gapped, g_t = torch.autograd.grad(out.total, [gapped, t])
+    assert g_gapped.stride() == (11 * C, C, 1) and g_t.stride() == t.stride()
     (g_cl,) = torch.autograd.grad(focal_triton.segmented_focal_loss([Segment(cl, labels_(24))], num_anchors=A).total,
                                   [cl])
     assert g_cl.stride() == cl.stride()
+
+
+def test_views_of_one_base_write_its_gradient_in_place(backend):
+    """Decoder layers and denoising queries sliced from one stacked tensor: the op differentiates the stack itself
+    (one source), so its gradient is written segment by segment into one stack-sized tensor with no view-backward
+    copies; where the views leave part of the stack out, that part's gradient is 0. Two segments sharing logits
+    keep their own sources (autograd adds their gradients)."""
+    labs = [labels_(5, seed=70 + i) for i in range(4)]
+    stack = logits_((2, B, 8, C)).requires_grad_(True)
+    segs = [Segment(stack[i, :, :5], labs[i]) for i in range(2)] + [Segment(stack[i, :, 5:], labs[2 + i][:, :3])
+                                                                      for i in range(2)]
+    call = V.segments_call(segs, 1, DEFAULTS)
+    assert len(call.sources) == 1 and call.sources[0] is stack
+    focal_triton.segmented_focal_loss(segs).total.backward()
+    _, _, (ref,) = segments_value_and_grads([stack], lambda b: [(b[0][i, :, :5], labs[i], None, None, None)
+                                                                 for i in range(2)] +
+                                            [(b[0][i, :, 5:], labs[2 + i][:, :3], None, None, None)
+                                             for i in range(2)])
+    assert stack.grad.stride() == stack.stride()
+    assert_close(stack.grad, ref, torch.float32, what="stack grad")
+    stack.grad = None
+    partial = [segs[0], segs[2]]  # stack[1] unused: zero gradient there
+    focal_triton.segmented_focal_loss(partial).total.backward()
+    assert torch.equal(stack.grad[1], torch.zeros_like(stack.grad[1])) and stack.grad[0].abs().sum() > 0
+    shared = [segs[0], Segment(stack[0, :, :5], labs[1])]
+    assert len(V.segments_call(shared, 1, DEFAULTS).sources) == 2
+    stack.grad = None
+    focal_triton.segmented_focal_loss(shared).total.backward()
+    _, _, (ref,) = segments_value_and_grads([stack], lambda b: [(b[0][0, :, :5], labs[0], None, None, None),
+                                                                (b[0][0, :, :5], labs[1], None, None, None)])
+    assert_close(stack.grad, ref, torch.float32, what="shared stack grad")
 
 
 def test_sixteen_segments_mixed(backend):

@@ -405,10 +405,10 @@ def segments_forward(levels, labels, label_row, weights, scores, alpha_per_class
 
 
 @torch.no_grad()
-def segments_backward(grad_per_segment, levels, labels, label_row, weights, scores, alpha_per_class, spec,
+def segments_backward(grad_per_segment, levels, outs, labels, label_row, weights, scores, alpha_per_class, spec,
                       ignore_index, num_anchors, scale):
-    """Gradients of sum_s grad_per_segment[s] loss_s w.r.t. each segment, in its layout."""
-    return [backward([grad_per_segment[s]], [lv], lab, w, sc, alpha_per_class, spec, ignore_index, num_anchors,
-                     scale=scale[s])[0]
-            for s, (lv, (lab, w, sc)) in enumerate(zip(levels, _segment_columns(levels, labels, weights, scores,
-                                                                                 num_anchors)))]
+    """Writes the gradients of sum_s grad_per_segment[s] loss_s w.r.t. each segment into outs (any strides)."""
+    for s, (lv, out, (lab, w, sc)) in enumerate(zip(levels, outs, _segment_columns(levels, labels, weights, scores,
+                                                                                     num_anchors))):
+        out.copy_(backward([grad_per_segment[s]], [lv], lab, w, sc, alpha_per_class, spec, ignore_index,
+                           num_anchors, scale=scale[s])[0])

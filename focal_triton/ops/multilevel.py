@@ -23,7 +23,7 @@ from typing import List, Optional
 
 import torch
 
-from ..layouts import empty_out, reads_in_place
+from ..layouts import empty_out, is_dense, reads_in_place, segment_view
 from ..losses import LossSpec, compute_dtype
 from .backend import implementation, like, like_levels, native_layout, scaled, select_backend, serialized
 
@@ -173,15 +173,30 @@ def multilevel_focal_loss(call) -> list:
 
 # --- segments ---------------------------------------------------------------------------------------------------
 #
-#     focal_triton::segmented_focal_loss(logits, labels, label_row, weights, scores, alpha_per_class, divisors,
-#         num_anchors, kind, c0, c1, gamma, beta, smoothing, ignore_index) -> [total, per_segment (S,), scale (S, N)]
-#     focal_triton::segmented_focal_loss_backward(grad_per_segment, logits, labels, label_row, weights, scores,
-#         alpha_per_class, scale, num_anchors, kind, ...) -> one gradient per segment, with layouts.out_strides
+#     focal_triton::segmented_focal_loss(sources, geometry, labels, label_row, weights, scores, alpha_per_class,
+#         divisors, num_anchors, kind, c0, c1, gamma, beta, smoothing, ignore_index)
+#         -> [total, per_segment (S,), scale (S, N)]
+#     focal_triton::segmented_focal_loss_backward(grad_per_segment, sources, geometry, labels, ..., scale, ...)
+#         -> one gradient per source
 #
-# logits: (N, A*C, H_s, W_s) views of any non-overlapping strides, read in place by the kernels where
-# `layouts.reads_in_place` (else one contiguous copy), by the CPU path in native layout (a copy otherwise); labels
+# sources: the tensors the gradients flow to: the base of views that share one (the decoder layers of a stacked
+# tensor: its gradient written in place, segment by segment, with no view-backward copies) or a segment's logits
+# themselves. geometry: per segment (source index, N, K, H, W, sn, sk, sh, sw, storage offset), the (N, A*C, H, W)
+# view of its logits (`validation.SEGMENT_GEOMETRY`). The kernels read each view in place where
+# `layouts.reads_in_place` (else one contiguous copy), the CPU path in native layout (a copy otherwise); labels
 # (N, >= M) with row stride label_row, segment s owning A H_s W_s columns after those of the segments before it;
 # weights / scores laid out like the labels; divisors (S, N): loss_s = sum_n (sum over image n of s) / divisors[s, n].
+
+GEOMETRY = 10
+
+
+def _views(sources, geometry):
+    """Each segment's (N, A*C, H, W) view of its source (no copy)."""
+    out = []
+    for j in range(0, len(geometry), GEOMETRY):
+        src, n, k, h, w, sn, sk, sh, sw, offset = geometry[j:j + GEOMETRY]
+        out.append(sources[src].as_strided((n, k, h, w), (sn, sk, sh, sw), offset))
+    return out
 
 
 def _segment_operands(logits, device):
@@ -191,12 +206,40 @@ def _segment_operands(logits, device):
     return [native_layout(lv) for lv in logits]
 
 
+def _covered(source, views) -> bool:
+    """Whether the views of `source` (non-overlapping, on disjoint storage ranges: validation grouped them so)
+    cover each of its elements: then its gradient needs no zero fill."""
+    return sum(v.numel() for v in views) == source.numel()
+
+
+def _source_gradients(sources, geometry):
+    """(gradient of each source, each segment's view of its source's gradient): a dense source's gradient has its
+    strides, the segments write into it through their own views; a source that is one non-dense view gets
+    `layouts.out_strides`."""
+    views = _views(sources, geometry)
+    index = geometry[::GEOMETRY]
+    grads = []
+    for i, src in enumerate(sources):
+        mine = [v for v, j in zip(views, index) if j == i]
+        if is_dense(src):
+            grads.append(torch.empty_like(src) if _covered(src, mine) else torch.zeros_like(src))
+        else:
+            grads.append(empty_out(src))
+    outs = []
+    for v, j in zip(views, index):
+        g, src = grads[j], sources[j]
+        outs.append(segment_view(g) if not is_dense(src) else
+                    g.as_strided(v.shape, v.stride(), v.storage_offset() - src.storage_offset() + g.storage_offset()))
+    return grads, outs
+
+
 @torch.library.custom_op("focal_triton::segmented_focal_loss", mutates_args=())
-def segmented_focal_loss_op(logits: List[torch.Tensor], labels: torch.Tensor, label_row: int,
+def segmented_focal_loss_op(sources: List[torch.Tensor], geometry: List[int], labels: torch.Tensor, label_row: int,
                             weights: Optional[torch.Tensor], scores: Optional[torch.Tensor],
                             alpha_per_class: Optional[torch.Tensor], divisors: torch.Tensor, num_anchors: int,
                             kind: int, c0: float, c1: float, gamma: float, beta: float, smoothing: float,
                             ignore_index: Optional[int]) -> List[torch.Tensor]:
+    logits = _views(sources, geometry)
     x = logits[0]
     cdt = compute_dtype(x.dtype)
     if _is_empty(logits):
@@ -211,76 +254,83 @@ def segmented_focal_loss_op(logits: List[torch.Tensor], labels: torch.Tensor, la
 
 
 @segmented_focal_loss_op.register_fake
-def _(logits, labels, label_row, weights, scores, alpha_per_class, divisors, num_anchors, kind, c0, c1, gamma, beta,
-      smoothing, ignore_index):
-    x = logits[0]
+def _(sources, geometry, labels, label_row, weights, scores, alpha_per_class, divisors, num_anchors, kind, c0, c1,
+      gamma, beta, smoothing, ignore_index):
+    x, segments = sources[0], len(geometry) // GEOMETRY
     cdt = compute_dtype(x.dtype)
-    return [x.new_empty((), dtype=cdt), x.new_empty((len(logits),), dtype=cdt),
-            x.new_empty((len(logits), x.shape[0]), dtype=cdt)]
+    return [x.new_empty((), dtype=cdt), x.new_empty((segments,), dtype=cdt),
+            x.new_empty((segments, geometry[1]), dtype=cdt)]
 
 
 @torch.library.custom_op("focal_triton::segmented_focal_loss_backward", mutates_args=())
-def segmented_focal_loss_backward_op(grad_per_segment: torch.Tensor, logits: List[torch.Tensor],
-                                     labels: torch.Tensor, label_row: int, weights: Optional[torch.Tensor],
-                                     scores: Optional[torch.Tensor], alpha_per_class: Optional[torch.Tensor],
-                                     scale: torch.Tensor, num_anchors: int, kind: int, c0: float, c1: float,
-                                     gamma: float, beta: float, smoothing: float,
+def segmented_focal_loss_backward_op(grad_per_segment: torch.Tensor, sources: List[torch.Tensor],
+                                     geometry: List[int], labels: torch.Tensor, label_row: int,
+                                     weights: Optional[torch.Tensor], scores: Optional[torch.Tensor],
+                                     alpha_per_class: Optional[torch.Tensor], scale: torch.Tensor, num_anchors: int,
+                                     kind: int, c0: float, c1: float, gamma: float, beta: float, smoothing: float,
                                      ignore_index: Optional[int]) -> List[torch.Tensor]:
+    grads, outs = _source_gradients(sources, geometry)
+    logits = _views(sources, geometry)
     if _is_empty(logits):
-        return [empty_out(lv).zero_() for lv in logits]
+        return [g.zero_() for g in grads]
     device = logits[0].device
     operands = _segment_operands(logits, device)
+    # Where the implementation reads a copy (or the CPU path a native-layout one), it writes a gradient of that
+    # layout, copied into the segment's view.
+    direct = [o if op is lv else torch.empty_like(op) for o, op, lv in zip(outs, operands, logits)]
     with serialized(device):
-        outs = implementation(device, "multilevel").segments_backward(
-            grad_per_segment, operands, labels, label_row, weights, scores, alpha_per_class,
+        implementation(device, "multilevel").segments_backward(
+            grad_per_segment, operands, direct, labels, label_row, weights, scores, alpha_per_class,
             LossSpec(kind, c0, c1, gamma, beta, smoothing), ignore_index, num_anchors, scale)
-    # In the strides the fake promises (a copy only where the implementation read a copy).
-    return [o if o.stride() == empty_out(lv).stride() or lv.numel() == 0 else empty_out(lv).copy_(o)
-            for o, lv in zip(outs, logits)]
+    for o, d in zip(outs, direct):
+        if d is not o:
+            o.copy_(d)
+    return grads
 
 
 @segmented_focal_loss_backward_op.register_fake
-def _(grad_per_segment, logits, labels, label_row, weights, scores, alpha_per_class, scale, num_anchors, kind, c0,
-      c1, gamma, beta, smoothing, ignore_index):
-    return [empty_out(lv) for lv in logits]
+def _(grad_per_segment, sources, geometry, labels, label_row, weights, scores, alpha_per_class, scale, num_anchors,
+      kind, c0, c1, gamma, beta, smoothing, ignore_index):
+    return [torch.empty_like(src) if is_dense(src) else empty_out(src) for src in sources]
 
 
 _SEGMENT_OTHER_INPUTS = len(torch.ops.focal_triton.segmented_focal_loss.default._schema.arguments) - 1
 
 
 def _segments_setup_context(ctx, inputs, output):
-    (logits, labels, label_row, weights, scores, alpha_per_class, divisors, num_anchors, kind, c0, c1, gamma, beta,
-     smoothing, ignore_index) = inputs
+    (sources, geometry, labels, label_row, weights, scores, alpha_per_class, divisors, num_anchors, kind, c0, c1,
+     gamma, beta, smoothing, ignore_index) = inputs
     ctx.set_materialize_grads(False)
-    ctx.num_segments = len(logits)
-    ctx.save_for_backward(*logits, labels, weights, scores, alpha_per_class, output[2])
+    ctx.num_sources = len(sources)
+    ctx.save_for_backward(*sources, labels, weights, scores, alpha_per_class, output[2])
     ctx.params = (num_anchors, kind, c0, c1, gamma, beta, smoothing, ignore_index)
-    ctx.label_row = label_row
+    ctx.geometry, ctx.label_row = geometry, label_row
 
 
 def _segments_backward(ctx, grads):
     saved = ctx.saved_tensors
-    logits, (labels, weights, scores, alpha_per_class, scale) = list(saved[:ctx.num_segments]), \
-        saved[ctx.num_segments:]
+    sources, (labels, weights, scores, alpha_per_class, scale) = list(saved[:ctx.num_sources]), \
+        saved[ctx.num_sources:]
     g_total, g_segment = grads[0], grads[1]
     # d/dx of g_total * total + sum_s g_segment[s] * loss_s: one upstream factor per segment.
-    upstream = torch.zeros(ctx.num_segments, dtype=scale.dtype, device=scale.device)
+    upstream = torch.zeros(scale.shape[0], dtype=scale.dtype, device=scale.device)
     if g_total is not None:
         upstream = upstream + g_total.to(scale.dtype)
     if g_segment is not None:
         upstream = upstream + g_segment.to(scale.dtype)
-    grad_logits = segmented_focal_loss_backward_op(upstream.contiguous(), logits, labels, ctx.label_row, weights,
-                                                   scores, alpha_per_class, scale, *ctx.params)
-    return (grad_logits,) + (None,) * _SEGMENT_OTHER_INPUTS
+    grad_sources = segmented_focal_loss_backward_op(upstream.contiguous(), sources, ctx.geometry, labels,
+                                                    ctx.label_row, weights, scores, alpha_per_class, scale,
+                                                    *ctx.params)
+    return (grad_sources,) + (None,) * _SEGMENT_OTHER_INPUTS
 
 
 segmented_focal_loss_op.register_autograd(_segments_backward, setup_context=_segments_setup_context)
 
 
 def segmented_focal_loss(call) -> list:
-    """[total, per-segment losses] for a validated segments call (`validation.SegmentsCall`)."""
+    """(total, per-segment losses) for a validated segments call (`validation.SegmentsCall`)."""
     s = call.spec
-    out = segmented_focal_loss_op(call.logits, call.labels, call.label_row, call.weights, call.scores,
+    out = segmented_focal_loss_op(call.sources, call.geometry, call.labels, call.label_row, call.weights, call.scores,
                                   call.alpha_per_class, call.divisors, call.num_anchors, int(s.kind), s.c0, s.c1,
                                   s.gamma, s.beta, s.smoothing, call.ignore_index)
     return out[0], out[1]

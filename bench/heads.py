@@ -7,16 +7,13 @@ one `segmented_focal_loss` launch.
   target built by scatter and scaled by the soft score (the assigner's `target_scores`, `(B, A, C)`), BCE with
   logits summed, divided by `max(target_scores.sum(), 1)` (as a clamp on the device: no host sync in the
   baseline either); and torch.compile of that function. focal_triton: one segment, the scores read in place
-  (permuted view), `loss="qfl", beta=0` (QFL with exponent 0 is BCE with the soft target on the labelled class),
-  no `(B, A, C)` tensor built.
+  (permuted view), `loss="bce"` with the soft scores, no `(B, A, C)` tensor built.
 - RT-DETR (B = 16, Q = 300, C = 80): 6 decoder layers stacked `(L, B, DN + Q, C)` with DN = 200 denoising
   queries split off along the query axis, plus the encoder's `(B, Q, C)`: 13 varifocal calls per step, each with
   its own labels, IoU scores and normalizer (`num_boxes`; `num_boxes * dn_num_group` for denoising). Eager:
   Hugging Face transformers' `loss_labels_vfl` per call (one-hot target, IoU-scaled, weight
   `alpha * sigmoid(x).detach()**gamma * (1 - t) + score`, BCE with that weight), 13 times. focal_triton: one
-  `segmented_focal_loss` launch over the 13 views, `loss="vfl"` (the same values: VFL's positives weigh their
-  score q, its negatives alpha p**gamma; its gradient also differentiates the negatives' weight, which the
-  transformers code detaches: the same memory traffic and a close instruction count).
+  `segmented_focal_loss` launch over the 13 views, `loss="vfl_rtdetr"` (the same formula, weight detached).
 """
 import torch
 import torch.nn.functional as F
@@ -91,7 +88,7 @@ def focal_triton_yolo(inputs):
     scores, labels, soft = inputs["scores"], inputs["labels"], inputs["soft"]
     target_scores_sum = torch.where(labels >= 0, soft, 0).sum().clamp(min=1)
     out = focal_triton.segmented_focal_loss([Segment(scores.permute(0, 2, 1), labels, scores=soft,
-                                                     normalizer=target_scores_sum)], loss="qfl", beta=0.0,
+                                                     normalizer=target_scores_sum)], loss="bce",
                                             check_labels=False)
     return out.total
 
@@ -125,7 +122,8 @@ def eager_rtdetr(inputs):
 
 def focal_triton_rtdetr(inputs):
     segments = [Segment(x, lab, scores=iou, normalizer=z) for x, lab, iou, z in _rtdetr_calls(inputs)]
-    return focal_triton.segmented_focal_loss(segments, loss="vfl", alpha=0.75, gamma=2.0, check_labels=False).total
+    return focal_triton.segmented_focal_loss(segments, loss="vfl_rtdetr", alpha=0.75, gamma=2.0,
+                                             check_labels=False).total
 
 
 PROVIDERS = {"yolov8": [("focal_triton", focal_triton_yolo, False), ("ultralytics eager", ultralytics_bce, False),

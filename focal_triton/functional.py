@@ -238,7 +238,8 @@ class SegmentLosses(NamedTuple):
 
 
 def segmented_focal_loss(segments, *, num_anchors=1, alpha=None, gamma=None, label_smoothing=0.0, background=-1,
-                         ignore_index=-2, check_labels=True, loss="fl", beta=None, iou_weighted=None):
+                         ignore_index=-2, check_labels=True, loss="fl", beta=None, iou_weighted=None,
+                         class_weights=None, detach_weight=None):
     r"""The class-index focal loss (or a relative, `loss=`) of several head outputs in one kernel launch: the
     decoder layers, encoder and denoising groups of a DETR, the one-to-many and one-to-one heads of a YOLO, the
     levels of an FPN. Each `Segment` brings its own logits (read in place, whatever their strides), labels, weights
@@ -254,8 +255,9 @@ def segmented_focal_loss(segments, *, num_anchors=1, alpha=None, gamma=None, lab
         segments: 1 to 16 `Segment`\ s (or tuples in its field order, or dicts of its fields) sharing dtype,
             device, N and C.
         num_anchors: A of 4-D logits (N, A*C, H, W); 3-D logits need A = 1 (the default).
-        alpha, gamma, label_smoothing, background, ignore_index, check_labels, loss, beta, iou_weighted: as
-            `multilevel_focal_loss`, shared by the segments.
+        alpha, gamma, label_smoothing, background, ignore_index, check_labels, loss, beta, iou_weighted,
+            class_weights, detach_weight: as `multilevel_focal_loss`, shared by the segments (e.g. ultralytics'
+            YOLO: loss="bce" with the assigner's soft scores; RT-DETR: loss="vfl_rtdetr" with the IoU scores).
 
     Returns:
         `SegmentLosses(total, per_segment)`: float32 (float64 for float64 logits) 0-d and (S,). Gradients flow to
@@ -268,7 +270,7 @@ def segmented_focal_loss(segments, *, num_anchors=1, alpha=None, gamma=None, lab
     """
     options = dict(alpha=alpha, gamma=gamma, label_smoothing=label_smoothing, background=background,
                    ignore_index=ignore_index, check_labels=check_labels, loss=loss, beta=beta,
-                   iou_weighted=iou_weighted)
+                   iou_weighted=iou_weighted, class_weights=class_weights, detach_weight=detach_weight)
     total, per_segment = _segments(V.segments_call(segments, num_anchors, options))
     return SegmentLosses(total, per_segment)
 

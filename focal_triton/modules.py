@@ -158,21 +158,26 @@ class SegmentedFocalLoss(nn.Module):
 
     def __init__(self, num_anchors: int = 1, alpha=None, gamma=None, label_smoothing: float = 0.0,
                  background: int = -1, ignore_index=-2, check_labels: bool = True, loss: str = "fl", beta=None,
-                 iou_weighted=None):
+                 iou_weighted=None, class_weights=None, detach_weight=None):
         super().__init__()
         check_class_index_options(loss, alpha, gamma, beta, iou_weighted, label_smoothing, background, ignore_index,
-                                  "sum", check_labels)
+                                  "sum", check_labels, class_weights=class_weights, detach_weight=detach_weight)
         self.num_anchors = check_int("num_anchors", num_anchors, 1)
         if isinstance(alpha, torch.Tensor):
             self.register_buffer("alpha", alpha.detach().clone())
         else:
             self.alpha = alpha
+        if isinstance(class_weights, torch.Tensor):
+            self.register_buffer("class_weights", class_weights.detach().clone())
+        else:
+            self.class_weights = None
         self.options = dict(gamma=gamma, label_smoothing=float(label_smoothing), background=background,
                             ignore_index=ignore_index, check_labels=check_labels, loss=loss, beta=beta,
-                            iou_weighted=iou_weighted)
+                            iou_weighted=iou_weighted, detach_weight=detach_weight)
 
     def forward(self, segments):
-        return segmented_focal_loss(segments, num_anchors=self.num_anchors, alpha=self.alpha, **self.options)
+        return segmented_focal_loss(segments, num_anchors=self.num_anchors, alpha=self.alpha,
+                                    class_weights=self.class_weights, **self.options)
 
     def extra_repr(self) -> str:
         alpha = "per-class tensor" if isinstance(self.alpha, torch.Tensor) else self.alpha

@@ -773,7 +773,7 @@ def segments_call(segments, num_anchors, options) -> SegmentsCall:
     kind, alpha, gamma, beta, iou_weighted, smoothing, _ = check_class_index_options(
         loss, options["alpha"], options["gamma"], options["beta"], options["iou_weighted"],
         options["label_smoothing"], options["background"], options["ignore_index"], "sum", options["check_labels"],
-        False, num_classes, device)
+        False, num_classes, device, options.get("class_weights"), options.get("detach_weight"))
     normalizers = []
     for i, ((_, labels, weights, scores, normalizer), x) in enumerate(zip(fields, logits)):
         shape = (num_images, x.shape[2] * x.shape[3] * num_anchors)
@@ -786,6 +786,8 @@ def segments_call(segments, num_anchors, options) -> SegmentsCall:
     cdt = compute_dtype(first.dtype)
     labels, label_row, weights, scores = _segment_columns([f[1] for f in fields], [f[2] for f in fields],
                                                           [f[3] for f in fields], num_images, cdt)
+    if scores is None and loss == "bce":  # hard targets: score 1 on the label's class
+        scores = torch.ones(labels.shape, dtype=cdt, device=device)
     if options["check_labels"] and labels.numel():
         try:
             check_label_range(labels, num_classes, options["background"], ignore_index)
@@ -806,8 +808,8 @@ def segments_call(segments, num_anchors, options) -> SegmentsCall:
 def _segment_columns(labels, weights, scores, num_images: int, dtype):
     """The segments' labels, weights and scores as one label layout (N, >= M) with one row stride: in place where
     each is a run of consecutive column slices of one tensor with the same row stride (FPN levels of one label
-    tensor), else concatenated (a copy 1/C the size of the logits; missing weights as ones)."""
-    has_weights, has_scores = any(w is not None for w in weights), scores[0] is not None
+    tensor), else concatenated (a copy 1/C the size of the logits; missing weights and "bce" scores as ones)."""
+    has_weights, has_scores = any(w is not None for w in weights), any(s is not None for s in scores)
     groups = [labels] + ([weights] if has_weights else []) + ([scores] if has_scores else [])
     shared = [None if any(t is None or (g is not labels and t.dtype != dtype) for t in g)
               else _shared_columns(g, num_images) for g in groups]
@@ -821,7 +823,9 @@ def _segment_columns(labels, weights, scores, num_images: int, dtype):
             out.append(torch.cat([w.to(dtype) if w is not None else torch.ones(l.shape, dtype=dtype, device=l.device)
                                   for w, l in zip(weights, labels)], dim=1))
         if has_scores:
-            out.append(torch.cat([s.to(dtype) for s in scores], dim=1))
+            out.append(torch.cat([s.detach().to(dtype) if s is not None else
+                                  torch.ones(l.shape, dtype=dtype, device=l.device) for s, l in zip(scores, labels)],
+                                 dim=1))
         row = out[0].shape[1]
     out = iter(out)
     lab = next(out)

@@ -3,7 +3,12 @@ segment's logits flattened by hand to (N, M_s, C) (a conv level: torchvision's p
 is), the flat class-index reference on each, the per-segment losses stacked and summed."""
 import torch
 from reference_multilevel import flatten_levels, focal_loss_ref
+from reference_detr import rtdetr_vfl, yolo_bce
 from reference_variants import class_index_ref
+
+# The DETR / YOLO kinds: the libraries' elementwise losses (tests/reference_detr.py).
+DETR_KINDS = {"bce": lambda x, lab, s, **kw: yolo_bce(x, lab, torch.ones(lab.shape) if s is None else s, **kw),
+              "vfl_rtdetr": rtdetr_vfl}
 
 
 def segment_flat(logits, num_anchors=1):
@@ -18,6 +23,14 @@ def segments_ref(segments, num_anchors=1, loss="fl", **kwargs):
         x = segment_flat(logits, num_anchors)
         if loss == "fl":
             per.append(focal_loss_ref(x, labels, weights=weights, normalizer=normalizer, **kwargs))
+        elif loss in DETR_KINDS:
+            kw = dict(kwargs)
+            ignore_index = kw.pop("ignore_index", -2)
+            el = DETR_KINDS[loss](x, labels, scores, **kw)
+            if weights is not None:
+                el = el * weights.double()[..., None]
+            el = torch.where((labels != ignore_index)[..., None], el, torch.zeros_like(el))
+            per.append(el.sum() / (1.0 if normalizer is None else normalizer))
         else:
             per.append(class_index_ref(loss, x, labels, scores=scores, weights=weights, normalizer=normalizer,
                                        **kwargs))

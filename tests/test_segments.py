@@ -279,6 +279,19 @@ def test_varifocal_segments_with_scores(backend):
           lambda b: [(b[0][0], labs[0], w, scs[0], 4.0), (b[0][1], labs[1], None, scs[1], None)], 1, loss="vfl")
 
 
+@pytest.mark.parametrize("loss", ["bce", "vfl_rtdetr"])
+def test_detr_and_yolo_kinds(backend, loss):
+    """The YOLO (ultralytics BCE on soft scores; scores left out on one segment: hard targets) and RT-DETR
+    (transformers' VFL) kinds over views of a stacked decoder tensor, against the libraries' transcribed losses."""
+    Q = 9
+    labs = [labels_(Q, seed=80 + i) for i in range(2)]
+    g = torch.Generator().manual_seed(11)
+    scs = [torch.rand(B, Q, generator=g).to(DEVICE) for _ in range(2)]
+    second = None if loss == "bce" else scs[1]
+    check([logits_((2, B, Q, C))],
+          lambda b: [(b[0][0], labs[0], None, scs[0], 4.0), (b[0][1], labs[1], None, second, None)], 1, loss=loss)
+
+
 def test_deterministic(backend):
     bases, make, a = case("stacked_lbqc")
     (o1, g1), (o2, g2) = run(bases, make, a), run(bases, make, a)

@@ -188,7 +188,12 @@ def focal_loss_and_grad(x, t, ts, c0, c1, gamma, GAMMA: tl.constexpr, FAST: tl.c
     u = er + t_own * (r - er)
     ce = tl.where(ts_own == 0.0, L, L + ts_own * a)
     m, g = modulation(u, log2_for_power(u, GAMMA), r * er, gamma, GAMMA)
-    alpha_t = c0 * (1.0 - t) + c1 * t  # exact at t = 0 and 1 (losses.LossSpec)
+    if FAST:
+        alpha_t = c0 * (1.0 - t) + c1 * t  # exact at t = 0 and 1 (losses.LossSpec)
+    else:
+        # float64: c1 - c0 of the two float32 scalars is exact, so is c0 + (c1 - c0) at t = 1 (one FMA, and the
+        # register budget of the float64 backward on sm_80 holds without a spill)
+        alpha_t = c0 + (tl.full([], c1, x.dtype) - tl.full([], c0, x.dtype)) * t
     loss = alpha_t * m * ce
     grad = tl.where(pos, alpha_t, -alpha_t) * (m * (ts_own - er) + g * (2.0 * t_own - 1.0) *
                                                tl.minimum(ce, _FLOAT32_MAX))

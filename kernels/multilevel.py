@@ -687,6 +687,23 @@ def normalize_partials_kernel(partials_ptr, norm_ptr, scale_ptr, segment_ptr, ou
     segment[s] = sum_n S_sn scale_sn in image order, out = sum_s segment[s] in segment order, and scale[n] (modes
     0-2, shared by the segments) or scale[s N + n] (3) for the backward."""
     acc_dtype = partials_ptr.dtype.element_ty
+    if NORM_MODE != 0:
+        # The tensor normalizers' scales first, BLOCK at a time (float64's division is a call: here few values
+        # are live across it, so nothing spills), read back by the sums after a barrier.
+        count = S * N if NORM_MODE == 3 else N
+        start = 0
+        while start < count:
+            offs = start + tl.arange(0, BLOCK)
+            m = offs < count
+            if NORM_MODE == 1:
+                v = tl.load(norm_ptr + offs * 0, mask=m, other=1).to(acc_dtype)
+            elif NORM_MODE == 2:
+                v = tl.load(norm_ptr + offs, mask=m, other=1).to(acc_dtype) * N.to(acc_dtype)
+            else:
+                v = tl.load(norm_ptr + offs, mask=m, other=1).to(acc_dtype)
+            tl.store(scale_ptr + offs, 1.0 / v, mask=m)
+            start += BLOCK
+        tl.debug_barrier()
     total = tl.sum(tl.zeros([BLOCK], acc_dtype), axis=0)
     s = 0
     while s < S:
@@ -701,16 +718,11 @@ def normalize_partials_kernel(partials_ptr, norm_ptr, scale_ptr, segment_ptr, ou
                 start += BLOCK
             if NORM_MODE == 0:
                 scale = 1.0 / (tl.full([], norm_hi, acc_dtype) + tl.full([], norm_lo, acc_dtype))
-            elif NORM_MODE == 1:
-                scale = 1.0 / tl.load(norm_ptr).to(acc_dtype)
-            elif NORM_MODE == 2:
-                scale = 1.0 / (tl.load(norm_ptr + n).to(acc_dtype) * N.to(acc_dtype))
-            else:
-                scale = 1.0 / tl.load(norm_ptr + s * N + n).to(acc_dtype)
-            if NORM_MODE == 3:
-                tl.store(scale_ptr + s * N + n, scale)
-            else:
                 tl.store(scale_ptr + n, scale)
+            elif NORM_MODE == 3:
+                scale = tl.load(scale_ptr + s * N + n)
+            else:
+                scale = tl.load(scale_ptr + n)
             seg_total += tl.sum(acc, axis=0) * scale
             n += 1
         tl.store(segment_ptr + s, seg_total.to(segment_ptr.dtype.element_ty))

@@ -125,7 +125,7 @@ def test_the_matrix_covers_every_launch(facts):
     for option in ("HAS_IGNORE", "HAS_WEIGHT", "HAS_ALPHA", "SMOOTH"):
         assert {f["constexprs"][option] for f in multilevel(facts)} == {"True", "False"}, option
     assert {(loss_kind(f), f["constexprs"]["MODE"]) for f in multilevel(variants)} == {
-        (kind, m) for kind in (1, 2, 3) for m in "0123"}
+        (kind, m) for kind in (1, 2, 3, *DETR_KIND_POWERS) for m in "0123"}
     # The compiled-in exponents beyond 2 (0, 1, 3, 4) are compiled once each, for sm_90.
     other_powers = [f for f in dense(facts) if f["constexprs"]["GAMMA"] in ("0", "1", "3", "4") and not loss_kind(f)]
     assert other_powers and all(f["archs"] == ["sm_90"] for f in other_powers)

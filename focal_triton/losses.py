@@ -51,8 +51,6 @@ class LossKind(enum.IntEnum):
 FL, FL_STAR, QFL, VFL = LossKind.FL, LossKind.FL_STAR, LossKind.QFL, LossKind.VFL
 BCE, VFL_RTDETR, VFL_RTDETR_GRAD, MAL, IA_BCE = (LossKind.BCE, LossKind.VFL_RTDETR, LossKind.VFL_RTDETR_GRAD,
                                                  LossKind.MAL, LossKind.IA_BCE)
-# The kinds whose target is the anchor's score on its label's class (they take `scores`).
-SCORED_KINDS = (QFL, VFL, BCE, VFL_RTDETR, VFL_RTDETR_GRAD, MAL, IA_BCE)
 
 # Class-index forms: loss name -> kind, and each kind's options with their defaults ("vfl_rtdetr" is
 # VFL_RTDETR or VFL_RTDETR_GRAD by its detach_weight).
@@ -68,6 +66,8 @@ LOSS_DEFAULTS = {
     "mal": dict(alpha=1.0, gamma=1.5),  # DEIM: mal_alpha None (1), gamma 1.5
     "ia_bce": dict(alpha=0.25, gamma=2.0),  # LW-DETR / RF-DETR: focal_alpha 0.25, gamma 2
 }
+# The losses whose target is the anchor's score on its label's class (they take `scores`): all but FL and FL*.
+SCORED_LOSSES = tuple(name for name, kind in LOSSES.items() if kind not in (FL, FL_STAR))
 
 LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LABEL_DTYPES = (torch.int32, torch.int64)

@@ -14,8 +14,8 @@ from typing import List, Optional
 import torch
 
 from .layouts import base_box, disjoint, is_dense, overlapping, segment_view
-from .losses import (INT32_MAX, LABEL_DTYPES, LOGIT_DTYPES, LOSS_DEFAULTS, LOSSES, MAX_LEVELS, MAX_SEGMENTS, LossKind,
-                     LossSpec, compute_dtype, encode)
+from .losses import (INT32_MAX, LABEL_DTYPES, LOGIT_DTYPES, LOSS_DEFAULTS, LOSSES, MAX_LEVELS, MAX_SEGMENTS,
+                     SCORED_LOSSES, LossKind, LossSpec, compute_dtype, encode)
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -215,9 +215,6 @@ def check_loss_options(loss, alpha, gamma, beta, iou_weighted, num_classes, devi
         return LossKind.QFL, -1.0, 0.0, check_qfl_beta(opts["beta"]), True
     return (LossKind.VFL, check_vfl_alpha(opts["alpha"]), check_gamma(opts["gamma"]), 0.0,
             check_bool("iou_weighted", opts["iou_weighted"]))
-
-
-SCORED_LOSSES = ("qfl", "vfl", "bce", "vfl_rtdetr", "mal", "ia_bce")
 
 
 def check_scores(scores, loss: str, shape, device):

@@ -10,11 +10,12 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade "pip>=23" "setuptools>=64" wheel
 
-$(VENV)/.installed-test: pyproject.toml | $(PY)
+# The install builds the CPU path's C loop (focal_triton/cpu/negatives.c) in place: rebuilt when it changes.
+$(VENV)/.installed-test: pyproject.toml focal_triton/cpu/negatives.c | $(PY)
 	$(PY) -m pip install -e ".[test,integrations]"
 	touch $@
 
-$(VENV)/.installed-bench: pyproject.toml | $(PY)
+$(VENV)/.installed-bench: pyproject.toml focal_triton/cpu/negatives.c | $(PY)
 	$(PY) -m pip install -e ".[bench]"
 	touch $@
 
@@ -51,4 +52,4 @@ gpu-check:
 	$(GPU_PYTHON) bench/gpu_check.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis gpu-report
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis gpu-report focal_triton/cpu/_negatives*.so

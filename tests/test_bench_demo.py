@@ -15,7 +15,9 @@ def test_demo_runs_and_matches_torchvision():
     lines = r.stdout.splitlines()
     ours = next(line for line in lines if line.startswith("loss = "))
     theirs = next(line for line in lines if line.startswith("torchvision: loss = "))
-    assert ours.split()[2] == theirs.split()[3]  # same printed loss
+    # the same loss to float32 rounding (two float32 sums of 1.2M terms and a division: ours rounds a float64 sum
+    # once, torchvision accumulates in float32; they may differ in the last bit or two)
+    assert abs(float(ours.split()[2]) - float(theirs.split()[3])) <= 2.4e-7 * abs(float(theirs.split()[3]))
     assert float(theirs.split()[-1]) < 1e-6  # max |grad difference|
     assert any(line.startswith("forward + backward") for line in lines)
     ml = next(line for line in lines if line.startswith("multilevel loss = ")).split()

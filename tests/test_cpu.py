@@ -1,8 +1,9 @@
 """The CPU path's negatives' pass (focal_triton/cpu/): every element as a negative over raw storage, then
-positives and ignored anchors (dense targets: every nonzero target) fixed up by index. Checked against the float64 reference and the
-general torch path, and checked to have run (not silently fallen back). The gradient its forward computes lives in
-the autograd graph of its own call (focal_triton/ops/): tested for staleness, grad modes, inference
-tensors, lifetime and precision."""
+positives and ignored anchors (dense targets: every nonzero target) fixed up by index. Both of its forms, the
+compiled loop (cpu/native.py, cpu/negatives.c) and the torch form (cpu/math.py), through the `form` fixture.
+Checked against the float64 reference and the general torch path, and checked to have run (not silently fallen
+back). The gradient its forward computes lives in the autograd graph of its own call (focal_triton/ops/): tested
+for staleness, grad modes, inference tensors, lifetime and precision."""
 import gc
 
 import numpy as np
@@ -18,10 +19,29 @@ import focal_triton
 from focal_triton.cpu import dense as cpu_dense
 from focal_triton.cpu import math as cpu_math
 from focal_triton.cpu import multilevel as cpu_multilevel
+from focal_triton.cpu import native as cpu_native
+
+# Elements per task of the compiled loop in these tests: many tasks per level, ragged last ones.
+SMALL_TASKS = 1000
+
+
+@pytest.fixture(params=["compiled", "torch form"])
+def form(request, monkeypatch):
+    """The negatives' pass's form: the compiled loop (small tasks; skipped where the extension was not built,
+    which tests/test_cpu_native.py::test_extension_is_built_where_a_compiler_is allows only without a compiler) or
+    the torch form."""
+    if request.param == "compiled":
+        if not cpu_native.built():
+            pytest.skip("focal_triton.cpu._negatives was not built (no C compiler at install)")
+        monkeypatch.setenv(cpu_native.NATIVE_ENV, "1")
+        monkeypatch.setattr(cpu_native, "CHUNK", SMALL_TASKS)
+    else:
+        monkeypatch.setenv(cpu_native.NATIVE_ENV, "0")
+    return request.param
 
 
 @pytest.fixture
-def fast(monkeypatch):
+def fast(monkeypatch, form):
     """Force the torch path and record, in order, whether the fast path produced each result (None = fell back):
     ("forward_sum", ok), ("backward_scalar", ok), and ("kept_gradient", True) where a backward used the gradient
     its forward computed (no pass over the logits)."""
@@ -130,36 +150,45 @@ def test_weights_and_per_class_alpha_keep_the_general_path(fast):
     assert fast == []
 
 
+def _spy_passes(monkeypatch):
+    """The multi-level negatives' passes over the logits, in order: "loss" or "loss and gradient"."""
+    passes = []
+    real = cpu_multilevel._negatives_pass
+    monkeypatch.setattr(cpu_multilevel, "_negatives_pass", lambda *a: passes.append(
+        "loss" if a[5] is None else "loss and gradient") or real(*a))
+    return passes
+
+
 def test_forward_computes_the_gradient_the_backward_scales(fast, monkeypatch):
     """float32 logits that require grad: the forward computes the gradient in its own pass and the backward only
     scales it (no second pass over the logits), also a second time (retain_graph); the same values either way."""
     levels, labels = make_levels(HWS, layout="mix"), make_labels(hws=HWS)
-    passes = []
-    real_map = cpu_math.run_chunks
-    monkeypatch.setattr(cpu_math, "run_chunks", lambda fn, tasks: passes.append(fn.__name__) or real_map(fn, tasks))
+    passes = _spy_passes(monkeypatch)
     leaves = leaves_of(levels)
     loss = focal_triton.multilevel_focal_loss(leaves, labels, 3, normalizer=torch.tensor([3.0, 5.0]))
     (g1,) = torch.autograd.grad(loss, leaves[0], retain_graph=True)
     (g2,) = torch.autograd.grad(loss * 1.0, leaves[0])
-    assert passes == ["chunk_sum"]
+    assert passes == ["loss and gradient"]
     assert torch.equal(g1, g2)
     # the recomputing backward (what 16-bit logits take: no kept gradient) gives the same bits as the kept one
     monkeypatch.setattr(cpu_multilevel, "keeps_gradient", lambda *a: False)
     loss = focal_triton.multilevel_focal_loss(leaves, labels, 3, normalizer=torch.tensor([3.0, 5.0]))
     (g3,) = torch.autograd.grad(loss, leaves[0])
-    assert passes == ["chunk_sum", "chunk_sum", "chunk_grad"] and torch.equal(g1, g3)
+    assert passes == ["loss and gradient", "loss", "loss and gradient"] and torch.equal(g1, g3)
     ref_loss, ref_grads = general(levels, labels, monkeypatch, normalizer=torch.tensor([3.0, 5.0]))
     torch.testing.assert_close(g1, ref_grads[0], rtol=1e-5, atol=1e-8)
 
 
-def _reference_weight_grad(head, features, labels, normalizer):
-    """The head's weight gradient through the float64 reference (an independent formula, no focal_triton)."""
+def _reference_grads(head, features, levels, labels, normalizer):
+    """Through the float64 reference (an independent formula, no focal_triton): the loss's gradients w.r.t. the
+    given float32 levels (taken exactly), and the head's weight gradient of the float64 head."""
+    leaves = [lv.detach().double().requires_grad_(True) for lv in levels]
+    level_grads = torch.autograd.grad(focal_loss_ref(flatten_levels(leaves, 3), labels) / normalizer, leaves)
     h64 = torch.nn.Conv2d(8, 15, 3, padding=1).double()
     h64.load_state_dict({k: v.double() for k, v in head.state_dict().items()})
-    levels = [h64(f.double()) for f in features]
-    loss = focal_loss_ref(flatten_levels(levels, 3), labels) / normalizer
+    loss = focal_loss_ref(flatten_levels([h64(f.double()) for f in features], 3), labels) / normalizer
     loss.backward()
-    return h64.weight.grad
+    return level_grads, h64.weight.grad
 
 
 @pytest.mark.parametrize("general_forward", ["return_stats", "weights"])
@@ -167,7 +196,11 @@ def test_no_stale_gradient_in_a_training_loop(fast, general_forward):
     """The hardening issue's row 1: a fast-path forward whose backward never runs (a loss for logging), then a
     forward on the same level tensors that takes the general path, with fresh labels: the backward must be that
     call's. The fresh labels reuse the old ones' memory (numpy memory rewritten in place: the label tensor keeps
-    its address and its version, what a side table keyed on pointers and versions could not tell apart)."""
+    its address and its version, what a side table keyed on pointers and versions could not tell apart).
+
+    The levels' gradients (the op's output) are held to the suite's float32 tolerance; the head's float32 weight
+    gradient, a sum of ~100 products per element by the convolution's backward, to 8 float32 ulps of its largest
+    element (its own rounding: ~2e-7 here, with either form; a stale gradient is off by tens of percent)."""
     torch.manual_seed(0)
     head = torch.nn.Conv2d(8, 15, 3, padding=1)
     features = [torch.randn(2, 8, 5, 3), torch.randn(2, 8, 1, 2)]
@@ -177,6 +210,8 @@ def test_no_stale_gradient_in_a_training_loop(fast, general_forward):
     rng = np.random.default_rng(0)
     for step in range(8):
         levels = [head(f) for f in features]
+        for lv in levels:
+            lv.retain_grad()
         buffer[...] = np.where(rng.random((2, m)) < 0.3, rng.integers(0, 5, (2, m)), -1)
         focal_triton.multilevel_focal_loss(levels, labels, 3, normalizer=4.0).detach()  # logged, no backward
         buffer[...] = np.where(rng.random((2, m)) < 0.3, rng.integers(0, 5, (2, m)), -1)  # the next labels
@@ -185,8 +220,11 @@ def test_no_stale_gradient_in_a_training_loop(fast, general_forward):
         loss = out[0] if general_forward == "return_stats" else out
         head.zero_grad()
         loss.backward()
-        ref = _reference_weight_grad(head, features, labels, 4.0)
-        torch.testing.assert_close(head.weight.grad.double(), ref, rtol=2e-5, atol=1e-7, msg=f"step {step}")
+        ref_levels, ref = _reference_grads(head, features, levels, labels, 4.0)
+        for lv, r in zip(levels, ref_levels):
+            torch.testing.assert_close(lv.grad.double(), r, rtol=1e-5, atol=1e-7, msg=f"step {step}")
+        torch.testing.assert_close(head.weight.grad.double(), ref, rtol=2e-5, atol=8 * 2**-23 * ref.abs().max().item(),
+                                   msg=f"step {step}")
     assert ("forward_sum", True) in fast
 
 
@@ -194,9 +232,7 @@ def test_no_stale_gradient_in_a_training_loop(fast, general_forward):
 def test_no_gradient_work_without_grad_mode(fast, monkeypatch, mode):
     """A loss computed under no_grad / inference_mode (a validation loss) on logits that require grad computes
     and allocates no gradient."""
-    grad_work = []
-    real = cpu_math.negative_grad
-    monkeypatch.setattr(cpu_math, "negative_grad", lambda *a: grad_work.append(1) or real(*a))
+    passes = _spy_passes(monkeypatch)
     levels, labels = make_levels(HWS, layout="mix"), make_labels(hws=HWS)
     leaves = leaves_of(levels)
     allocated = []
@@ -207,11 +243,11 @@ def test_no_gradient_work_without_grad_mode(fast, monkeypatch, mode):
         loss = focal_triton.multilevel_focal_loss(leaves, labels, 3)
     ref = focal_loss_ref(flatten_levels(levels, 3), labels)
     torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=0)
-    assert fast == [("forward_sum", True)] and not grad_work
+    assert fast == [("forward_sum", True)] and passes == ["loss"]
     assert not any(shape in allocated for shape in [tuple(x.shape) for x in levels])
     # the same call with grad mode on does keep the gradient (the spy sees it)
     focal_triton.multilevel_focal_loss(leaves, labels, 3)
-    assert grad_work
+    assert passes == ["loss", "loss and gradient"]
 
 
 def test_inference_mode_tensors(fast):
@@ -309,8 +345,8 @@ def test_sum_is_accurate_to_float32_rounding_at_any_share_of_positives(fast, sha
 # ---- dense targets (sigmoid_focal_loss) ------------------------------------------------------------------------
 
 @pytest.fixture
-def dense_fast(monkeypatch):
-    """Force the torch path with small chunks (many chunks, ragged last one) and record each dense pass:
+def dense_fast(monkeypatch, form):
+    """Force the torch path with small chunks or tasks (many, ragged last one) and record each dense pass:
     ("forward", ok) / ("backward", ok), and ("kept_gradient", True) where a backward used the forward's gradient."""
     monkeypatch.setenv("FOCAL_TRITON_BACKEND", "torch")
     monkeypatch.setattr(cpu_math, "FAST_CHUNK", 1000)
@@ -414,7 +450,7 @@ def test_special_offsets_are_the_sorted_offsets(layout, hw):
         level = level.contiguous(memory_format=torch.channels_last)
     m = hw[0] * hw[1] * a
     labels = torch.randint(-2, c, (n, m), generator=g)
-    chunks = cpu_multilevel._chunks(level)
+    chunks = cpu_multilevel._chunks(level, 7)
     special = cpu_multilevel._Special(level, labels.view(n, hw[0] * hw[1], a), a, -2, chunks)
     expected = []
     for i in range(n):

@@ -13,7 +13,7 @@ Sums are added in a fixed order (chunks, then the fix-ups) in float64: repeatabl
 import torch
 
 from ..losses import FL, compute_dtype, flat
-from . import math
+from . import math, native
 
 
 def keeps_gradient(x, spec) -> bool:
@@ -36,10 +36,13 @@ def _negatives_pass(x, t, spec, reduction, out_dtype, want_loss, want_grad, fact
     n = x.numel()
     c0, c1 = spec.c0, spec.c1
     gamma = spec.gamma
-    chunks = [(start, min(start + math.FAST_CHUNK, n), 0) for start in range(0, n, math.FAST_CHUNK)]
+    elementwise = want_loss and reduction == "none"
+    # The compiled pass: sums and a scalar-factor gradient (an elementwise loss or upstream: the torch form).
+    compiled = native.available(x.dtype) and not elementwise and upstream is None
+    size = native.CHUNK if compiled else math.FAST_CHUNK
+    chunks = [(start, min(start + size, n), 0) for start in range(0, n, size)]
     fx, ft = flat(x), flat(t)
     special = math.Offsets(ft.nonzero().squeeze(1), chunks)
-    elementwise = want_loss and reduction == "none"
     loss = torch.empty_like(x, dtype=out_dtype) if elementwise else None
     grad = torch.empty_like(x) if want_grad else None
     fl = flat(loss) if elementwise else None
@@ -69,8 +72,11 @@ def _negatives_pass(x, t, spec, reduction, out_dtype, want_loss, want_grad, fact
                 fg[start:end].mul_(fu[start:end])
         return check
 
-    checks = math.run_chunks(chunk_pass, list(enumerate(chunks)))
-    sums = torch.stack(checks).double()
+    if compiled:
+        sums = native.negatives([(fx, fg, start, end, (special.offsets,) + special.bounds(i), c0 * factor)
+                                 for i, (start, end, _) in enumerate(chunks)], x.dtype, gamma, 0.0)
+    else:
+        sums = torch.stack(math.run_chunks(chunk_pass, list(enumerate(chunks)))).double()
     if not bool(torch.isfinite(sums).all()):
         return None
     idx = special.offsets

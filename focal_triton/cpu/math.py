@@ -244,6 +244,10 @@ class Offsets:
         self.lo = torch.searchsorted(self.offsets, starts).tolist()
         self.hi = torch.searchsorted(self.offsets, ends).tolist()
 
+    def bounds(self, i: int):
+        """(lo, hi): offsets[lo:hi] lie in chunk i."""
+        return self.lo[i], self.hi[i]
+
     def in_chunk(self, i: int, start: int):
         """Offsets inside chunk i, relative to its start (None if none)."""
         lo, hi = self.lo[i], self.hi[i]

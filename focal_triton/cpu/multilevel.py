@@ -1,9 +1,10 @@
-"""The CPU path of the class-index loss over a head's levels: the kernels' contract in pure torch.
+"""The CPU path of the class-index loss over a head's levels: the kernels' contract in torch (and one C loop).
 
 Each level is viewed in place as (N, HW, A, C) (`losses.anchor_view`: NCHW and channels_last alike, no copy).
 
 - The common case, FL with "sum", a number for alpha, no per-anchor weights, 16/32-bit logits: the negatives'
-  pass (`cpu.math`) over each level's raw storage, image by image in chunks, then the few other elements fixed up
+  pass over each level's raw storage, image by image in chunks (`cpu.native`'s compiled loop for float32 and
+  bfloat16 where it was built, else the torch form of `cpu.math`), then the few other elements fixed up
   by index: their storage offsets are excluded from the chunk sums, each positive anchor's element (class = label)
   gets its t = 1 value and gradient (the general formula), each ignored anchor's row of C classes contributes 0
   and gets a zero gradient, whatever its logits. With keep_grad the forward computes the gradient in the same
@@ -13,13 +14,13 @@ Each level is viewed in place as (N, HW, A, C) (`losses.anchor_view`: NCHW and c
   general form per image in chunks of whole positions of about GENERAL_CHUNK logits; the one-hot target and every
   intermediate are chunk-sized, never logit-sized.
 
-Sums are added in a fixed order (chunks, levels, images) in float64: repeatable for a given number of torch
-threads, accurate to float32 rounding whatever the share of positives.
+Sums are added in a fixed order (chunks, levels, images) in float64: repeatable (the torch form: for a given number
+of torch threads), accurate to float32 rounding whatever the share of positives.
 """
 import torch
 
 from ..losses import BCE, FL, anchor_view, compute_dtype, flat, per_level
-from . import math
+from . import math, native
 
 
 def keeps_gradient(levels, weights, alpha_per_class, spec, with_stats) -> bool:
@@ -108,17 +109,17 @@ def _weighted(loss, grad, lab, w, ignore_index):
 
 # --- negatives' pass --------------------------------------------------------------------------------------------
 
-def _chunks(level):
-    """(start, end, image) storage ranges of one level: per image, in chunks of at most FAST_CHUNK."""
+def _chunks(level, size):
+    """(start, end, image) storage ranges of one level: per image, in chunks of at most size elements."""
     per_image = level[0].numel() if level.shape[0] else 0
-    return [(s, min(s + math.FAST_CHUNK, (n + 1) * per_image), n)
-            for n in range(level.shape[0]) for s in range(n * per_image, (n + 1) * per_image, math.FAST_CHUNK)]
+    return [(s, min(s + size, (n + 1) * per_image), n)
+            for n in range(level.shape[0]) for s in range(n * per_image, (n + 1) * per_image, size)]
 
 
-def _tasks(levels):
+def _tasks(levels, size):
     """Every chunk of every level: (level index, chunk index in the level, start, end, image), in a fixed order."""
     return [(li, i, start, end, n) for li, level in enumerate(levels)
-            for i, (start, end, n) in enumerate(_chunks(level))]
+            for i, (start, end, n) in enumerate(_chunks(level, size))]
 
 
 class _Special(math.Offsets):
@@ -181,8 +182,8 @@ class _Special(math.Offsets):
         return n * st[0] + (a * C + cls) * st[1] + (hw // W) * st[2] + (hw % W) * st[3]
 
 
-def _specials(levels, labels, num_anchors, ignore_index):
-    return [_Special(level, lab, num_anchors, ignore_index, _chunks(level))
+def _specials(levels, labels, num_anchors, ignore_index, size):
+    return [_Special(level, lab, num_anchors, ignore_index, _chunks(level, size))
             for level, lab in zip(levels, per_level(labels, levels, num_anchors))]
 
 
@@ -208,43 +209,61 @@ def _fix_gradients(outs, levels, specials, num_anchors, factor, spec):
             view[sp.ignored] = 0
 
 
-@torch.no_grad()
-def _fast_forward(levels, labels, spec, ignore_index, num_anchors, with_grad, scale):
-    """(per-image sums (N,) float64 of the focal loss, gradients or None), or None where a negative's logit is not
-    finite. with_grad: also the gradient of sum_n scale[n] loss_n, one tensor per level in its layout, from the
-    same pass over the logits."""
-    N = levels[0].shape[0]
+def _negatives_pass(levels, labels, spec, ignore_index, num_anchors, factors):
+    """The negatives' pass over every level: (per image the float64 sum of m bce over its negatives, specials,
+    gradients or None). factors None (no gradient) or per image the gradient's factor (upstream times scale[n]):
+    each level's gradient of c0 sum_n factors[n] loss_n over its negatives, 0 at its specials (fixed up by the
+    caller), in the level's layout. The compiled loop (`cpu.native`) where it takes the dtype, else the torch form
+    in chunks; the same formulas, the factor folded into the last multiply (for upstream 1 the forward's and the
+    backward's gradients are the same bits)."""
     c0, gamma, ts = spec.c0, spec.gamma, 0.5 * spec.smoothing
-    tasks = _tasks(levels)
-    specials = _specials(levels, labels, num_anchors, ignore_index)
+    compiled = native.available(levels[0].dtype)
+    size = native.CHUNK if compiled else math.FAST_CHUNK
+    tasks = _tasks(levels, size)
+    specials = _specials(levels, labels, num_anchors, ignore_index, size)
     flats = [flat(lv) for lv in levels]
-    f = scale.float().tolist()
-    outs = [torch.empty_like(lv) for lv in levels] if with_grad else None
-    out_flats = [flat(o) for o in outs] if with_grad else None
+    outs = [torch.empty_like(lv) for lv in levels] if factors is not None else None
+    out_flats = [flat(o) for o in outs] if outs is not None else None
+    k = [c0 * v for v in factors] if factors is not None else None
 
-    def chunk_sum(task, buf):
+    def chunk(task, buf):
         li, i, start, end, n = task
         x, m, e, p, q, s = buf.take(end - start)
         x = math.load(flats[li][start:end], x)
-        math.negative_parts(x, p, q if with_grad else None, s, ts)
+        math.negative_parts(x, p, q if outs is not None else None, s, ts)
         special = specials[li].in_chunk(i, start)
         if special is not None:                         # positives and ignored rows: not negatives
             s.index_fill_(0, special, 0.0)
             p.index_fill_(0, special, 0.0)
         m = math.power(m, p, gamma)
         loss = math.negative_loss(e, s, m)
-        if with_grad:                                   # the image's factor folded into the last multiply
-            math.negative_grad(p, q, s, m, out_flats[li][start:end], c0 * f[n], gamma, ts)
+        if outs is not None:
+            math.negative_grad(p, q, s, m, out_flats[li][start:end], k[n], gamma, ts)
         # torch's cascade sum (a BLAS dot accumulates sequentially, ~10x the rounding error over a chunk)
         return loss.sum()
 
-    values = math.run_chunks(chunk_sum, tasks)
-    partials = [[] for _ in range(N)]
-    for task, v in zip(tasks, values):
-        partials[task[4]].append(v)
+    if compiled:
+        values = native.negatives(
+            [(flats[li], out_flats[li] if outs is not None else None, start, end,
+              (specials[li].offsets,) + specials[li].bounds(i), k[n] if k is not None else 0.0)
+             for li, i, start, end, n in tasks], levels[0].dtype, gamma, ts).tolist()
+    else:
+        values = [v.item() for v in math.run_chunks(chunk, tasks)]
+    per_image = [0.0] * levels[0].shape[0]
+    for (_, _, _, _, n), v in zip(tasks, values):  # in order: repeatable
+        per_image[n] += v
+    return torch.tensor(per_image, dtype=torch.float64), specials, outs
+
+
+@torch.no_grad()
+def _fast_forward(levels, labels, spec, ignore_index, num_anchors, with_grad, scale):
+    """(per-image sums (N,) float64 of the focal loss, gradients or None), or None where a negative's logit is not
+    finite. with_grad: also the gradient of sum_n scale[n] loss_n, one tensor per level in its layout, from the
+    same pass over the logits."""
+    sums, specials, outs = _negatives_pass(levels, labels, spec, ignore_index, num_anchors,
+                                           scale.float().tolist() if with_grad else None)
     # float64 from here: a float32 running sum of many positives' terms (index_add_) would drift by ~n eps.
-    sums = torch.stack([torch.stack(ps).double().sum() if ps else torch.zeros((), dtype=torch.float64)
-                        for ps in partials]) * c0
+    sums = sums * spec.c0
     for sp, (_, loss, _) in zip(specials, _positive_terms(levels, specials, num_anchors, spec, False)):
         if loss.numel():
             sums.index_add_(0, sp.positives[0].long(), loss.double())
@@ -260,30 +279,8 @@ def _fast_backward(upstream, scale, levels, labels, spec, ignore_index, num_anch
     """Gradients of upstream * sum_n scale[n] * loss_n w.r.t. each level (in its layout and dtype), or None where a
     negative's logit is not finite. upstream: the 0-d upstream gradient; scale: (N,)."""
     factor = upstream.float() * scale.float()
-    c0, gamma, ts = spec.c0, spec.gamma, 0.5 * spec.smoothing
-    outs = [torch.empty_like(lv) for lv in levels]
-    tasks = _tasks(levels)
-    specials = _specials(levels, labels, num_anchors, ignore_index)
-    flats, out_flats = [flat(lv) for lv in levels], [flat(o) for o in outs]
-    f = factor.tolist()
-
-    def chunk_grad(task, buf):
-        li, i, start, end, n = task
-        x, m, e, p, q, s = buf.take(end - start)
-        x = math.load(flats[li][start:end], x)
-        math.negative_parts(x, p, q, s, ts)
-        special = specials[li].in_chunk(i, start)
-        if special is not None:                         # overwritten below, whatever their logits
-            s.index_fill_(0, special, 0.0)
-            p.index_fill_(0, special, 0.0)
-        check = s.sum()
-        # The forward's arithmetic (with_grad), the factor folded in the same way: with upstream gradient 1, the
-        # same bits whichever pass computes it.
-        math.negative_grad(p, q, s, math.power(m, p, gamma), out_flats[li][start:end], c0 * f[n], gamma, ts)
-        return check
-
-    checks = math.run_chunks(chunk_grad, tasks)
-    if checks and not bool(torch.isfinite(torch.stack(checks)).all()):
+    sums, specials, outs = _negatives_pass(levels, labels, spec, ignore_index, num_anchors, factor.tolist())
+    if not bool(torch.isfinite(sums).all()):
         return None
     _fix_gradients(outs, levels, specials, num_anchors, factor, spec)
     return outs

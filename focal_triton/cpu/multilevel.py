@@ -199,9 +199,10 @@ def _positive_terms(levels, specials, num_anchors, spec, want_grad):
     return out
 
 
-def _fix_gradients(outs, levels, specials, num_anchors, factor, spec):
-    """Positives' elements get their t = 1 gradient (times factor[image]); ignored anchors' rows get 0."""
-    for out, sp, (idx, _, grad) in zip(outs, specials, _positive_terms(levels, specials, num_anchors, spec, True)):
+def _fix_gradients(outs, specials, positives, num_anchors, factor):
+    """Positives' elements get their t = 1 gradient (`_positive_terms`, times factor[image]); ignored anchors' rows
+    get 0."""
+    for out, sp, (idx, _, grad) in zip(outs, specials, positives):
         view = anchor_view(out, num_anchors)
         if grad.numel():
             view[idx] = (grad * factor[sp.positives[0].long()]).to(out.dtype)
@@ -264,13 +265,14 @@ def _fast_forward(levels, labels, spec, ignore_index, num_anchors, with_grad, sc
                                            scale.float().tolist() if with_grad else None)
     # float64 from here: a float32 running sum of many positives' terms (index_add_) would drift by ~n eps.
     sums = sums * spec.c0
-    for sp, (_, loss, _) in zip(specials, _positive_terms(levels, specials, num_anchors, spec, False)):
+    positives = _positive_terms(levels, specials, num_anchors, spec, with_grad)
+    for sp, (_, loss, _) in zip(specials, positives):
         if loss.numel():
             sums.index_add_(0, sp.positives[0].long(), loss.double())
     if not bool(torch.isfinite(sums).all()):
         return None
     if with_grad:
-        _fix_gradients(outs, levels, specials, num_anchors, scale.float(), spec)
+        _fix_gradients(outs, specials, positives, num_anchors, scale.float())
     return sums, outs
 
 
@@ -282,7 +284,7 @@ def _fast_backward(upstream, scale, levels, labels, spec, ignore_index, num_anch
     sums, specials, outs = _negatives_pass(levels, labels, spec, ignore_index, num_anchors, factor.tolist())
     if not bool(torch.isfinite(sums).all()):
         return None
-    _fix_gradients(outs, levels, specials, num_anchors, factor, spec)
+    _fix_gradients(outs, specials, _positive_terms(levels, specials, num_anchors, spec, True), num_anchors, factor)
     return outs
 
 

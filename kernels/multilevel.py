@@ -639,14 +639,15 @@ def multilevel_focal_kernel(
             # finds no tile left.
             if ROW_PAIRS:
                 if sk % 2 == 0:
-                    sk2 = (sk // 2) * 2  # == sk; tells the compiler that class rows start at even elements
+                    # (a name not of the form sk<i>: those are the segments' arguments, read again by _pick)
+                    sk_pairs = (sk // 2) * 2  # == sk; tells the compiler that class rows start at even elements
                     while j < full_end:  # tile loop: NCHW full pairs
                         j, ht, a, ct, acc_np, _u1, _u2, _u3 = _tile_step(
                             j, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc_np, unused, unused, unused, xp, op, gp,
-                            lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, sk2, sp, sp, hw, A, C, anchor_level, g0,
-                            lc0, lc1, gc0, gc1, gamma, beta, half_smoothing, ignore_index, MODE, STATS, False, False,
-                            False, False, True, LOSS_KIND, GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST,
-                            SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
+                            lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, sk_pairs, sp, sp, hw, A, C, anchor_level,
+                            g0, lc0, lc1, gc0, gc1, gamma, beta, half_smoothing, ignore_index, MODE, STATS, False,
+                            False, False, False, True, LOSS_KIND, GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH,
+                            FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
             if CLASS_ALIGNED:
                 while j < full_end:  # tile loop: NCHW full
                     j, ht, a, ct, acc, _u1, _u2, _u3 = _tile_step(

@@ -244,10 +244,10 @@ def multilevel_spec(x_dtype, lab: str, mode: int, power: int, aligned_c: bool, t
         vector_load_bytes=wide * (2 if mode == mf.MODE_GRAD_TENSOR else 1),
         vector_store_bytes=0 if mode == mf.MODE_SUM else wide, elements_per_thread=per_thread,
         tile_access_bytes={g: per_thread * _itemsize(_TRITON_TO_TORCH[t]) for g, t in ptr_types.items()},
-        # masked NCHW and channels_last, and for a class-aligned head their unmasked full tiles (bf16: NCHW twice,
-        # as pairs of positions and singly)
+        # masked NCHW and channels_last, and for a class-aligned head their unmasked full tiles (bf16: NCHW three
+        # times, as quads and pairs of positions and singly)
         # (and the generic gather's masked body where compiled)
-        tile_bodies=((5 if x_dtype == torch.bfloat16 else 4) if aligned_c else 2) + int(generic), param_groups=groups,
+        tile_bodies=((6 if x_dtype == torch.bfloat16 else 4) if aligned_c else 2) + int(generic), param_groups=groups,
         tile_bytes=per_thread * _itemsize(x_dtype),
         archs=archs, tile_loop_depth=2)
 

@@ -306,12 +306,18 @@ def bound(instructions_per_logit: float, mufu_per_logit: float, bytes_per_logit:
 
 def loop_weights(tile_hw: int, loops, hws=RETINANET_HW) -> dict:
     """Share of the logits that each tile loop of a layout takes, for levels of hws positions and tiles of tile_hw
-    positions: full tiles ("pairs": the NCHW pair loop of bf16, which takes the levels of even hw, where the layout
-    has it; "full" the others) and edge tiles (masked: the last, partial position tile of each level)."""
+    positions: full tiles ("quads" / "pairs": the NCHW loops of bf16 that take the levels of hw a multiple of 4 /
+    the other even ones, where the layout has them; "full" the others) and edge tiles (masked: the last, partial
+    position tile of each level)."""
     shares = dict.fromkeys(loops, 0.0)
     for hw in hws:
         full = (hw // tile_hw) * tile_hw
-        shares["pairs" if ("pairs" in loops and hw % 2 == 0) else "full"] += full
+        if "quads" in loops and hw % 4 == 0:
+            shares["quads"] += full
+        elif "pairs" in loops and hw % 2 == 0:
+            shares["pairs"] += full
+        else:
+            shares["full"] += full
         shares["edge"] += -(-hw // tile_hw) * tile_hw - full
     total = sum(shares.values())
     return {k: v / total for k, v in shares.items()}

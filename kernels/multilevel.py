@@ -14,8 +14,10 @@ logit. Per image, the tiles of level l are numbered from ts_l on in (position ti
 layouts. The tiles of every position tile but the last, partial one are full (in a class-aligned head,
 CLASS_ALIGNED: C % 16 == 0, where the class tiles are full too): a prefix of the level's tiles, run by an unmasked
 loop; the rest by a masked one. Full channels_last tiles are rows of 16 aligned classes that load in 128-bit
-accesses; NCHW tiles run along hw, whose alignment is unknown: 16-bit accesses, or 32-bit for bf16 where hw is even
-(two positions per word). bf16 logits are read as int32 words of two and unpacked by bit operations.
+accesses; NCHW tiles run along hw, whose alignment is unknown to the compiler: 16-bit accesses, for bf16 64-bit ones
+where hw is a multiple of 4 (four positions) and 32-bit ones where it is even (two positions per word), each a
+branch at run time (sizes stay unspecialized). bf16 logits are read as int32 words of two and unpacked by bit
+operations.
 
 Grid: P = floor(resident programs / N) programs per image (one wave), program (n, p) = pid n * P + p takes the tiles
 p, p + P, ... of image n over all levels (a loop over levels picks each level's pointers and sizes once with a chain
@@ -100,15 +102,16 @@ def _class_in_tile(label, c_start, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _unpack_bf16_pairs(v):
+def _unpack_bf16_pairs(v, abs_lo, abs_hi):
     """Two bf16 logits per int32 word v (the lower one first): (x, |x|, x >= 0) of each, by bit operations (the
-    compiler's own bf16 -> float32 path unpacks the halves into 16-bit registers first: twice the instructions)."""
-    x_lo = (v << 16).to(tl.float32, bitcast=True)
+    compiler's own bf16 -> float32 path unpacks the halves into 16-bit registers first: twice the instructions).
+    |x| is the word's bits and abs_lo (of v << 16) / abs_hi: 0x7FFFFFFF / 0x7FFF0000, or 0 to read a half as 0."""
+    v_lo = v << 16
+    x_lo = v_lo.to(tl.float32, bitcast=True)
     x_hi = (v & -65536).to(tl.float32, bitcast=True)
-    v_abs = v & 0x7FFF7FFF
-    a_lo = (v_abs << 16).to(tl.float32, bitcast=True)
-    a_hi = (v_abs & -65536).to(tl.float32, bitcast=True)
-    return x_lo, a_lo, (v & 0x8000) == 0, x_hi, a_hi, v >= 0
+    a_lo = (v_lo & abs_lo).to(tl.float32, bitcast=True)
+    a_hi = (v & abs_hi).to(tl.float32, bitcast=True)
+    return x_lo, a_lo, v_lo >= 0, x_hi, a_hi, v >= 0
 
 
 @triton.jit
@@ -210,7 +213,7 @@ def _pair_part(x_ptr, o_ptr, g_ptr, part, lanes, sp, rel, keep, row_mask, c_star
         v = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + w_offs)
     if ZEROED:
         v = tl.where(keep[:, None], v, 0)
-    x0, a0, nn0, x1, a1, nn1 = _unpack_bf16_pairs(v)
+    x0, a0, nn0, x1, a1, nn1 = _unpack_bf16_pairs(v, 0x7FFFFFFF, 0x7FFF0000)
     loss0, grad0 = _terms(x0, a0, nn0, rel, part * PART_C + 2 * quad, c_start, C, score, alpha_ptr, g0, lc0, lc1,
                           gc0, gc1, gamma, beta, half_smoothing, LOSS_KIND, GAMMA, HAS_ALPHA, SMOOTH, FAST, SHORT,
                           COMPUTE_DTYPE)
@@ -245,20 +248,25 @@ def _nchw_pair_tile(x_ptr, o_ptr, g_ptr, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats
                     SMOOTH: tl.constexpr, FAST: tl.constexpr, SHORT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
                     BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     """A full NCHW tile of bf16 logits in a segment of even class stride sk (`_tile`'s MODEs): each class row read
-    as int32 words
-    of two positions (positions row0 + 2i and row0 + 2i + 1: the lower and upper half), each half with its own
-    labels, computed apart (both added to acc) and joined again for the store (32-bit stores of two positions).
-    With a scalar alpha an ignored anchor's half-words and factors are set to 0, as in `_pair_part`."""
+    as int32 words of two positions (positions row0 + 2i and row0 + 2i + 1: the lower and upper half; 64-bit
+    accesses of two words where the caller tells the compiler that sk is a multiple of 4), each half with its own
+    labels, computed apart (both added to acc) and joined again for the store (32- / 64-bit stores).
+    The tile's labels are read once, one per position (a [BLOCK_HW] vector: one per thread), turned into one int32
+    code (the label's class in the tile, -1: none, -2: ignored) and handed to the tile's layout by the compiler
+    (through shared memory: 4 instructions per thread) instead of each thread reading the labels of its positions.
+    With a scalar alpha an ignored anchor's halves are read as |x| = 0 (the mask that takes |x| from the word's
+    bits) and its factors set to 0, as in `_pair_part` (a NaN logit there still gives 0)."""
     i = tl.arange(0, BLOCK_HW // 2)
     cols = tl.arange(0, BLOCK_C)
     lab_tile = lab_ptr + (anchor_base + row0 * A)
     lane_lo = (2 * i) * A
-    label_lo = tl.load(lab_tile + lane_lo)
-    label_hi = tl.load(lab_tile + lane_lo + A)
-    rel_lo = _class_in_tile(label_lo, c_start, BLOCK_C)
-    rel_hi = _class_in_tile(label_hi, c_start, BLOCK_C)
-    keep_lo = label_lo != ignore_index
-    keep_hi = label_hi != ignore_index
+    label = tl.load(lab_tile + tl.arange(0, BLOCK_HW) * A)
+    code = _class_in_tile(label, c_start, BLOCK_C)
+    if HAS_IGNORE:
+        code = tl.where(label != ignore_index, code, -2)
+    rel_lo, rel_hi = tl.split(tl.reshape(code, [BLOCK_HW // 2, 2]))
+    keep_lo = rel_lo != -2
+    keep_hi = rel_hi != -2
     w_lo = 1.0
     w_hi = 1.0
     if HAS_WEIGHT:
@@ -275,14 +283,17 @@ def _nchw_pair_tile(x_ptr, o_ptr, g_ptr, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats
     SELECT: tl.constexpr = HAS_IGNORE and not ZEROED
     lc0_lo, lc1_lo, gc0_lo, gc1_lo = lc0, lc1, gc0, gc1
     lc0_hi, lc1_hi, gc0_hi, gc1_hi = lc0, lc1, gc0, gc1
+    abs_lo = 0x7FFFFFFF
+    abs_hi = 0x7FFF0000
     if ZEROED:
-        v = v & (tl.where(keep_lo, 0xFFFF, 0) | tl.where(keep_hi, -65536, 0))[:, None]
+        abs_lo = tl.where(keep_lo, 0x7FFFFFFF, 0)[:, None]
+        abs_hi = tl.where(keep_hi, 0x7FFF0000, 0)[:, None]
         zero = tl.zeros([BLOCK_HW // 2], COMPUTE_DTYPE)
         lc0_lo, lc1_lo = tl.where(keep_lo, lc0, zero)[:, None], tl.where(keep_lo, lc1, zero)[:, None]
         gc0_lo, gc1_lo = tl.where(keep_lo, gc0, zero)[:, None], tl.where(keep_lo, gc1, zero)[:, None]
         lc0_hi, lc1_hi = tl.where(keep_hi, lc0, zero)[:, None], tl.where(keep_hi, lc1, zero)[:, None]
         gc0_hi, gc1_hi = tl.where(keep_hi, gc0, zero)[:, None], tl.where(keep_hi, gc1, zero)[:, None]
-    x_lo, a_lo, nn_lo, x_hi, a_hi, nn_hi = _unpack_bf16_pairs(v)
+    x_lo, a_lo, nn_lo, x_hi, a_hi, nn_hi = _unpack_bf16_pairs(v, abs_lo, abs_hi)
     loss_lo, grad_lo = _terms(x_lo, a_lo, nn_lo, rel_lo, cols, c_start, C, score_lo, alpha_ptr, g0, lc0_lo, lc1_lo,
                               gc0_lo, gc1_lo, gamma, beta, half_smoothing, LOSS_KIND, GAMMA, HAS_ALPHA, SMOOTH, FAST,
                               SHORT, COMPUTE_DTYPE)
@@ -308,15 +319,11 @@ def _nchw_pair_tile(x_ptr, o_ptr, g_ptr, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats
         if MODE == 3:
             g_lo, g_hi = tl.split(tl.load(g_ptr + base + offs).to(COMPUTE_DTYPE))
             lo, hi = lo * g_lo, hi * g_hi
-        if o_ptr.dtype.element_ty == tl.bfloat16:
-            # Packed into the words they came from, stored with the load's offsets and layout (a join stored as
-            # bf16 pairs would be reordered through shared memory, with barriers and 40 more registers).
-            pair = tl.join(lo, hi).to(tl.bfloat16).to(tl.uint16, bitcast=True)
-            p_lo, p_hi = tl.split(pair)
-            word = (p_hi.to(tl.uint32) << 16) | p_lo.to(tl.uint32)
-            tl.store((o_ptr + base).to(tl.pointer_type(tl.uint32)) + (cols[None, :] * (sk // 2) + i[:, None]), word)
-        else:
-            tl.store(o_ptr + base + offs, tl.join(lo, hi).to(o_ptr.dtype.element_ty))
+        # Stored as [classes, positions]: the join of (lo, hi) turned so that its layout is the store's (each thread
+        # its words' positions in order: two bf16 per float32 pair packed by one conversion, no reordering).
+        value = tl.reshape(tl.permute(tl.join(lo, hi), (1, 0, 2)), [BLOCK_C, BLOCK_HW])
+        tl.store(o_ptr + base + (cols[:, None] * sk + tl.arange(0, BLOCK_HW)[None, :]),
+                 value.to(o_ptr.dtype.element_ty))
     return acc
 
 
@@ -462,16 +469,20 @@ def _tile_step(j, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc0, acc1, acc2, acc3, x
                BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     """Tile j of one segment, of one kind (masked or not, layout, pairs), added to the accumulators; returns the
     program's next tile (j + P), its coordinates and the accumulators. (The tile loops are in the kernel, each on its
-    own source line, by which the per-logit report names them: focal_triton/roofline.py.)"""
+    own source line, by which the per-logit report names them: focal_triton/roofline.py.) The tile reads the labels
+    (weights, scores, statistics) from pointers at the segment's first anchor of the image (anchor_level), with the
+    in-segment anchor index in int32 (one wide multiply-add per address instead of 64-bit index arithmetic)."""
     if ROW_PAIRS:
-        acc0 = _nchw_pair_tile(xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, sk, A, C, a, ht * BLOCK_HW,
-                               ct * BLOCK_C, ct, anchor_level + a, acc0, g0, lc0, lc1, gc0, gc1, gamma, beta,
+        acc0 = _nchw_pair_tile(xp, op, gp, lab_ptr + anchor_level, w_ptr + anchor_level, s_ptr + anchor_level,
+                               alpha_ptr, stats_ptr + anchor_level * n_ct, sk, A, C, a, ht * BLOCK_HW,
+                               ct * BLOCK_C, ct, a, acc0, g0, lc0, lc1, gc0, gc1, gamma, beta,
                                half_smoothing, ignore_index, MODE, STATS, LOSS_KIND, GAMMA, HAS_IGNORE, HAS_WEIGHT,
                                HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
     else:
         acc0, acc1, acc2, acc3 = _tile(
-            xp, op, gp, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, sk, sp, sh, wd, A, C, a, ht * BLOCK_HW,
-            ct * BLOCK_C, ct, anchor_level + a, acc0, acc1, acc2, acc3, g0, lc0, lc1, gc0, gc1, gamma, beta,
+            xp, op, gp, lab_ptr + anchor_level, w_ptr + anchor_level, s_ptr + anchor_level, alpha_ptr,
+            stats_ptr + anchor_level * n_ct, hw, sk, sp, sh, wd, A, C, a, ht * BLOCK_HW, ct * BLOCK_C, ct, a, acc0,
+            acc1, acc2, acc3, g0, lc0, lc1, gc0, gc1, gamma, beta,
             half_smoothing, ignore_index, MODE, STATS, MASKED, CHANNELS_LAST, GENERIC, PAIRS, LOSS_KIND, GAMMA,
             HAS_IGNORE, HAS_WEIGHT,
             HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
@@ -635,18 +646,28 @@ def multilevel_focal_kernel(
             op = ob + n.to(tl.int64) * on
             gp = gb + n.to(tl.int64) * on
             # NCHW rows run along the positions, whose alignment is unknown (sizes are not specialized): narrow
-            # loads, 32-bit ones (two positions) for bf16 where the class stride is even; the scalar full loop then
-            # finds no tile left.
+            # loads; for bf16 64-bit ones (four positions) where the class stride is a multiple of 4, 32-bit ones
+            # (two positions) where it is even; the scalar full loop then finds no tile left.
             if ROW_PAIRS:
-                if sk % 2 == 0:
-                    sk2 = (sk // 2) * 2  # == sk; tells the compiler that class rows start at even elements
+                if sk % 4 == 0:
+                    # (names not of the form sk<i>: those are the segments' arguments, read again by _pick)
+                    sk_quads = (sk // 4) * 4  # == sk; tells the compiler that class rows start at 8-byte boundaries
+                    while j < full_end:  # tile loop: NCHW full quads
+                        j, ht, a, ct, acc_np, _u1, _u2, _u3 = _tile_step(
+                            j, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc_np, unused, unused, unused, xp, op, gp,
+                            lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, sk_quads, sp, sp, hw, A, C, anchor_level,
+                            g0, lc0, lc1, gc0, gc1, gamma, beta, half_smoothing, ignore_index, MODE, STATS, False,
+                            False, False, False, True, LOSS_KIND, GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH,
+                            FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
+                elif sk % 2 == 0:
+                    sk_pairs = (sk // 2) * 2  # == sk; tells the compiler that class rows start at even elements
                     while j < full_end:  # tile loop: NCHW full pairs
                         j, ht, a, ct, acc_np, _u1, _u2, _u3 = _tile_step(
                             j, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc_np, unused, unused, unused, xp, op, gp,
-                            lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, sk2, sp, sp, hw, A, C, anchor_level, g0,
-                            lc0, lc1, gc0, gc1, gamma, beta, half_smoothing, ignore_index, MODE, STATS, False, False,
-                            False, False, True, LOSS_KIND, GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH, FAST,
-                            SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
+                            lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, sk_pairs, sp, sp, hw, A, C, anchor_level,
+                            g0, lc0, lc1, gc0, gc1, gamma, beta, half_smoothing, ignore_index, MODE, STATS, False,
+                            False, False, False, True, LOSS_KIND, GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH,
+                            FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
             if CLASS_ALIGNED:
                 while j < full_end:  # tile loop: NCHW full
                     j, ht, a, ct, acc, _u1, _u2, _u3 = _tile_step(

@@ -53,9 +53,12 @@ def _options(name, labels, num_classes, device):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_class_aligned_head(poisoned, device, monkeypatch, dtype, channels_last, options):
     """C = 16: full tiles (unmasked) and edge tiles of both layouts; bf16 channels_last reads pairs of logits per
-    32-bit word. Sum, elementwise loss and both backward modes against the float64 reference."""
+    32-bit word, bf16 NCHW four positions per 64-bit access (h*w a multiple of 4), two per 32-bit word (other
+    even h*w) or one. Sum, elementwise loss and both backward modes against the float64 reference."""
     monkeypatch.setenv("FOCAL_TRITON_BACKEND", "triton")
-    shapes = [(9, 4), (3, 3)]  # 36 and 9 positions: full and edge position tiles of the interpreter's 32
+    # 36, 9 and 42 positions: full and edge position tiles of the interpreter's 32 (h*w = 0 mod 4, odd, 2 mod 4;
+    # three levels: the loop over levels must not overwrite a later level's arguments)
+    shapes = [(9, 4), (3, 3), (7, 6)]
     levels, labels = _head(shapes, 2, 16, dtype, device, channels_last)
     kw = _options(options, labels, 16, device)
     xs = [x.detach().requires_grad_(True) for x in levels]

@@ -1,8 +1,9 @@
 """Launch configuration: block size, warps and the persistent grid, with the reason for each number.
 
-Compiled path (CUDA). Each thread owns 16 bytes of logits per tile (one 128-bit load): BLOCK = 128 threads * 16 B /
-itemsize with 4 warps. (32 bytes per thread made ptxas spill in the fractional-gamma backward of 16-bit logits,
-seen in SASS.) The grid is persistent and exactly one wave: as many programs as fit on the device at once
+Compiled path (CUDA), 4 warps. Each thread owns 16 logits per tile for 16-bit logits (32 bytes: two 128-bit loads
+of each input, BLOCK = 2048; the per-tile addresses and loop control spread over twice the logits of 16 bytes, and
+no dense specialization spills, seen in SASS), 16 bytes otherwise (one 128-bit load: BLOCK = 512 for float32, 256
+for float64, whose backward has the least register room). The grid is persistent and exactly one wave: as many programs as fit on the device at once
 (occupancy from the compiled kernel's registers and shared memory, as in Triton's fused-softmax tutorial), each
 looping over tiles with a fixed stride. A fixed grid per (device, specialization) makes the per-program partial
 sums of a reduction, and so its bits, the same on every run.
@@ -53,14 +54,16 @@ class ElementwiseConfig:
 
 
 GPU_NUM_WARPS = 4
-GPU_BYTES_PER_THREAD = 16
+# Bytes of logits per thread per tile, by itemsize (see above).
+GPU_BYTES_PER_THREAD = {2: 32}
+GPU_DEFAULT_BYTES_PER_THREAD = 16
 INTERPRETER_CONFIG = ElementwiseConfig(block=128, num_warps=1, max_programs=4)
 # Partial sums the final reduction adds per loop iteration (one program, 4 KiB of float32).
 PARTIAL_SUM_BLOCK = 1024
 
 
 def gpu_block(itemsize: int) -> int:
-    return GPU_NUM_WARPS * 32 * GPU_BYTES_PER_THREAD // itemsize
+    return GPU_NUM_WARPS * 32 * GPU_BYTES_PER_THREAD.get(itemsize, GPU_DEFAULT_BYTES_PER_THREAD) // itemsize
 
 
 class _StandIn:

@@ -83,8 +83,9 @@ def test_interpreter_uses_its_one_fixed_config():
 
 
 def test_gpu_config_heuristic():
-    """Compiled path: 16 bytes of logits per thread per tile (one 128-bit load), 4 warps, grid from occupancy."""
-    for dtype, block in ((torch.float32, 512), (torch.bfloat16, 1024), (torch.float16, 1024), (torch.float64, 256)):
+    """Compiled path: 16 logits per thread per tile for 16-bit logits (two 128-bit loads), 16 bytes (one 128-bit
+    load) for the others, 4 warps, grid from occupancy."""
+    for dtype, block in ((torch.float32, 512), (torch.bfloat16, 2048), (torch.float16, 2048), (torch.float64, 256)):
         itemsize = torch.empty(0, dtype=dtype).element_size()
         cfg = launch.config_for(torch.device("cuda", 0), itemsize)
         assert (cfg.block, cfg.num_warps, cfg.max_programs) == (block, 4, None)

@@ -26,29 +26,27 @@ def _tile_offsets(tile, BLOCK: tl.constexpr, INT64: tl.constexpr):
 @triton.jit
 def _load_tile(ptr, tile, n, MASKED: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INT64: tl.constexpr,
                BLOCK: tl.constexpr, WORDS: tl.constexpr = False):
-    """Elements tile * BLOCK .. + BLOCK as a [BLOCK // 2, 2] tensor (row i: elements 2i and 2i + 1). Full tiles load
+    """Elements tile * BLOCK .. + BLOCK, in COMPUTE_DTYPE. Full tiles load
     without a mask, so the compiler emits 128-bit loads for any n; only the tail is masked. With WORDS (the launcher
     checked that bf16 inputs are 4-byte aligned), bf16 full tiles are read as int32 words of two elements and
     unpacked by bit operations (the compiler's bf16 -> float32 path moves each half through a 16-bit register
     first: twice the instructions)."""
     if MASKED:
         offs = _tile_offsets(tile, BLOCK, INT64)
-        v = tl.load(ptr + offs, mask=offs < n, other=0.0).to(COMPUTE_DTYPE)
-        return tl.reshape(v, [BLOCK // 2, 2])
+        return tl.load(ptr + offs, mask=offs < n, other=0.0).to(COMPUTE_DTYPE)
     elif WORDS and (ptr.dtype.element_ty == tl.bfloat16):
         w = tl.load(ptr.to(tl.pointer_type(tl.int32)) + _tile_offsets(tile, BLOCK // 2, INT64))
         lo = (w << 16).to(tl.float32, bitcast=True)
         hi = (w & -65536).to(tl.float32, bitcast=True)
-        return tl.join(lo, hi).to(COMPUTE_DTYPE)
+        return tl.reshape(tl.join(lo, hi), [BLOCK]).to(COMPUTE_DTYPE)
     else:
-        v = tl.load(ptr + _tile_offsets(tile, BLOCK, INT64)).to(COMPUTE_DTYPE)
-        return tl.reshape(v, [BLOCK // 2, 2])
+        return tl.load(ptr + _tile_offsets(tile, BLOCK, INT64)).to(COMPUTE_DTYPE)
 
 
 @triton.jit
 def _store_tile(ptr, tile, n, value, MASKED: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr):
     offs = _tile_offsets(tile, BLOCK, INT64)
-    value = tl.reshape(value, [BLOCK]).to(ptr.dtype.element_ty)
+    value = value.to(ptr.dtype.element_ty)
     if MASKED:
         tl.store(ptr + offs, value, mask=offs < n)
     else:
@@ -56,17 +54,12 @@ def _store_tile(ptr, tile, n, value, MASKED: tl.constexpr, INT64: tl.constexpr, 
 
 
 @triton.jit
-def _tile_mask(tile, n, INT64: tl.constexpr, BLOCK: tl.constexpr):
-    return tl.reshape(_tile_offsets(tile, BLOCK, INT64) < n, [BLOCK // 2, 2])
-
-
-@triton.jit
 def _tile_loss_and_grad(x_ptr, t_ptr, tile, n, c0, c1, gamma, beta, MASKED: tl.constexpr,
                         LOSS_KIND: tl.constexpr, GAMMA: tl.constexpr, FAST: tl.constexpr,
                         COMPUTE_DTYPE: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
                         WORDS: tl.constexpr, SHORT: tl.constexpr = False, UNWEIGHTED: tl.constexpr = False):
-    """Read one tile of logits and targets (each once) and return (loss, dloss/dx, target) in COMPUTE_DTYPE,
-    [BLOCK // 2, 2]; the target is t for FL / FL*, the soft score y for QFL and q for VFL."""
+    """Read one tile of logits and targets (each once) and return (loss, dloss/dx, target) in COMPUTE_DTYPE; the
+    target is t for FL / FL*, the soft score y for QFL and q for VFL."""
     x = _load_tile(x_ptr, tile, n, MASKED, COMPUTE_DTYPE, INT64, BLOCK, WORDS)
     t = _load_tile(t_ptr, tile, n, MASKED, COMPUTE_DTYPE, INT64, BLOCK, WORDS)
     loss, grad = family_loss_and_grad(x, t, t, c0, c1, gamma, beta, LOSS_KIND, GAMMA, FAST, SHORT, UNWEIGHTED)
@@ -85,7 +78,7 @@ def _fwd_tile(x_ptr, t_ptr, out_ptr, n, tile, acc0, acc1, c0, c1, gamma, beta,
                                      COMPUTE_DTYPE, INT64, BLOCK, WORDS, False, weight_sums)
     if REDUCE:
         if MASKED:
-            loss = tl.where(_tile_mask(tile, n, INT64, BLOCK), loss, 0.0)
+            loss = tl.where(_tile_offsets(tile, BLOCK, INT64) < n, loss, 0.0)
         if weight_sums:
             acc0 += loss * (1.0 - t)
             acc1 += loss * t
@@ -116,8 +109,8 @@ def sigmoid_focal_fwd_kernel(
     if INT64:
         pid = pid.to(tl.int64)
     num_full = n // BLOCK
-    acc0 = tl.zeros([BLOCK // 2, 2], COMPUTE_DTYPE)
-    acc1 = tl.zeros([BLOCK // 2, 2], COMPUTE_DTYPE)
+    acc0 = tl.zeros([BLOCK], COMPUTE_DTYPE)
+    acc1 = tl.zeros([BLOCK], COMPUTE_DTYPE)
     tile = pid
     # (tile + 1) * BLOCK <= n is tile < num_full with nothing kept across the loop: n is a kernel argument.
     while (tile + 1) * BLOCK <= n:  # tile loop: flat full
@@ -128,9 +121,9 @@ def sigmoid_focal_fwd_kernel(
         acc0, acc1 = _fwd_tile(x_ptr, t_ptr, out_ptr, n, num_full, acc0, acc1, c0, c1, gamma, beta,
                         True, REDUCE, LOSS_KIND, GAMMA, FAST, COMPUTE_DTYPE, INT64, BLOCK, WORDS)
     if REDUCE:
-        total = tl.sum(tl.reshape(acc0, [BLOCK]), axis=0)
+        total = tl.sum(acc0, axis=0)
         if LOSS_KIND == 0:
-            total = c0 * total + c1 * tl.sum(tl.reshape(acc1, [BLOCK]), axis=0)
+            total = c0 * total + c1 * tl.sum(acc1, axis=0)
         tl.store(out_ptr + pid, total)
 
 
@@ -244,7 +237,7 @@ def forward(x: torch.Tensor, t: torch.Tensor, spec: LossSpec, reduction: str, ou
 
 def _forward(x, t, spec, reduction, out_dtype, config):
     n = x.numel()
-    cfg = config_for(x.device, x.element_size(), config)
+    cfg = config_for(x.device, x.dtype, config)
     reduce = reduction != "none"
     constexprs = forward_constexprs(x.dtype, reduce, spec_power(spec), needs_int64(n, cfg.block), cfg.block,
                                     spec.kind, words_aligned(x, t))
@@ -279,7 +272,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, t: torch.Tensor, spec: Los
 
 def _backward(grad_out, x, t, spec, reduction, config):
     n = x.numel()
-    cfg = config_for(x.device, x.element_size(), config)
+    cfg = config_for(x.device, x.dtype, config)
     grad_in = torch.empty_like(x)
     constexprs = backward_constexprs(x.dtype, grad_out.dim() == 0, reduction == "mean", spec_power(spec),
                                      needs_int64(n, cfg.block), cfg.block, spec.kind, words_aligned(x, t))

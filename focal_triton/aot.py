@@ -173,7 +173,7 @@ def specializations():
               for kind in NEW_LOSS_KINDS for x_dtype in NEW_KIND_DTYPES for power in _powers(kind)]
     for x_dtype, kind, t_dtype, power, (int64, n_type), loss_dtypes, archs in cases:
         acc = "fp64" if x_dtype == torch.float64 else "fp32"
-        for cfg in launch.gpu_configs_for(x_dtype):
+        for cfg in launch.gpu_configs_for(x_dtype, kind):
             for reduce, loss_dtype in [(True, acc)] + [(False, d) for d in loss_dtypes]:
                 specs.append(dense_forward_spec(x_dtype, t_dtype, reduce, loss_dtype, power, cfg, kind, int64,
                                                 n_type, archs))

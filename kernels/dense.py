@@ -102,7 +102,8 @@ def sigmoid_focal_fwd_kernel(
     program num_full % nprog. (Loops are while loops: triton 3.6's interpreter cannot take tensor range() bounds.)
 
     REDUCE = False: out[i] = FL(x[i], t[i]) in out's dtype. REDUCE = True: out[pid] = sum of FL over the tiles of
-    program pid, in loop order (a fixed assignment of tiles to programs: the partial sums never depend on timing).
+    program pid, in loop order (a fixed assignment of tiles to programs: the partial sums never depend on timing);
+    for FL as c0 sum((1 - t) u**gamma ce) + c1 sum(t u**gamma ce) (see _fwd_tile).
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -150,7 +151,7 @@ def _bwd_tile(x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, tile, g0, c0, c1, gamm
     _, dfl, _ = _tile_loss_and_grad(x_ptr, t_ptr, tile, n, c0, c1, gamma, beta, MASKED, LOSS_KIND, GAMMA, FAST,
                                     COMPUTE_DTYPE, INT64, BLOCK, WORDS, SHORT)
     if GRAD_SCALAR:
-        if LOSS_KIND == 0:
+        if (LOSS_KIND == 0) and FAST:
             grad = dfl  # the caller folded g0 into c0 and c1 (FL's gradient is linear in alpha_t)
         else:
             grad = g0 * dfl
@@ -180,7 +181,8 @@ def sigmoid_focal_bwd_kernel(
         g0 = tl.load(grad_out_ptr).to(COMPUTE_DTYPE)
         if MEAN:
             g0 = g0 / n.to(COMPUTE_DTYPE)
-    if GRAD_SCALAR and (LOSS_KIND == 0):
+    if GRAD_SCALAR and (LOSS_KIND == 0) and FAST:
+        # float32 compute: g0 folded into alpha_t's two weights (float64 keeps c1 - c0 exact: see math.py)
         c0 = g0 * c0
         c1 = g0 * c1
     num_full = n // BLOCK
@@ -237,7 +239,7 @@ def forward(x: torch.Tensor, t: torch.Tensor, spec: LossSpec, reduction: str, ou
 
 def _forward(x, t, spec, reduction, out_dtype, config):
     n = x.numel()
-    cfg = config_for(x.device, x.dtype, config)
+    cfg = config_for(x.device, x.dtype, config, spec.kind)
     reduce = reduction != "none"
     constexprs = forward_constexprs(x.dtype, reduce, spec_power(spec), needs_int64(n, cfg.block), cfg.block,
                                     spec.kind, words_aligned(x, t))
@@ -272,7 +274,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, t: torch.Tensor, spec: Los
 
 def _backward(grad_out, x, t, spec, reduction, config):
     n = x.numel()
-    cfg = config_for(x.device, x.dtype, config)
+    cfg = config_for(x.device, x.dtype, config, spec.kind)
     grad_in = torch.empty_like(x)
     constexprs = backward_constexprs(x.dtype, grad_out.dim() == 0, reduction == "mean", spec_power(spec),
                                      needs_int64(n, cfg.block), cfg.block, spec.kind, words_aligned(x, t))

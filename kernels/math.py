@@ -174,9 +174,13 @@ def focal_loss_and_grad(x, t, ts, c0, c1, gamma, GAMMA: tl.constexpr, FAST: tl.c
 
     Unused outputs cost nothing: the compiler drops the gradient in the forward kernel and keeps only what it needs.
     At saturation p q = 0 and ce may be inf (x = +inf, t = 0): the product g (1 - 2t) ce tends to 0 there and is
-    taken as 0 (ce is capped at the float32 maximum, which only a vanishing g multiplies), so the gradient stays
-    finite; NaN inputs make g NaN and still propagate. SHORT: L to the accuracy of a 16-bit result (log1p_exp), for
-    a caller that keeps only the gradient, rounded to bf16 / fp16."""
+    taken as 0 (the gradient's ce is L + ts_own min(|x|, float32 max), at most the float32 maximum, which only a
+    vanishing g multiplies), so the gradient stays finite; NaN inputs make L NaN and still propagate. SHORT: L to the
+    accuracy of a 16-bit result (log1p_exp), for a caller that keeps only the gradient, rounded to bf16 / fp16.
+    UNWEIGHTED: the loss without alpha_t (u**gamma ce), for a caller that weights sums of it; the gradient keeps it.
+
+    Integer gamma > 0: dFL/dx = sign(x) alpha_t u**(gamma - 1) (u (ts_own - e r) + gamma (2 t_own - 1) p q ce),
+    the sign of x taken out of p - ts and 1 - 2t at once (one select) and gamma (2 t_own - 1) one FMA."""
     a, e, r, er = logistic_parts(x, FAST)
     L = log1p_exp(e, r, er, FAST, SHORT)
     pos = x >= 0
@@ -203,8 +207,6 @@ def focal_loss_and_grad(x, t, ts, c0, c1, gamma, GAMMA: tl.constexpr, FAST: tl.c
         loss = alpha_t * m * ce
     signed_alpha = tl.where(pos, alpha_t, -alpha_t)
     if GAMMA > 0:
-        # u**(gamma - 1) (u (p - ts) + gamma p q (1 - 2t) ce) with the sign of x taken out of both differences; the
-        # factor gamma (2 t_own - 1) is one FMA.
         um1 = tl.full(u.shape, 1.0, u.dtype)
         for _ in tl.static_range(GAMMA - 1):
             um1 = um1 * u

@@ -173,7 +173,7 @@ def specializations():
               for kind in NEW_LOSS_KINDS for x_dtype in NEW_KIND_DTYPES for power in _powers(kind)]
     for x_dtype, kind, t_dtype, power, (int64, n_type), loss_dtypes, archs in cases:
         acc = "fp64" if x_dtype == torch.float64 else "fp32"
-        for cfg in launch.gpu_configs_for(x_dtype, kind):
+        for cfg in launch.gpu_configs_for(_itemsize(x_dtype)):
             for reduce, loss_dtype in [(True, acc)] + [(False, d) for d in loss_dtypes]:
                 specs.append(dense_forward_spec(x_dtype, t_dtype, reduce, loss_dtype, power, cfg, kind, int64,
                                                 n_type, archs))
@@ -181,7 +181,7 @@ def specializations():
                 specs.append(dense_backward_spec(x_dtype, t_dtype, grad_mode, loss_dtype, power, cfg, kind, int64,
                                                  n_type, archs))
     for x_dtype, power in itertools.product((torch.bfloat16,), OTHER_POWERS):
-        cfg = launch.gpu_configs_for(x_dtype)[0]
+        cfg = launch.gpu_configs_for(_itemsize(x_dtype))[0]
         specs.append(dense_forward_spec(x_dtype, x_dtype, True, "fp32", power, cfg, archs=(90,)))
         specs.append(dense_backward_spec(x_dtype, x_dtype, "sum", TORCH_TO_TRITON[x_dtype], power, cfg, archs=(90,)))
     for x_dtype in LOGIT_DTYPES:

@@ -234,7 +234,7 @@ def per_logit_cases() -> list:
                 name = f"multilevel_{mode.replace(' ', '_')}_{dt}_{loss.split()[0].lower()}_" \
                        f"{'g' + str(power) if power >= 0 else 'gfrac'}"
                 cases.append(Case(name, spec, "multilevel", dt, mode, loss, per_thread))
-        cfg = launch.gpu_configs_for(x_dtype)[0]
+        cfg = launch.gpu_configs_for(x_dtype.itemsize)[0]
         per_thread = cfg.block // (cfg.num_warps * 32)
         dense_losses = [("FL gamma=2", FL, 2.0, 0.0)] + ([("FL gamma=1.5", FL, 1.5, 0.0)] if dt == "bf16" else [])
         for loss, kind, gamma, beta in dense_losses:

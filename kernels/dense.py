@@ -239,7 +239,7 @@ def forward(x: torch.Tensor, t: torch.Tensor, spec: LossSpec, reduction: str, ou
 
 def _forward(x, t, spec, reduction, out_dtype, config):
     n = x.numel()
-    cfg = config_for(x.device, x.dtype, config, spec.kind)
+    cfg = config_for(x.device, x.element_size(), config)
     reduce = reduction != "none"
     constexprs = forward_constexprs(x.dtype, reduce, spec_power(spec), needs_int64(n, cfg.block), cfg.block,
                                     spec.kind, words_aligned(x, t))
@@ -274,7 +274,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, t: torch.Tensor, spec: Los
 
 def _backward(grad_out, x, t, spec, reduction, config):
     n = x.numel()
-    cfg = config_for(x.device, x.dtype, config, spec.kind)
+    cfg = config_for(x.device, x.element_size(), config)
     grad_in = torch.empty_like(x)
     constexprs = backward_constexprs(x.dtype, grad_out.dim() == 0, reduction == "mean", spec_power(spec),
                                      needs_int64(n, cfg.block), cfg.block, spec.kind, words_aligned(x, t))

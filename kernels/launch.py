@@ -1,10 +1,8 @@
 """Launch configuration: block size, warps and the persistent grid, with the reason for each number.
 
-Compiled path (CUDA), 4 warps. Each thread of FL's kernels owns 16 bf16 logits per tile (32 bytes: two 128-bit loads
-of each input, BLOCK = 2048; the per-tile addresses and loop control spread over twice the logits), 16 bytes
-otherwise (one 128-bit load: BLOCK = 1024 for fp16, whose FL backward with a tensor upstream gradient spilled at
-2048, and for the other loss kinds of bf16, QFL's runtime-exponent forward spilled there, seen in SASS; 512 for
-float32; 256 for float64, whose backward has the least register room). The grid is persistent and exactly one wave: as many programs as fit on the device at once
+Compiled path (CUDA). Each thread owns 16 bytes of logits per tile (one 128-bit load): BLOCK = 128 threads * 16 B /
+itemsize with 4 warps. (32 bytes per thread made ptxas spill in the fractional-gamma backward of 16-bit logits,
+seen in SASS.) The grid is persistent and exactly one wave: as many programs as fit on the device at once
 (occupancy from the compiled kernel's registers and shared memory, as in Triton's fused-softmax tutorial), each
 looping over tiles with a fixed stride. A fixed grid per (device, specialization) makes the per-program partial
 sums of a reduction, and so its bits, the same on every run.
@@ -22,7 +20,7 @@ import torch
 import triton
 
 # Index arithmetic switches to 64 bits when an offset could pass INT32_MAX (tile starts go up to numel + BLOCK).
-from ..losses import FL, INT32_MAX
+from ..losses import INT32_MAX
 
 
 @triton.jit
@@ -55,18 +53,14 @@ class ElementwiseConfig:
 
 
 GPU_NUM_WARPS = 4
-# Bytes of logits per thread per tile of FL's kernels, by logit dtype (see above).
-GPU_BYTES_PER_THREAD = {torch.bfloat16: 32}
-GPU_DEFAULT_BYTES_PER_THREAD = 16
+GPU_BYTES_PER_THREAD = 16
 INTERPRETER_CONFIG = ElementwiseConfig(block=128, num_warps=1, max_programs=4)
 # Partial sums the final reduction adds per loop iteration (one program, 4 KiB of float32).
 PARTIAL_SUM_BLOCK = 1024
 
 
-def gpu_block(dtype: torch.dtype, loss_kind: int = FL) -> int:
-    per_thread = GPU_BYTES_PER_THREAD.get(dtype, GPU_DEFAULT_BYTES_PER_THREAD) if loss_kind == FL else \
-        GPU_DEFAULT_BYTES_PER_THREAD
-    return GPU_NUM_WARPS * 32 * per_thread // dtype.itemsize
+def gpu_block(itemsize: int) -> int:
+    return GPU_NUM_WARPS * 32 * GPU_BYTES_PER_THREAD // itemsize
 
 
 class _StandIn:
@@ -84,20 +78,19 @@ def compiled_path(device: torch.device) -> bool:
     return device.type == "cuda" or STANDIN.sm is not None
 
 
-def config_for(device: torch.device, dtype: torch.dtype, tuned: dict = None, loss_kind: int = FL) -> ElementwiseConfig:
-    """The config of a launch for logits of this dtype (and dense loss kind) on this device: on the compiled path the tuned config
+def config_for(device: torch.device, itemsize: int, tuned: dict = None) -> ElementwiseConfig:
+    """The config of a launch for logits of this itemsize on this device: on the compiled path the tuned config
     handed over by tuning.run_tuned when it holds one (BLOCK, num_warps), else the heuristic above."""
     if not compiled_path(device):
         return INTERPRETER_CONFIG
     if tuned and "BLOCK" in tuned:
         return ElementwiseConfig(tuned["BLOCK"], tuned["num_warps"], num_stages=tuned.get("num_stages"))
-    return ElementwiseConfig(gpu_block(dtype, loss_kind), GPU_NUM_WARPS)
+    return ElementwiseConfig(gpu_block(itemsize), GPU_NUM_WARPS)
 
 
-def gpu_configs_for(dtype: torch.dtype, loss_kind: int = FL) -> list:
-    """Every compiled-path config the launcher can pick for logits of this dtype and loss kind (for the ahead-of-time
-    check)."""
-    return [ElementwiseConfig(gpu_block(dtype, loss_kind), GPU_NUM_WARPS)]
+def gpu_configs_for(itemsize: int) -> list:
+    """Every compiled-path config the launcher can pick for logits of this itemsize (for the ahead-of-time check)."""
+    return [ElementwiseConfig(gpu_block(itemsize), GPU_NUM_WARPS)]
 
 
 def device_guard(device: torch.device):

@@ -307,10 +307,10 @@ BUDGET = {
     ('multilevel', 'bf16', 'NCHW full pairs', 'fwd sum', 'VFL-RTDETR gamma=2'): (32.12, 2.0),
     ('multilevel', 'bf16', 'NCHW full', 'fwd sum', 'VFL-RTDETR gamma=2'): (34.12, 2.0),
     ('multilevel', 'bf16', 'NCHW edge', 'fwd sum', 'VFL-RTDETR gamma=2'): (35.5, 2.0),
-    ('dense', 'bf16', 'flat full', 'fwd sum', 'FL gamma=2'): (27.88, 2.0),
-    ('dense', 'bf16', 'flat full', 'bwd scalar', 'FL gamma=2'): (33.06, 2.0),
-    ('dense', 'bf16', 'flat full', 'fwd sum', 'FL gamma=1.5'): (57.0, 3.0),
-    ('dense', 'bf16', 'flat full', 'bwd scalar', 'FL gamma=1.5'): (75.94, 4.0),
+    ('dense', 'bf16', 'flat full', 'fwd sum', 'FL gamma=2'): (28.5, 2.0),
+    ('dense', 'bf16', 'flat full', 'bwd scalar', 'FL gamma=2'): (33.88, 2.0),
+    ('dense', 'bf16', 'flat full', 'fwd sum', 'FL gamma=1.5'): (57.75, 3.0),
+    ('dense', 'bf16', 'flat full', 'bwd scalar', 'FL gamma=1.5'): (75.88, 4.0),
     ('multilevel', 'fp32', 'channels_last full', 'fwd sum', 'FL gamma=2'): (30.25, 2.0),
     ('multilevel', 'fp32', 'channels_last edge', 'fwd sum', 'FL gamma=2'): (31.38, 2.0),
     ('multilevel', 'fp32', 'NCHW full', 'fwd sum', 'FL gamma=2'): (32.62, 2.0),
@@ -337,7 +337,7 @@ BUDGET = {
 }
 # Issue 13's goal for the RetinaNet case (bf16, FL gamma = 2, torchvision's ignore value, C = 80, int64 labels):
 # at most 30 instructions and 3 MUFU per logit. Met by the full-tile loops below; not (yet) by the NCHW backward
-# (33.8 in levels of even h*w, 39.1 in the others) nor the dense backward (33.1; soft targets: the target's load,
+# (33.8 in levels of even h*w, 39.1 in the others) nor the dense backward (33.9; soft targets: the target's load,
 # 1 - t, own-side select and exact alpha_t per logit; the dense kernels also move the targets' bytes, which makes
 # them memory-bound by the model): docs/kernels.md says why. The dense forward meets it (bf16 and fp32).
 GOAL = {"instructions_per_logit": 30.0, "mufu_per_logit": 3.0}

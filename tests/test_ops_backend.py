@@ -76,18 +76,17 @@ def test_interpreter_uses_its_one_fixed_config():
     from test_dense import SHAPE
 
     n = SHAPE[0] * SHAPE[1] * SHAPE[2]
-    configs = {launch.config_for(torch.device("cpu"), dtype)
-               for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64)}
+    configs = {launch.config_for(torch.device("cpu"), itemsize) for itemsize in (2, 4, 8)}
     assert len(configs) == 1
     (cfg,) = configs
     assert -(-n // cfg.block) > cfg.max_programs and n % cfg.block != 0
 
 
 def test_gpu_config_heuristic():
-    """Compiled path: 16 bf16 logits per thread per tile (two 128-bit loads), 16 bytes (one 128-bit load) for the
-    other dtypes, 4 warps, grid from occupancy."""
-    for dtype, block in ((torch.float32, 512), (torch.bfloat16, 2048), (torch.float16, 1024), (torch.float64, 256)):
-        cfg = launch.config_for(torch.device("cuda", 0), dtype)
+    """Compiled path: 16 bytes of logits per thread per tile (one 128-bit load), 4 warps, grid from occupancy."""
+    for dtype, block in ((torch.float32, 512), (torch.bfloat16, 1024), (torch.float16, 1024), (torch.float64, 256)):
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        cfg = launch.config_for(torch.device("cuda", 0), itemsize)
         assert (cfg.block, cfg.num_warps, cfg.max_programs) == (block, 4, None)
 
 
@@ -126,7 +125,7 @@ def test_persistent_grid_from_occupancy_is_cached(monkeypatch):
 
     monkeypatch.setattr(launch, "sm_resources", lambda index: H100)
     monkeypatch.setattr(launch, "_PERSISTENT_GRID", {})
-    cfg = launch.config_for(torch.device("cuda", 0), torch.bfloat16)
+    cfg = launch.config_for(torch.device("cuda", 0), 2)
     x = torch.empty(64, dtype=torch.bfloat16)
     args = (x, 4096, 0.5)
     assert launch.persistent_grid(FakeKernel(), args, {"BLOCK": cfg.block}, cfg, 10**8, torch.device("cuda", 0)) \
@@ -160,7 +159,7 @@ def test_launch_grid_and_loop(monkeypatch, device):
 
     monkeypatch.setattr(sf, "sigmoid_focal_fwd_kernel", Spy())
     monkeypatch.setenv("FOCAL_TRITON_BACKEND", "triton")
-    cfg = launch.config_for(device, torch.float32)
+    cfg = launch.config_for(device, 4)
     n = cfg.block * (cfg.max_programs + 3) + 5 if device.type == "cpu" else 7 * cfg.block + 5
     x = torch.linspace(-8, 8, n, device=device)
     t = (torch.arange(n, device=device) % 5 == 0).float()

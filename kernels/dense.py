@@ -24,46 +24,69 @@ def _tile_offsets(tile, BLOCK: tl.constexpr, INT64: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(ptr, offs, n, MASKED: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
-    # Full tiles load without a mask, so the compiler emits 128-bit loads for any n; only the tail is masked.
+def _load_tile(ptr, tile, n, MASKED: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INT64: tl.constexpr,
+               BLOCK: tl.constexpr, WORDS: tl.constexpr = False):
+    """Elements tile * BLOCK .. + BLOCK, in COMPUTE_DTYPE. Full tiles load
+    without a mask, so the compiler emits 128-bit loads for any n; only the tail is masked. With WORDS (the launcher
+    checked that bf16 inputs are 4-byte aligned), bf16 full tiles are read as int32 words of two elements and
+    unpacked by bit operations (the compiler's bf16 -> float32 path moves each half through a 16-bit register
+    first: twice the instructions)."""
     if MASKED:
+        offs = _tile_offsets(tile, BLOCK, INT64)
         return tl.load(ptr + offs, mask=offs < n, other=0.0).to(COMPUTE_DTYPE)
-    return tl.load(ptr + offs).to(COMPUTE_DTYPE)
-
-
-@triton.jit
-def _store_tile(ptr, offs, n, value, MASKED: tl.constexpr):
-    if MASKED:
-        tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=offs < n)
+    elif WORDS and (ptr.dtype.element_ty == tl.bfloat16):
+        w = tl.load(ptr.to(tl.pointer_type(tl.int32)) + _tile_offsets(tile, BLOCK // 2, INT64))
+        lo = (w << 16).to(tl.float32, bitcast=True)
+        hi = (w & -65536).to(tl.float32, bitcast=True)
+        return tl.reshape(tl.join(lo, hi), [BLOCK]).to(COMPUTE_DTYPE)
     else:
-        tl.store(ptr + offs, value.to(ptr.dtype.element_ty))
+        return tl.load(ptr + _tile_offsets(tile, BLOCK, INT64)).to(COMPUTE_DTYPE)
 
 
 @triton.jit
-def _tile_loss_and_grad(x_ptr, t_ptr, offs, n, c0, c1, gamma, beta, MASKED: tl.constexpr,
-                        LOSS_KIND: tl.constexpr, GAMMA: tl.constexpr, FAST: tl.constexpr,
-                        COMPUTE_DTYPE: tl.constexpr, SHORT: tl.constexpr = False):
-    """Read one tile of logits and targets (each once) and return (loss, dloss/dx) in COMPUTE_DTYPE; the target is
-    t for FL / FL*, the soft score y for QFL and q for VFL."""
-    x = _load_tile(x_ptr, offs, n, MASKED, COMPUTE_DTYPE)
-    t = _load_tile(t_ptr, offs, n, MASKED, COMPUTE_DTYPE)
-    return family_loss_and_grad(x, t, t, c0, c1, gamma, beta, LOSS_KIND, GAMMA, FAST, SHORT)
-
-
-@triton.jit
-def _fwd_tile(x_ptr, t_ptr, out_ptr, n, tile, acc, c0, c1, gamma, beta,
-              MASKED: tl.constexpr, REDUCE: tl.constexpr, LOSS_KIND: tl.constexpr, GAMMA: tl.constexpr,
-              FAST: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr):
+def _store_tile(ptr, tile, n, value, MASKED: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr):
     offs = _tile_offsets(tile, BLOCK, INT64)
-    loss, _ = _tile_loss_and_grad(x_ptr, t_ptr, offs, n, c0, c1, gamma, beta, MASKED, LOSS_KIND, GAMMA, FAST,
-                                  COMPUTE_DTYPE)
+    value = value.to(ptr.dtype.element_ty)
+    if MASKED:
+        tl.store(ptr + offs, value, mask=offs < n)
+    else:
+        tl.store(ptr + offs, value)
+
+
+@triton.jit
+def _tile_loss_and_grad(x_ptr, t_ptr, tile, n, c0, c1, gamma, beta, MASKED: tl.constexpr,
+                        LOSS_KIND: tl.constexpr, GAMMA: tl.constexpr, FAST: tl.constexpr,
+                        COMPUTE_DTYPE: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
+                        WORDS: tl.constexpr, SHORT: tl.constexpr = False, UNWEIGHTED: tl.constexpr = False):
+    """Read one tile of logits and targets (each once) and return (loss, dloss/dx, target) in COMPUTE_DTYPE; the
+    target is t for FL / FL*, the soft score y for QFL and q for VFL."""
+    x = _load_tile(x_ptr, tile, n, MASKED, COMPUTE_DTYPE, INT64, BLOCK, WORDS)
+    t = _load_tile(t_ptr, tile, n, MASKED, COMPUTE_DTYPE, INT64, BLOCK, WORDS)
+    loss, grad = family_loss_and_grad(x, t, t, c0, c1, gamma, beta, LOSS_KIND, GAMMA, FAST, SHORT, UNWEIGHTED)
+    return loss, grad, t
+
+
+@triton.jit
+def _fwd_tile(x_ptr, t_ptr, out_ptr, n, tile, acc0, acc1, c0, c1, gamma, beta,
+              MASKED: tl.constexpr, REDUCE: tl.constexpr, LOSS_KIND: tl.constexpr, GAMMA: tl.constexpr,
+              FAST: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
+              WORDS: tl.constexpr):
+    """REDUCE: FL adds its unweighted loss m ce times (1 - t) to acc0 and times t to acc1 (the sum is
+    c0 acc0 + c1 acc1: alpha_t = c0 (1 - t) + c1 t taken out of the sum); the other kinds add their loss to acc0."""
+    weight_sums = REDUCE and (LOSS_KIND == 0)
+    loss, _, t = _tile_loss_and_grad(x_ptr, t_ptr, tile, n, c0, c1, gamma, beta, MASKED, LOSS_KIND, GAMMA, FAST,
+                                     COMPUTE_DTYPE, INT64, BLOCK, WORDS, False, weight_sums)
     if REDUCE:
         if MASKED:
-            loss = tl.where(offs < n, loss, 0.0)
-        acc += loss
+            loss = tl.where(_tile_offsets(tile, BLOCK, INT64) < n, loss, 0.0)
+        if weight_sums:
+            acc0 += loss * (1.0 - t)
+            acc1 += loss * t
+        else:
+            acc0 += loss
     else:
-        _store_tile(out_ptr, offs, n, loss, MASKED)
-    return acc
+        _store_tile(out_ptr, tile, n, loss, MASKED, INT64, BLOCK)
+    return acc0, acc1
 
 
 # Integer arguments are not specialized by the JIT (an argument equal to 1 would become a Python int constant,
@@ -73,31 +96,36 @@ def _fwd_tile(x_ptr, t_ptr, out_ptr, n, tile, acc, c0, c1, gamma, beta,
 def sigmoid_focal_fwd_kernel(
     x_ptr, t_ptr, out_ptr, n, c0, c1, gamma, beta,
     REDUCE: tl.constexpr, LOSS_KIND: tl.constexpr, GAMMA: tl.constexpr, FAST: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr, WORDS: tl.constexpr,
 ):
     """Persistent grid-stride loop over the full tiles of BLOCK elements, then the masked tail tile (if any) on
     program num_full % nprog. (Loops are while loops: triton 3.6's interpreter cannot take tensor range() bounds.)
 
     REDUCE = False: out[i] = FL(x[i], t[i]) in out's dtype. REDUCE = True: out[pid] = sum of FL over the tiles of
-    program pid, in loop order (a fixed assignment of tiles to programs: the partial sums never depend on timing).
+    program pid, in loop order (a fixed assignment of tiles to programs: the partial sums never depend on timing);
+    for FL as c0 sum((1 - t) u**gamma ce) + c1 sum(t u**gamma ce) (see _fwd_tile).
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     if INT64:
         pid = pid.to(tl.int64)
     num_full = n // BLOCK
-    acc = tl.zeros([BLOCK], COMPUTE_DTYPE)
+    acc0 = tl.zeros([BLOCK], COMPUTE_DTYPE)
+    acc1 = tl.zeros([BLOCK], COMPUTE_DTYPE)
     tile = pid
     # (tile + 1) * BLOCK <= n is tile < num_full with nothing kept across the loop: n is a kernel argument.
     while (tile + 1) * BLOCK <= n:  # tile loop: flat full
-        acc = _fwd_tile(x_ptr, t_ptr, out_ptr, n, tile, acc, c0, c1, gamma, beta,
-                        False, REDUCE, LOSS_KIND, GAMMA, FAST, COMPUTE_DTYPE, INT64, BLOCK)
+        acc0, acc1 = _fwd_tile(x_ptr, t_ptr, out_ptr, n, tile, acc0, acc1, c0, c1, gamma, beta,
+                        False, REDUCE, LOSS_KIND, GAMMA, FAST, COMPUTE_DTYPE, INT64, BLOCK, WORDS)
         tile += nprog
     if (num_full * BLOCK < n) & (pid == num_full % nprog):
-        acc = _fwd_tile(x_ptr, t_ptr, out_ptr, n, num_full, acc, c0, c1, gamma, beta,
-                        True, REDUCE, LOSS_KIND, GAMMA, FAST, COMPUTE_DTYPE, INT64, BLOCK)
+        acc0, acc1 = _fwd_tile(x_ptr, t_ptr, out_ptr, n, num_full, acc0, acc1, c0, c1, gamma, beta,
+                        True, REDUCE, LOSS_KIND, GAMMA, FAST, COMPUTE_DTYPE, INT64, BLOCK, WORDS)
     if REDUCE:
-        tl.store(out_ptr + pid, tl.sum(acc, axis=0))
+        total = tl.sum(acc0, axis=0)
+        if LOSS_KIND == 0:
+            total = c0 * total + c1 * tl.sum(acc1, axis=0)
+        tl.store(out_ptr + pid, total)
 
 
 @triton.jit(do_not_specialize=["num_partials", "n"])
@@ -119,15 +147,17 @@ def sum_partials_kernel(partials_ptr, out_ptr, num_partials, n, MEAN: tl.constex
 def _bwd_tile(x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, tile, g0, c0, c1, gamma, beta,
               MASKED: tl.constexpr, GRAD_SCALAR: tl.constexpr, LOSS_KIND: tl.constexpr, GAMMA: tl.constexpr,
               FAST: tl.constexpr, SHORT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INT64: tl.constexpr,
-              BLOCK: tl.constexpr):
-    offs = _tile_offsets(tile, BLOCK, INT64)
-    _, dfl = _tile_loss_and_grad(x_ptr, t_ptr, offs, n, c0, c1, gamma, beta, MASKED, LOSS_KIND, GAMMA, FAST,
-                                 COMPUTE_DTYPE, SHORT)
+              BLOCK: tl.constexpr, WORDS: tl.constexpr):
+    _, dfl, _ = _tile_loss_and_grad(x_ptr, t_ptr, tile, n, c0, c1, gamma, beta, MASKED, LOSS_KIND, GAMMA, FAST,
+                                    COMPUTE_DTYPE, INT64, BLOCK, WORDS, SHORT)
     if GRAD_SCALAR:
-        g = g0
+        if (LOSS_KIND == 0) and FAST:
+            grad = dfl  # the caller folded g0 into c0 and c1 (FL's gradient is linear in alpha_t)
+        else:
+            grad = g0 * dfl
     else:
-        g = _load_tile(grad_out_ptr, offs, n, MASKED, COMPUTE_DTYPE)
-    _store_tile(grad_in_ptr, offs, n, g * dfl, MASKED)
+        grad = _load_tile(grad_out_ptr, tile, n, MASKED, COMPUTE_DTYPE, INT64, BLOCK) * dfl
+    _store_tile(grad_in_ptr, tile, n, grad, MASKED, INT64, BLOCK)
 
 
 @triton.jit(do_not_specialize=["n"])
@@ -135,6 +165,7 @@ def sigmoid_focal_bwd_kernel(
     x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, c0, c1, gamma, beta,
     GRAD_SCALAR: tl.constexpr, MEAN: tl.constexpr, LOSS_KIND: tl.constexpr, GAMMA: tl.constexpr,
     FAST: tl.constexpr, SHORT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
+    WORDS: tl.constexpr,
 ):
     """dx[i] = g * dFL/dx(x[i], t[i]), g = grad_out[0] (GRAD_SCALAR; divided by n for MEAN) or grad_out[i].
 
@@ -150,31 +181,44 @@ def sigmoid_focal_bwd_kernel(
         g0 = tl.load(grad_out_ptr).to(COMPUTE_DTYPE)
         if MEAN:
             g0 = g0 / n.to(COMPUTE_DTYPE)
+    if GRAD_SCALAR and (LOSS_KIND == 0) and FAST:
+        # float32 compute: g0 folded into alpha_t's two weights (float64 keeps c1 - c0 exact: see math.py)
+        c0 = g0 * c0
+        c1 = g0 * c1
     num_full = n // BLOCK
     tile = pid
     while (tile + 1) * BLOCK <= n:  # tile loop: flat full
         _bwd_tile(x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, tile, g0, c0, c1, gamma, beta,
-                  False, GRAD_SCALAR, LOSS_KIND, GAMMA, FAST, SHORT, COMPUTE_DTYPE, INT64, BLOCK)
+                  False, GRAD_SCALAR, LOSS_KIND, GAMMA, FAST, SHORT, COMPUTE_DTYPE, INT64, BLOCK, WORDS)
         tile += nprog
     if (num_full * BLOCK < n) & (pid == num_full % nprog):
         _bwd_tile(x_ptr, t_ptr, grad_out_ptr, grad_in_ptr, n, num_full, g0, c0, c1, gamma, beta,
-                  True, GRAD_SCALAR, LOSS_KIND, GAMMA, FAST, SHORT, COMPUTE_DTYPE, INT64, BLOCK)
+                  True, GRAD_SCALAR, LOSS_KIND, GAMMA, FAST, SHORT, COMPUTE_DTYPE, INT64, BLOCK, WORDS)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Host side: the constexprs and the tuning key of one launch (shared with the ahead-of-time check, which compiles
 # exactly what the library launches), and the launchers.
 
-def forward_constexprs(x_dtype, reduce: bool, power: int, int64: bool, block: int, loss_kind: int = FL) -> dict:
+def forward_constexprs(x_dtype, reduce: bool, power: int, int64: bool, block: int, loss_kind: int = FL,
+                       words: bool = True) -> dict:
+    """words: `words_aligned` of the launch (True for the ahead-of-time check, which compiles aligned pointers)."""
     return dict(REDUCE=reduce, LOSS_KIND=loss_kind, GAMMA=power, FAST=fast_math(x_dtype),
-                COMPUTE_DTYPE=triton_compute_dtype(x_dtype), INT64=int64, BLOCK=block)
+                COMPUTE_DTYPE=triton_compute_dtype(x_dtype), INT64=int64, BLOCK=block, WORDS=words)
 
 
 def backward_constexprs(x_dtype, grad_scalar: bool, mean: bool, power: int, int64: bool, block: int,
-                        loss_kind: int = FL) -> dict:
+                        loss_kind: int = FL, words: bool = True) -> dict:
     return dict(GRAD_SCALAR=grad_scalar, MEAN=mean, LOSS_KIND=loss_kind, GAMMA=power, FAST=fast_math(x_dtype),
                 SHORT=short_log(x_dtype, True), COMPUTE_DTYPE=triton_compute_dtype(x_dtype), INT64=int64,
-                BLOCK=block)
+                BLOCK=block, WORDS=words)
+
+
+def words_aligned(*tensors) -> bool:
+    """WORDS: whether the bf16 ones of the kernel's inputs start on a 4-byte boundary, so that full tiles (BLOCK
+    even) can read them as int32 words of two elements; an odd-element view (x[1:]) takes the compiler's 16-bit
+    path instead."""
+    return all(v.data_ptr() % 4 == 0 for v in tensors if v.dtype == torch.bfloat16)
 
 
 def tuning_key(launcher: str, x: torch.Tensor, t: torch.Tensor, spec: LossSpec, mode: str) -> str:
@@ -198,7 +242,7 @@ def _forward(x, t, spec, reduction, out_dtype, config):
     cfg = config_for(x.device, x.element_size(), config)
     reduce = reduction != "none"
     constexprs = forward_constexprs(x.dtype, reduce, spec_power(spec), needs_int64(n, cfg.block), cfg.block,
-                                    spec.kind)
+                                    spec.kind, words_aligned(x, t))
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     # For a reduction, an empty stand-in for the partial sums sizes the grid (only its type and alignment matter),
     # then the real buffer gets one float per program.
@@ -233,7 +277,7 @@ def _backward(grad_out, x, t, spec, reduction, config):
     cfg = config_for(x.device, x.element_size(), config)
     grad_in = torch.empty_like(x)
     constexprs = backward_constexprs(x.dtype, grad_out.dim() == 0, reduction == "mean", spec_power(spec),
-                                     needs_int64(n, cfg.block), cfg.block, spec.kind)
+                                     needs_int64(n, cfg.block), cfg.block, spec.kind, words_aligned(x, t))
     args = (x, t, grad_out, grad_in, n, spec.c0, spec.c1, spec.gamma, spec.beta)
     with device_guard(x.device):
         grid = persistent_grid(sigmoid_focal_bwd_kernel, args, constexprs, cfg, n, x.device)

@@ -168,15 +168,19 @@ def modulation(u, log2_u, pq, gamma, GAMMA: tl.constexpr):
 
 @triton.jit
 def focal_loss_and_grad(x, t, ts, c0, c1, gamma, GAMMA: tl.constexpr, FAST: tl.constexpr,
-                        SHORT: tl.constexpr = False):
+                        SHORT: tl.constexpr = False, UNWEIGHTED: tl.constexpr = False):
     """(FL, dFL/dx) per element for any target t in [0, 1], in the dtype of x (float32 or float64). See the module
     docstring for the formulas: t modulates (u, alpha_t), ts is the BCE target (pass t itself without smoothing).
 
     Unused outputs cost nothing: the compiler drops the gradient in the forward kernel and keeps only what it needs.
     At saturation p q = 0 and ce may be inf (x = +inf, t = 0): the product g (1 - 2t) ce tends to 0 there and is
-    taken as 0 (ce is capped at the float32 maximum, which only a vanishing g multiplies), so the gradient stays
-    finite; NaN inputs make g NaN and still propagate. SHORT: L to the accuracy of a 16-bit result (log1p_exp), for
-    a caller that keeps only the gradient, rounded to bf16 / fp16."""
+    taken as 0 (the gradient's ce is L + ts_own min(|x|, float32 max), at most the float32 maximum, which only a
+    vanishing g multiplies), so the gradient stays finite; NaN inputs make L NaN and still propagate. SHORT: L to the
+    accuracy of a 16-bit result (log1p_exp), for a caller that keeps only the gradient, rounded to bf16 / fp16.
+    UNWEIGHTED: the loss without alpha_t (u**gamma ce), for a caller that weights sums of it; the gradient keeps it.
+
+    Integer gamma > 0: dFL/dx = sign(x) alpha_t u**(gamma - 1) (u (ts_own - e r) + gamma (2 t_own - 1) p q ce),
+    the sign of x taken out of p - ts and 1 - 2t at once (one select) and gamma (2 t_own - 1) one FMA."""
     a, e, r, er = logistic_parts(x, FAST)
     L = log1p_exp(e, r, er, FAST, SHORT)
     pos = x >= 0
@@ -187,6 +191,9 @@ def focal_loss_and_grad(x, t, ts, c0, c1, gamma, GAMMA: tl.constexpr, FAST: tl.c
     ts_own = tl.where(pos, 1.0 - ts, ts)
     u = er + t_own * (r - er)
     ce = tl.where(ts_own == 0.0, L, L + ts_own * a)
+    # The gradient's ce, capped: L + ts_own min(a, float32 max) is ce wherever ce is finite (no 0 * inf at
+    # ts_own = 0), at most the float32 maximum elsewhere, where only p q = 0 multiplies it.
+    ce_capped = L + ts_own * tl.minimum(a, _FLOAT32_MAX)
     m, g = modulation(u, log2_for_power(u, GAMMA), r * er, gamma, GAMMA)
     if FAST:
         alpha_t = c0 * (1.0 - t) + c1 * t  # exact at t = 0 and 1 (losses.LossSpec)
@@ -194,9 +201,19 @@ def focal_loss_and_grad(x, t, ts, c0, c1, gamma, GAMMA: tl.constexpr, FAST: tl.c
         # float64: c1 - c0 of the two float32 scalars is exact, so is c0 + (c1 - c0) at t = 1 (one FMA, and the
         # register budget of the float64 backward on sm_80 holds without a spill)
         alpha_t = c0 + (tl.full([], c1, x.dtype) - tl.full([], c0, x.dtype)) * t
-    loss = alpha_t * m * ce
-    grad = tl.where(pos, alpha_t, -alpha_t) * (m * (ts_own - er) + g * (2.0 * t_own - 1.0) *
-                                               tl.minimum(ce, _FLOAT32_MAX))
+    if UNWEIGHTED:
+        loss = m * ce
+    else:
+        loss = alpha_t * m * ce
+    signed_alpha = tl.where(pos, alpha_t, -alpha_t)
+    if GAMMA > 0:
+        um1 = tl.full(u.shape, 1.0, u.dtype)
+        for _ in tl.static_range(GAMMA - 1):
+            um1 = um1 * u
+        inner = u * (ts_own - er) + (r * er) * (t_own * (2.0 * GAMMA) - GAMMA) * ce_capped
+        grad = signed_alpha * (um1 * inner)
+    else:
+        grad = signed_alpha * (m * (ts_own - er) + g * (2.0 * t_own - 1.0) * ce_capped)
     return loss, grad
 
 
@@ -347,12 +364,12 @@ def detr_loss_and_grad(x, hit, s, c0, c1, gamma, beta, LOSS_KIND: tl.constexpr, 
 
 @triton.jit
 def family_loss_and_grad(x, t, ts, c0, c1, gamma, beta, LOSS_KIND: tl.constexpr, GAMMA: tl.constexpr,
-                         FAST: tl.constexpr, SHORT: tl.constexpr = False):
+                         FAST: tl.constexpr, SHORT: tl.constexpr = False, UNWEIGHTED: tl.constexpr = False):
     """(loss, dloss/dx) of the loss kind LOSS_KIND (0 FL, 1 FL*, 2 QFL, 3 VFL; see the module docstring) for any
-    target in [0, 1], chosen at compile time: each specialization holds the code of one kind only. SHORT (FL):
-    see focal_loss_and_grad."""
+    target in [0, 1], chosen at compile time: each specialization holds the code of one kind only. SHORT and
+    UNWEIGHTED (FL only): see focal_loss_and_grad."""
     if LOSS_KIND == 0:
-        loss, grad = focal_loss_and_grad(x, t, ts, c0, c1, gamma, GAMMA, FAST, SHORT)
+        loss, grad = focal_loss_and_grad(x, t, ts, c0, c1, gamma, GAMMA, FAST, SHORT, UNWEIGHTED)
     elif LOSS_KIND == 1:
         loss, grad = focal_star_loss_and_grad(x, t, c0, c1, gamma, beta, FAST)
     elif LOSS_KIND == 2:

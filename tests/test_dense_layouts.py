@@ -47,6 +47,26 @@ def test_non_contiguous_and_expanded(backend, poisoned, device, reduction):
     _check(_rand((1, 40), device).expand(6, 40), _targets((6, 40), device), reduction)  # expanded logits
 
 
+@pytest.mark.parametrize("offset", [0, 1])
+def test_bf16_views_at_any_element_offset(backend, poisoned, device, offset):
+    """bf16 logits and soft targets starting on an odd element (2-byte aligned): full tiles read pairs of them as
+    int32 words only where every bf16 input starts on a 4-byte boundary (dense.words_aligned), else element by
+    element; both give the reference's loss and gradient, with full tiles and a tail."""
+    from focal_triton.kernels import dense
+
+    x = _rand((4001,), device, torch.bfloat16)[offset:offset + 4000]
+    g = torch.Generator().manual_seed(2)
+    t = torch.rand(4001, generator=g).to(torch.bfloat16).to(device)[offset:offset + 4000]
+    assert dense.words_aligned(x, t) == (offset == 0)
+    assert dense.words_aligned(x, t.float()) == (offset == 0)
+    x.requires_grad_(True)
+    for reduction in ("none", "sum"):
+        loss = focal_triton.sigmoid_focal_loss(x, t, reduction=reduction)
+        assert_close(loss, focal_loss_ref(x, t, 0.25, 2.0, reduction), what=f"loss {reduction}")
+        (grad,) = torch.autograd.grad(loss.sum(), x)  # an upstream of ones: exact in bf16
+        assert_close(grad, focal_grad_ref(x, t, 0.25, 2.0, "sum"), what=f"grad {reduction}")
+
+
 def test_upstream_grad_layouts(backend, poisoned, device):
     """The gradient of "none" for an expanded scalar, a dense and a strided upstream gradient."""
     x = _rand((9, 31), device).requires_grad_(True)

@@ -398,6 +398,26 @@ def test_dense_matches_reference(dense_fast, poisoned, reduction, dtype, alpha, 
         assert dense_fast == [("forward", True), ("backward", True)]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dense_elementwise_upstream_is_rounded_once(dense_fast, dtype):
+    """16-bit logits, "none" and an elementwise upstream gradient: the gradient times the upstream in float32, then
+    rounded once to the logits' dtype, so each element is within one ulp of the correctly rounded value (the product
+    of two 16-bit roundings was two ulps off in fp16's subnormal range)."""
+    g = torch.Generator().manual_seed(3)
+    x = (-4.0 - 5.0 * torch.rand(20000, generator=g, dtype=torch.float64)).to(dtype)  # easy negatives: tiny grads
+    t = torch.zeros_like(x)
+    t[::97] = 1.0
+    upstream = (0.3 + 2.7 * torch.rand(20000, generator=g, dtype=torch.float64)).to(dtype)
+    leaf = x.clone().requires_grad_(True)
+    loss = focal_triton.sigmoid_focal_loss(leaf, t, alpha=0.25, gamma=2.0, reduction="none")
+    (grad,) = torch.autograd.grad(loss, leaf, upstream)
+    assert dense_fast == [("forward", True), ("backward", True)]
+    exact = focal_grad_ref(x.double(), t.double(), 0.25, 2.0, "none", upstream.double()).to(dtype)
+    ulp = (torch.nextafter(exact.abs(), torch.tensor(float("inf"), dtype=dtype)) - exact.abs()).double()
+    off = (grad.double() - exact.double()).abs()
+    assert (off <= ulp).all(), f"{int((off > ulp).sum())} elements more than one ulp off, worst {(off / ulp).max()}"
+
+
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), 100.0])
 def test_dense_non_finite_negatives_fall_back(dense_fast, value):
     x, t = _dense_inputs(torch.float32, False)

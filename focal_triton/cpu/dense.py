@@ -67,9 +67,11 @@ def _negatives_pass(x, t, spec, reduction, out_dtype, want_loss, want_grad, fact
         else:
             check = s.sum()
         if want_grad:
-            math.negative_grad(p, q, s, m, fg[start:end], c0 * factor, gamma, 0.0)
-            if fu is not None:
-                fg[start:end].mul_(fu[start:end])
+            if fu is None:
+                math.negative_grad(p, q, s, m, fg[start:end], c0 * factor, gamma, 0.0)
+            else:  # times the upstream gradient in float32, then rounded once to x's dtype (e is free here)
+                math.negative_grad(p, q, s, m, e, c0 * factor, gamma, 0.0)
+                fg[start:end] = e.mul_(fu[start:end])
         return check
 
     if compiled:

@@ -53,6 +53,7 @@ class Specialization:
     archs: tuple = ARCHS  # the architectures the report compiles it for
     # Loop nesting depth of the tile loop (the multi-level kernel's tile loop runs inside its loop over levels).
     tile_loop_depth: int = 1
+    maxnreg: int = None  # the launcher's register budget (kernels/multilevel.py max_registers), None: ptxas's
 
 
 _TRITON_TO_TORCH = {v: k for k, v in TORCH_TO_TRITON.items()}
@@ -115,7 +116,7 @@ def dense_forward_spec(x_dtype, t_dtype, reduce: bool, loss_dtype: str, power: i
 
     xs, ts = TORCH_TO_TRITON[x_dtype], TORCH_TO_TRITON[t_dtype]
     per_thread = cfg.block // (cfg.num_warps * 32)
-    ce = sf.forward_constexprs(x_dtype, reduce, power, int64, cfg.block, kind)
+    ce = sf.forward_constexprs(x_dtype, reduce, power, int64, cfg.block, kind, gpu=True)
     sig = {"x_ptr": f"*{xs}", "t_ptr": f"*{ts}", "out_ptr": f"*{loss_dtype}", **_dense_scalars(n_type),
            **{k: "constexpr" for k in ce}}
     return Specialization(
@@ -135,7 +136,8 @@ def dense_backward_spec(x_dtype, t_dtype, grad_mode: str, loss_dtype: str, power
 
     xs, ts = TORCH_TO_TRITON[x_dtype], TORCH_TO_TRITON[t_dtype]
     per_thread = cfg.block // (cfg.num_warps * 32)
-    ce = sf.backward_constexprs(x_dtype, grad_mode != "tensor", grad_mode == "mean", power, int64, cfg.block, kind)
+    ce = sf.backward_constexprs(x_dtype, grad_mode != "tensor", grad_mode == "mean", power, int64, cfg.block, kind,
+                              gpu=True)
     sig = {"x_ptr": f"*{xs}", "t_ptr": f"*{ts}", "grad_out_ptr": f"*{loss_dtype}", "grad_in_ptr": f"*{xs}",
            **_dense_scalars(n_type), **{k: "constexpr" for k in ce}}
     upstream_bytes = _vector_bytes(per_thread, _TRITON_TO_TORCH[loss_dtype])
@@ -214,7 +216,8 @@ def multilevel_spec(x_dtype, lab: str, mode: int, power: int, aligned_c: bool, t
     acc = "fp64" if x_dtype == torch.float64 else "fp32"
     num_warps = mf.gpu_num_warps(_itemsize(x_dtype), aligned_c)
     per_thread = tile[0] * tile[1] // (num_warps * 32)
-    ce = mf.kernel_constexprs(x_dtype, mode, power, aligned_c, tile, kind, stats, *options, has_generic=generic)
+    ce = mf.kernel_constexprs(x_dtype, mode, power, aligned_c, tile, kind, stats, *options, has_generic=generic,
+                              gpu=True)
     ptr_types = {"x": xs, "o": loss_dtype if mode == mf.MODE_NONE else xs,
                  "g": loss_dtype if mode == mf.MODE_GRAD_TENSOR else xs}
     sig = {}
@@ -245,11 +248,11 @@ def multilevel_spec(x_dtype, lab: str, mode: int, power: int, aligned_c: bool, t
         vector_store_bytes=0 if mode == mf.MODE_SUM else wide, elements_per_thread=per_thread,
         tile_access_bytes={g: per_thread * _itemsize(_TRITON_TO_TORCH[t]) for g, t in ptr_types.items()},
         # masked NCHW and channels_last, and for a class-aligned head their unmasked full tiles (bf16: NCHW three
-        # times, as quads and pairs of positions and singly)
+        # times, as quads and pairs of positions in words and as pairs in halves)
         # (and the generic gather's masked body where compiled)
         tile_bodies=((6 if x_dtype == torch.bfloat16 else 4) if aligned_c else 2) + int(generic), param_groups=groups,
         tile_bytes=per_thread * _itemsize(x_dtype),
-        archs=archs, tile_loop_depth=2)
+        archs=archs, tile_loop_depth=2, maxnreg=mf.max_registers(x_dtype, aligned_c))
 
 
 def multilevel_specializations():
@@ -317,7 +320,7 @@ def matching_spec(x_dtype, lab: str, power: int, archs=ARCHS) -> Specialization:
 
     xs = TORCH_TO_TRITON[x_dtype]
     tile = mk.gpu_tile(x_dtype)
-    ce = mk.kernel_constexprs(x_dtype, power, tile)
+    ce = mk.kernel_constexprs(x_dtype, power, tile, gpu=True)
     sig = {"x_ptr": f"*{xs}", "labels_ptr": f"*{lab}",
            "out_ptr": "*fp64" if x_dtype == torch.float64 else "*fp32",
            **{k: "i32" for k in ("N", "G", "C", "stride_q", "stride_c")},
@@ -358,13 +361,16 @@ _LD_RE = re.compile(r"\bld\.global\b")
 _SASS_LOCAL_RE = re.compile(r"\b(?:STL|LDL)\b")
 _MATH_RE = re.compile(r"= math\.(\w+) .*: tensor<")
 _MATH_SHAPE_RE = re.compile(r"= math\.(\w+) [^\n]*?: tensor<((?:\d+x)+)(?:f32|f64|f16|bf16)")
+# Inline PTX (math.py's rcp.approx), named by its opcode's first part ("rcp")
+_ASM_SHAPE_RE = re.compile(r'= tt\.elementwise_inline_asm "(\w+)[^\n]*?-> tensor<((?:\d+x)+)(?:f32|f64|f16|bf16)')
 
 
 def math_per_logit(ttir: str, tile_elements: int, bodies: int) -> dict:
-    """Elementwise math ops of the TTIR (math.exp2, math.rsqrt, ...) per logit of one tile body: each op weighs its
-    tensor's elements, the sum is divided by the tile's elements and the number of tile bodies."""
+    """Elementwise math ops of the TTIR (math.exp2, math.rsqrt, ...; inline PTX by its opcode, "rcp") per logit of
+    one tile body: each op weighs its tensor's elements, the sum is divided by the tile's elements and the number of
+    tile bodies."""
     out = collections.Counter()
-    for name, shape in _MATH_SHAPE_RE.findall(ttir):
+    for name, shape in _MATH_SHAPE_RE.findall(ttir) + _ASM_SHAPE_RE.findall(ttir):
         elements = 1
         for d in shape.rstrip("x").split("x"):
             elements *= int(d)
@@ -468,7 +474,8 @@ def compile_cubin(spec: Specialization, arch: int):
 
     attrs = {(i,): [["tt.divisibility", 16]] for i in spec.aligned}
     src = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec.num_warps})
+    options = {"num_warps": spec.num_warps, **({"maxnreg": spec.maxnreg} if spec.maxnreg else {})}
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def cubin_resources(cubin: bytes) -> dict:

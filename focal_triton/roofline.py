@@ -306,9 +306,9 @@ def bound(instructions_per_logit: float, mufu_per_logit: float, bytes_per_logit:
 
 def loop_weights(tile_hw: int, loops, hws=RETINANET_HW) -> dict:
     """Share of the logits that each tile loop of a layout takes, for levels of hws positions and tiles of tile_hw
-    positions: full tiles ("quads" / "pairs": the NCHW loops of bf16 that take the levels of hw a multiple of 4 /
-    the other even ones, where the layout has them; "full" the others) and edge tiles (masked: the last, partial
-    position tile of each level)."""
+    positions: full tiles ("quads" / "pairs" / "halves": the NCHW loops of bf16 that take the levels of hw a multiple
+    of 4 / the other even ones / the odd ones, where the layout has them; "full" the others) and edge tiles (masked:
+    the last, partial position tile of each level)."""
     shares = dict.fromkeys(loops, 0.0)
     for hw in hws:
         full = (hw // tile_hw) * tile_hw
@@ -316,6 +316,8 @@ def loop_weights(tile_hw: int, loops, hws=RETINANET_HW) -> dict:
             shares["quads"] += full
         elif "pairs" in loops and hw % 2 == 0:
             shares["pairs"] += full
+        elif "halves" in loops:
+            shares["halves"] += full
         else:
             shares["full"] += full
         shares["edge"] += -(-hw // tile_hw) * tile_hw - full
@@ -335,7 +337,7 @@ def modeled_times(rows: list, gpu: str = "H100") -> dict:
         groups[(r["dtype"], r["layout"], r["loss"], r["mode"], r["arch"])][r["loop"].split()[-1]] = r
     out = {}
     for (dtype, layout, loss, mode, arch), loops in groups.items():
-        if not {"full", "edge"} <= set(loops) or arch != GPUS[gpu]["arch"]:
+        if not ({"full", "halves"} & set(loops) and "edge" in loops) or arch != GPUS[gpu]["arch"]:
             continue
         tile_hw = 64  # the heuristic tiles of bf16 and fp32 (kernels/multilevel.py gpu_tile)
         w = loop_weights(tile_hw, loops)
@@ -436,8 +438,13 @@ def format_rows(rows: list) -> str:
 
 
 def format_model(rows: list) -> str:
-    lines = ["Modeled RetinaNet batch 16 (800 x 1333, A = 9, C = 80), per pass: max(memory, issue, MUFU) (a model, "
-             "not a measurement; see focal_triton/roofline.py)"]
+    lines = ["Per pass over RetinaNet's levels (800 x 1333, A = 9, C = 80; sm_90): the tile loops' counts weighted by "
+             "their share of the logits (loop_weights)"]
+    for key, v in sorted(modeled_times(rows, "H100").items()):
+        lines.append(f"  {key}: {v['instructions_per_logit']:.2f} instructions, {v['mufu_per_logit']:.2f} MUFU per "
+                     f"logit")
+    lines.append("Modeled RetinaNet batch 16 (800 x 1333, A = 9, C = 80), per pass: max(memory, issue, MUFU) (a model, "
+                 "not a measurement; see focal_triton/roofline.py)")
     archs = {r["arch"] for r in rows}
     for gpu in (g for g in GPUS if GPUS[g]["arch"] in archs):
         summary = fwd_bwd_summary(modeled_times(rows, gpu))

@@ -201,15 +201,16 @@ def sigmoid_focal_bwd_kernel(
 # exactly what the library launches), and the launchers.
 
 def forward_constexprs(x_dtype, reduce: bool, power: int, int64: bool, block: int, loss_kind: int = FL,
-                       words: bool = True) -> dict:
-    """words: `words_aligned` of the launch (True for the ahead-of-time check, which compiles aligned pointers)."""
-    return dict(REDUCE=reduce, LOSS_KIND=loss_kind, GAMMA=power, FAST=fast_math(x_dtype),
+                       words: bool = True, gpu: bool = None) -> dict:
+    """words: `words_aligned` of the launch (True for the ahead-of-time check, which compiles aligned pointers);
+    gpu: `fast_math`'s (True for the ahead-of-time check)."""
+    return dict(REDUCE=reduce, LOSS_KIND=loss_kind, GAMMA=power, FAST=fast_math(x_dtype, gpu),
                 COMPUTE_DTYPE=triton_compute_dtype(x_dtype), INT64=int64, BLOCK=block, WORDS=words)
 
 
 def backward_constexprs(x_dtype, grad_scalar: bool, mean: bool, power: int, int64: bool, block: int,
-                        loss_kind: int = FL, words: bool = True) -> dict:
-    return dict(GRAD_SCALAR=grad_scalar, MEAN=mean, LOSS_KIND=loss_kind, GAMMA=power, FAST=fast_math(x_dtype),
+                        loss_kind: int = FL, words: bool = True, gpu: bool = None) -> dict:
+    return dict(GRAD_SCALAR=grad_scalar, MEAN=mean, LOSS_KIND=loss_kind, GAMMA=power, FAST=fast_math(x_dtype, gpu),
                 SHORT=short_log(x_dtype, True), COMPUTE_DTYPE=triton_compute_dtype(x_dtype), INT64=int64,
                 BLOCK=block, WORDS=words)
 

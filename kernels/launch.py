@@ -46,10 +46,12 @@ class ElementwiseConfig:
     num_warps: int
     max_programs: int = None
     num_stages: int = None  # None: triton's default
+    maxnreg: int = None  # None: ptxas's choice of registers per thread
 
     def options(self) -> dict:
-        """Launch options: num_warps, and num_stages where tuning chose one."""
-        return dict(num_warps=self.num_warps, **({} if self.num_stages is None else dict(num_stages=self.num_stages)))
+        """Launch options: num_warps, num_stages where tuning chose one, maxnreg where the launcher sets one."""
+        return dict(num_warps=self.num_warps, **({} if self.num_stages is None else dict(num_stages=self.num_stages)),
+                    **({} if self.maxnreg is None else dict(maxnreg=self.maxnreg)))
 
 
 GPU_NUM_WARPS = 4
@@ -145,7 +147,7 @@ def max_programs(kernel, args, constexprs: dict, cfg: ElementwiseConfig, device:
     (compiled once with kernel.warmup and cached for the process). Only the types and alignment of `args` matter."""
     if cfg.max_programs is not None:
         return cfg.max_programs
-    key = (kernel.fn.__name__, device.index, cfg.num_warps, cfg.num_stages,
+    key = (kernel.fn.__name__, device.index, cfg.num_warps, cfg.num_stages, cfg.maxnreg,
            tuple(_specialization_key(a) for a in args), tuple(sorted(constexprs.items(), key=lambda kv: kv[0])))
     if STANDIN.sm is not None:  # compiled for the stand-in GPU, never loaded: a grid of 4 programs per SM
         kernel.warmup(*args, grid=(1,), **cfg.options(), **constexprs)

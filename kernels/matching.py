@@ -99,8 +99,8 @@ def focal_matching_cost_kernel(x_ptr, labels_ptr, out_ptr, N, G, C, stride_q, st
 # ---------------------------------------------------------------------------------------------------------------
 # Host side: the constexprs of one launch (shared with the ahead-of-time check) and the launcher.
 
-def kernel_constexprs(x_dtype, power: int, tile) -> dict:
-    return dict(GAMMA=power, FAST=fast_math(x_dtype), COMPUTE_DTYPE=triton_compute_dtype(x_dtype),
+def kernel_constexprs(x_dtype, power: int, tile, gpu: bool = None) -> dict:
+    return dict(GAMMA=power, FAST=fast_math(x_dtype, gpu), COMPUTE_DTYPE=triton_compute_dtype(x_dtype),
                 BLOCK_Q=tile[0], BLOCK_G=tile[1])
 
 

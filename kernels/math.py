@@ -38,14 +38,18 @@ label's class, s: the anchor's score there after its per-row transform `row_targ
                  detached);  else p**gamma BCE(x, 0) with its derivative (alpha_neg = 1).
 
 Compile-time switches: GAMMA >= 0 is an integer gamma (powers by repeated multiplication, unrolled), GAMMA < 0 the
-runtime `gamma` (fractional: one exp2). FAST (float32 compute) selects the short forms below; float64 compute
-(gradcheck) keeps libdevice's exp and log and IEEE division.
+runtime `gamma` (fractional: one exp2). FAST (float32 compute, `fast_math`) selects the short forms below; float64
+compute (gradcheck, FAST = 0) keeps libdevice's exp and log and IEEE division.
     e = exp2(-a log2(e))            one MUFU.EX2 (Triton's exp adds a denormal fix-up around it)
-    r = rsqrt(1 + e)**2             one MUFU.RSQ and one FMUL: 1 + e is in [1, 2], and Triton's `1 / w` (div.full)
-                                    adds range checks; no source the interpreter runs emits rcp.approx
+    r = 1 / (1 + e)                 FAST = 2 (compiled for a GPU): rcp.approx.ftz.f32 (one MUFU.RCP; 1 + e is in
+                                    [1, 2], where Triton's `1 / w`, div.full, would add range checks); FAST = 1
+                                    (Triton's interpreter, which cannot run PTX): the division, which numpy computes
+                                    exactly. The one line the two run differently: no Triton builtin emits rcp.approx.
     L = er P(e)                     P a degree-7 minimax polynomial of log(1 + e) (1 + e) / e on [0, 1] (relative
                                     error 5e-8), 7 FMAs: Triton's float32 log is a ~24-instruction polynomial too,
                                     and lg2.approx (MUFU.LG2) has an absolute error near 1 that log1p cannot take.
+                                    SHORT (a backward whose gradient is rounded to 16 bits): degree 4 for fp16
+                                    (1.1e-5, 1/40 of fp16's half-ulp), degree 3 for bf16 (9.4e-5, 1/21 of bf16's).
 """
 import torch
 import triton
@@ -57,8 +61,8 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 # Largest float32: caps a cross-entropy that only a vanishing factor multiplies (0 * inf = NaN otherwise).
 _FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
 # P(e) ~ log(1 + e) (1 + e) / e on [0, 1], coefficients of e**0 .. e**7 (float32; Lawson-iterated least squares,
-# relative error 5e-8), and a degree-4 one (relative error 1.1e-5) for results rounded to 16 bits (bf16 / fp16
-# gradients: 1/40 of fp16's half-ulp).
+# relative error 5e-8), a degree-4 one (_Q, relative error 1.1e-5) for fp16 gradients (1/40 of fp16's half-ulp) and
+# a degree-3 one (_R, relative error 9.4e-5) for bf16 gradients (1/21 of bf16's half-ulp), both rounded to 16 bits.
 _P0 = tl.constexpr(1.0)
 _P1 = tl.constexpr(0.499996542930603)
 _P2 = tl.constexpr(-0.1665850430727005)
@@ -72,6 +76,10 @@ _Q1 = tl.constexpr(0.4993461072444916)
 _Q2 = tl.constexpr(-0.16046540439128876)
 _Q3 = tl.constexpr(0.061771102249622345)
 _Q4 = tl.constexpr(-0.014383568428456783)
+_R0 = tl.constexpr(1.000093936920166)
+_R1 = tl.constexpr(0.4962979257106781)
+_R2 = tl.constexpr(-0.14396974444389343)
+_R3 = tl.constexpr(0.03400242328643799)
 
 
 @triton.jit
@@ -79,8 +87,11 @@ def logistic_of_abs(a, FAST: tl.constexpr):
     """(e, r, er) = (exp(-a), sigmoid(a), sigmoid(-a)) for a = |x| >= 0 (or NaN)."""
     if FAST:
         e = tl.exp2(a * -_LOG2E)
-        s = tl.rsqrt(1.0 + e)
-        r = s * s
+        if FAST == 2:
+            r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [1.0 + e], dtype=tl.float32,
+                                          is_pure=True, pack=1)
+        else:
+            r = 1.0 / (1.0 + e)
     else:
         e = tl.exp(-a)
         r = 1.0 / (1.0 + e)
@@ -100,11 +111,16 @@ def logistic_parts(x, FAST: tl.constexpr):
 def log1p_exp(e, r, er, FAST: tl.constexpr, SHORT: tl.constexpr = False):
     """L = log(1 + e) for e = exp(-|x|) in [0, 1] (r = 1 / (1 + e), er = e r), relatively accurate down to e -> 0.
 
-    FAST: er P(e) (see the module docstring; SHORT: the degree-4 P, for results rounded to 16 bits). Otherwise
+    FAST: er P(e) (see the module docstring; SHORT: the short P for results rounded to 16 bits, SHORT = 2 the
+    degree-3 one of bf16, else degree 4). Otherwise
     log(w) + (e - (w - 1)) r with w = 1 + e: the rounding of w corrected to first order, with the caller's r (no
     division of its own)."""
     if FAST:
-        if SHORT:
+        if SHORT == 2:
+            p = _R3 * e + _R2
+            p = p * e + _R1
+            p = p * e + _R0
+        elif SHORT:
             p = _Q4 * e + _Q3
             p = p * e + _Q2
             p = p * e + _Q1
@@ -408,15 +424,25 @@ def spec_power(spec) -> int:
     return 0 if spec.kind in (LossKind.FL_STAR, LossKind.BCE) else power_constexpr(spec.gamma)
 
 
-def fast_math(x_dtype) -> bool:
-    """FAST: float32 compute takes the short exp2 / rsqrt / polynomial forms, float64 the libdevice ones."""
-    return compute_dtype(x_dtype) == torch.float32
+def fast_math(x_dtype, gpu: bool = None) -> int:
+    """FAST: float32 compute takes the short exp2 / reciprocal / polynomial forms (2: compiled for a GPU, the
+    reciprocal rcp.approx; 1: in Triton's interpreter, a division), float64 compute the libdevice ones (0).
+    gpu: whether the kernel is compiled (None: unless the interpreter is on; the ahead-of-time check passes True)."""
+    if compute_dtype(x_dtype) != torch.float32:
+        return 0
+    if gpu is None:
+        from .launch import interpreter_enabled
+
+        gpu = not interpreter_enabled()
+    return 2 if gpu else 1
 
 
-def short_log(x_dtype, backward: bool) -> bool:
+def short_log(x_dtype, backward: bool) -> int:
     """SHORT: the backward of 16-bit logits, whose gradient is rounded to 16 bits, takes the short log1p
-    (log1p_exp)."""
-    return fast_math(x_dtype) and backward and x_dtype.itemsize == 2
+    (log1p_exp): 2 (degree 3) for bf16, 1 (degree 4) for fp16, else 0."""
+    if not (compute_dtype(x_dtype) == torch.float32 and backward and x_dtype.itemsize == 2):
+        return 0
+    return 2 if x_dtype == torch.bfloat16 else 1
 
 
 def power_key(power: int) -> str:

@@ -246,11 +246,14 @@ def _nchw_pair_tile(x_ptr, o_ptr, g_ptr, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats
                     MODE: tl.constexpr, STATS: tl.constexpr, LOSS_KIND: tl.constexpr, GAMMA: tl.constexpr,
                     HAS_IGNORE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_ALPHA: tl.constexpr,
                     SMOOTH: tl.constexpr, FAST: tl.constexpr, SHORT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
-                    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+                    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, HALVES: tl.constexpr = False):
     """A full NCHW tile of bf16 logits in a segment of even class stride sk (`_tile`'s MODEs): each class row read
     as int32 words of two positions (positions row0 + 2i and row0 + 2i + 1: the lower and upper half; 64-bit
     accesses of two words where the caller tells the compiler that sk is a multiple of 4), each half with its own
     labels, computed apart (both added to acc) and joined again for the store (32- / 64-bit stores).
+    HALVES (odd sk: every other class row starts at an odd element, no word is aligned): the same tile with each
+    pair of positions read and written as two 16-bit halves at one address (+0 / +2 bytes), so that one address
+    serves two positions and the per-row ignore and label work stays the pairs'.
     The tile's labels are read once, one per position (a [BLOCK_HW] vector: one per thread), turned into one int32
     code (the label's class in the tile, -1: none, -2: ignored) and handed to the tile's layout by the compiler
     (through shared memory: 4 instructions per thread) instead of each thread reading the labels of its positions.
@@ -277,8 +280,16 @@ def _nchw_pair_tile(x_ptr, o_ptr, g_ptr, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats
     if LOSS_KIND >= 2:
         score_lo = tl.load(s_ptr + (anchor_base + row0 * A) + lane_lo).to(COMPUTE_DTYPE)
         score_hi = tl.load(s_ptr + (anchor_base + row0 * A) + lane_lo + A).to(COMPUTE_DTYPE)
-    base = (a * C + c_start) * sk + row0  # even: sk is, and so is row0
-    v = tl.load((x_ptr + base).to(tl.pointer_type(tl.int32)) + (cols[None, :] * (sk // 2) + i[:, None]))
+    base = (a * C + c_start) * sk + row0  # even where sk is (row0 is)
+    if HALVES:
+        # [classes, positions / 2] offsets, turned after the load: the compiler then lays the positions along the
+        # threads as it does the words' (their offsets' only contiguity), and the rows' work stays per thread.
+        h_offs = cols[:, None] * sk + 2 * i[None, :]
+        h_lo = tl.trans(tl.load(x_ptr.to(tl.pointer_type(tl.uint16)) + base + h_offs)).to(tl.int32)
+        h_hi = tl.trans(tl.load(x_ptr.to(tl.pointer_type(tl.uint16)) + base + h_offs + 1)).to(tl.int32)
+        v = (h_hi << 16) | h_lo
+    else:
+        v = tl.load((x_ptr + base).to(tl.pointer_type(tl.int32)) + (cols[None, :] * (sk // 2) + i[:, None]))
     ZEROED: tl.constexpr = HAS_IGNORE and (not HAS_ALPHA) and (LOSS_KIND == 0)
     SELECT: tl.constexpr = HAS_IGNORE and not ZEROED
     lc0_lo, lc1_lo, gc0_lo, gc1_lo = lc0, lc1, gc0, gc1
@@ -314,16 +325,24 @@ def _nchw_pair_tile(x_ptr, o_ptr, g_ptr, lab_ptr, w_ptr, s_ptr, alpha_ptr, stats
             lo, hi = loss_lo, loss_hi
         else:
             lo, hi = grad_lo, grad_hi
-        # Element (i, c, k) of a [positions / 2, classes, 2] tensor is position row0 + 2i + k of class c.
-        offs = cols[None, :, None] * sk + 2 * i[:, None, None] + tl.arange(0, 2)[None, None, :]
-        if MODE == 3:
-            g_lo, g_hi = tl.split(tl.load(g_ptr + base + offs).to(COMPUTE_DTYPE))
-            lo, hi = lo * g_lo, hi * g_hi
-        # Stored as [classes, positions]: the join of (lo, hi) turned so that its layout is the store's (each thread
-        # its words' positions in order: two bf16 per float32 pair packed by one conversion, no reordering).
-        value = tl.reshape(tl.permute(tl.join(lo, hi), (1, 0, 2)), [BLOCK_C, BLOCK_HW])
-        tl.store(o_ptr + base + (cols[:, None] * sk + tl.arange(0, BLOCK_HW)[None, :]),
-                 value.to(o_ptr.dtype.element_ty))
+        if HALVES:  # each half at its own position, in the layout of the loads
+            if MODE == 3:
+                lo = lo * tl.trans(tl.load(g_ptr + base + h_offs)).to(COMPUTE_DTYPE)
+                hi = hi * tl.trans(tl.load(g_ptr + base + h_offs + 1)).to(COMPUTE_DTYPE)
+            tl.store(o_ptr + base + h_offs, tl.trans(lo).to(o_ptr.dtype.element_ty))
+            tl.store(o_ptr + base + h_offs + 1, tl.trans(hi).to(o_ptr.dtype.element_ty))
+        else:
+            # Element (i, c, k) of a [positions / 2, classes, 2] tensor is position row0 + 2i + k of class c.
+            offs = cols[None, :, None] * sk + 2 * i[:, None, None] + tl.arange(0, 2)[None, None, :]
+            if MODE == 3:
+                g_lo, g_hi = tl.split(tl.load(g_ptr + base + offs).to(COMPUTE_DTYPE))
+                lo, hi = lo * g_lo, hi * g_hi
+            # Stored as [classes, positions]: the join of (lo, hi) turned so that its layout is the store's (each
+            # thread its words' positions in order: two bf16 per float32 pair packed by one conversion, no
+            # reordering).
+            value = tl.reshape(tl.permute(tl.join(lo, hi), (1, 0, 2)), [BLOCK_C, BLOCK_HW])
+            tl.store(o_ptr + base + (cols[:, None] * sk + tl.arange(0, BLOCK_HW)[None, :]),
+                     value.to(o_ptr.dtype.element_ty))
     return acc
 
 
@@ -468,8 +487,9 @@ def _tile_step(j, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc0, acc1, acc2, acc3, x
                SMOOTH: tl.constexpr, FAST: tl.constexpr, SHORT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
                BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     """Tile j of one segment, of one kind (masked or not, layout, pairs), added to the accumulators; returns the
-    program's next tile (j + P), its coordinates and the accumulators. (The tile loops are in the kernel, each on its
-    own source line, by which the per-logit report names them: focal_triton/roofline.py.) The tile reads the labels
+    program's next tile (j + P), its coordinates and the accumulators (ROW_PAIRS: 1 the NCHW pair tile in words, 2
+    in halves). (The tile loops are in the kernel, each on its own source line, by which the per-logit report names
+    them: focal_triton/roofline.py.) The tile reads the labels
     (weights, scores, statistics) from pointers at the segment's first anchor of the image (anchor_level), with the
     in-segment anchor index in int32 (one wide multiply-add per address instead of 64-bit index arithmetic)."""
     if ROW_PAIRS:
@@ -477,7 +497,7 @@ def _tile_step(j, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc0, acc1, acc2, acc3, x
                                alpha_ptr, stats_ptr + anchor_level * n_ct, sk, A, C, a, ht * BLOCK_HW,
                                ct * BLOCK_C, ct, a, acc0, g0, lc0, lc1, gc0, gc1, gamma, beta,
                                half_smoothing, ignore_index, MODE, STATS, LOSS_KIND, GAMMA, HAS_IGNORE, HAS_WEIGHT,
-                               HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
+                               HAS_ALPHA, SMOOTH, FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C, ROW_PAIRS == 2)
     else:
         acc0, acc1, acc2, acc3 = _tile(
             xp, op, gp, lab_ptr + anchor_level, w_ptr + anchor_level, s_ptr + anchor_level, alpha_ptr,
@@ -557,8 +577,8 @@ def multilevel_focal_kernel(
     acc_cl1 = tl.zeros([BLOCK_HW, CL_WIDTH], COMPUTE_DTYPE)
     acc_cl2 = tl.zeros([BLOCK_HW, CL_WIDTH], COMPUTE_DTYPE)
     acc_cl3 = tl.zeros([BLOCK_HW, CL_WIDTH], COMPUTE_DTYPE)
-    # NCHW bf16 tiles of a class-aligned head in segments of even class stride are read in pairs of positions (two
-    # half-height accumulators).
+    # NCHW bf16 full tiles of a class-aligned head are read in pairs of positions (two half-height accumulators):
+    # as words where the class stride is even, as two halves at one address where it is odd.
     ROW_PAIRS: tl.constexpr = CLASS_ALIGNED and (x0.dtype.element_ty == tl.bfloat16)
     acc_np = tl.zeros([BLOCK_HW // 2 if ROW_PAIRS else 1, BLOCK_C], COMPUTE_DTYPE)
     # FL's per-side factors: alpha_t(0) = c0 off the label's class, alpha_t(1) = c1 on it; the gradient's carry
@@ -647,7 +667,8 @@ def multilevel_focal_kernel(
             gp = gb + n.to(tl.int64) * on
             # NCHW rows run along the positions, whose alignment is unknown (sizes are not specialized): narrow
             # loads; for bf16 64-bit ones (four positions) where the class stride is a multiple of 4, 32-bit ones
-            # (two positions) where it is even; the scalar full loop then finds no tile left.
+            # (two positions) where it is even, two 16-bit ones at one address where it is odd (the pair tile's
+            # halves); the scalar full loop is the other dtypes'.
             if ROW_PAIRS:
                 if sk % 4 == 0:
                     # (names not of the form sk<i>: those are the segments' arguments, read again by _pick)
@@ -668,7 +689,15 @@ def multilevel_focal_kernel(
                             g0, lc0, lc1, gc0, gc1, gamma, beta, half_smoothing, ignore_index, MODE, STATS, False,
                             False, False, False, True, LOSS_KIND, GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH,
                             FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
-            if CLASS_ALIGNED:
+                else:
+                    while j < full_end:  # tile loop: NCHW full halves
+                        j, ht, a, ct, acc_np, _u1, _u2, _u3 = _tile_step(
+                            j, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc_np, unused, unused, unused, xp, op, gp,
+                            lab_ptr, w_ptr, s_ptr, alpha_ptr, stats_ptr, hw, sk, sp, sp, hw, A, C, anchor_level,
+                            g0, lc0, lc1, gc0, gc1, gamma, beta, half_smoothing, ignore_index, MODE, STATS, False,
+                            False, False, False, 2, LOSS_KIND, GAMMA, HAS_IGNORE, HAS_WEIGHT, HAS_ALPHA, SMOOTH,
+                            FAST, SHORT, COMPUTE_DTYPE, BLOCK_HW, BLOCK_C)
+            if CLASS_ALIGNED and not ROW_PAIRS:
                 while j < full_end:  # tile loop: NCHW full
                     j, ht, a, ct, acc, _u1, _u2, _u3 = _tile_step(
                         j, P, ht, a, ct, d_ht, d_a, d_ct, n_ct, acc, unused, unused, unused, xp, op, gp, lab_ptr,
@@ -785,11 +814,28 @@ def tile_for(device: torch.device, itemsize: int, config: dict = None):
     return gpu_tile(itemsize) if compiled_path(device) else INTERPRETER_TILE
 
 
-def launch_options(device: torch.device, itemsize: int, class_aligned: bool = True, config: dict = None) -> dict:
-    """num_warps (and num_stages where an older tuning file chose them) of a launch."""
+# Registers per thread of the bf16 kernels of class-aligned heads (those with the NCHW pair tiles), for every config:
+# ptxas's own choice for them is 128, where the backward spills and the pair loops take 2 to 3 instructions per logit
+# more (triton 3.6 and 3.8); with this budget (6 two-warp programs per SM, what these kernels took before it) ptxas
+# schedules them without spills (docs/kernels.md).
+PAIR_TILE_MAX_REGISTERS = 168
+
+
+def max_registers(x_dtype, class_aligned: bool):
+    """The maxnreg launch option of a compiled launch (None: ptxas's choice)."""
+    return PAIR_TILE_MAX_REGISTERS if (x_dtype == torch.bfloat16 and class_aligned) else None
+
+
+def launch_options(device: torch.device, itemsize: int, class_aligned: bool = True, config: dict = None,
+                   x_dtype=None) -> dict:
+    """num_warps (and num_stages where an older tuning file chose them) of a launch; maxnreg (max_registers) where
+    it is compiled."""
     if config and "BLOCK_HW" in config:
-        return options_of(config)
-    return dict(num_warps=gpu_num_warps(itemsize, class_aligned) if compiled_path(device) else 1)
+        options = options_of(config)
+    else:
+        options = dict(num_warps=gpu_num_warps(itemsize, class_aligned) if compiled_path(device) else 1)
+    budget = max_registers(x_dtype, class_aligned) if compiled_path(device) else None
+    return options if budget is None else dict(options, maxnreg=budget)
 
 
 def option_constexprs(weights, alpha_per_class, spec: LossSpec, ignore_index) -> dict:
@@ -816,9 +862,11 @@ def tuning_key(mode: str, levels, num_anchors: int, spec: LossSpec, options: dic
 
 def kernel_constexprs(x_dtype, mode: int, power: int, class_aligned: bool, tile, loss_kind: int = FL,
                       stats: bool = False, has_ignore: bool = False, has_weight: bool = False,
-                      has_alpha: bool = False, smooth: bool = False, has_generic: bool = False) -> dict:
+                      has_alpha: bool = False, smooth: bool = False, has_generic: bool = False,
+                      gpu: bool = None) -> dict:
+    """gpu: `fast_math`'s (True for the ahead-of-time check)."""
     return dict(MODE=mode, LOSS_KIND=loss_kind, GAMMA=power, HAS_IGNORE=has_ignore, HAS_WEIGHT=has_weight,
-                HAS_ALPHA=has_alpha, SMOOTH=smooth, CLASS_ALIGNED=class_aligned, FAST=fast_math(x_dtype),
+                HAS_ALPHA=has_alpha, SMOOTH=smooth, CLASS_ALIGNED=class_aligned, FAST=fast_math(x_dtype, gpu),
                 SHORT=short_log(x_dtype, mode >= MODE_GRAD_SCALAR), COMPUTE_DTYPE=triton_compute_dtype(x_dtype),
                 BLOCK_HW=tile[0], BLOCK_C=tile[1], STATS=stats, HAS_GENERIC=has_generic)
 
@@ -849,6 +897,7 @@ class Plan:
         self.num_levels = len(levels)
         self.device = device
         self.itemsize = itemsize
+        self.dtype = levels[0].dtype
         self.class_aligned = self._class_aligned(levels, outs)
 
     def _class_aligned(self, levels, outs) -> bool:
@@ -867,7 +916,7 @@ class Plan:
         return True
 
     def options(self) -> dict:
-        return launch_options(self.device, self.itemsize, self.class_aligned, self.config)
+        return launch_options(self.device, self.itemsize, self.class_aligned, self.config, self.dtype)
 
     def level_args(self, tensors, fill):
         return list(tensors) + [fill] * (MAX_LEVELS - len(tensors))
@@ -884,7 +933,8 @@ class Plan:
             cap = INTERPRETER_PROGRAMS_PER_IMAGE
         else:
             opts = self.options()
-            cfg = ElementwiseConfig(self.tile[0] * self.tile[1], opts["num_warps"], num_stages=opts.get("num_stages"))
+            cfg = ElementwiseConfig(self.tile[0] * self.tile[1], opts["num_warps"], num_stages=opts.get("num_stages"),
+                                    maxnreg=opts.get("maxnreg"))
             # No integer argument is specialized, so their values do not change the compiled kernel: zeros keep
             # the occupancy cache to one entry per (dtype, constexprs) instead of one per combination of sizes.
             args = [0 if isinstance(a, int) and not isinstance(a, bool) else a for a in args]

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from helpers import child_result
 
+from focal_triton import roofline
 from focal_triton.aot import DETR_KIND_POWERS
 
 ARCHS = {"sm_80", "sm_90"}
@@ -186,15 +187,15 @@ def test_64_bit_indexing_where_needed(facts):
 def test_transcendentals_per_element(facts):
     """Transcendental ops per logit of each tile body (TTIR ops weighted by their tensor's elements; dense: the
     loop's and the masked tail's body; multi-level: 4 or 2, see tile_bodies). float32 math: one exp2 (e = exp(-|x|))
-    and one rsqrt (the sigmoid's reciprocal) per logit and no log (log(1 + e) is a polynomial); a runtime
+    and one rcp.approx (the sigmoid's reciprocal, inline PTX) per logit and no log (log(1 + e) is a polynomial); a runtime
     exponent adds one exp2, and one log2 where u is not a sigmoid (FL with soft targets, QFL; the class-index FL
     and VFL take log(u) from the softplus they have). float64 math (gradcheck): libdevice's exp and log instead,
     the same exponent rule. FL* has no exponent; its backward needs no log."""
     for f in elementwise(facts):
-        fast, runtime_power = f["constexprs"]["FAST"] == "True", f["constexprs"]["GAMMA"] == "-1"
+        fast, runtime_power = f["constexprs"]["FAST"] == "2", f["constexprs"]["GAMMA"] == "-1"
         kind, ml = loss_kind(f), f["kernel"] == MULTILEVEL
         backward = f["kernel"] == "sigmoid_focal_bwd_kernel" or f["constexprs"].get("MODE") in ("2", "3")
-        expected = {"exp2": 1.0, "rsqrt": 1.0} if fast else {"exp": 1.0, "log": 1.0}
+        expected = {"exp2": 1.0, "rcp": 1.0} if fast else {"exp": 1.0, "log": 1.0}
         if kind == 1 and backward and not fast:
             del expected["log"]
         if runtime_power:
@@ -214,8 +215,8 @@ def test_transcendentals_per_element(facts):
 def test_matching_kernel(facts):
     """The focal matching cost kernel (kernels/matching.py): every logit dtype with int64 labels and gamma = 2 and
     the runtime exponent, and with int32 labels and gamma = 2 (sm_80 too for bf16 / fp32 logits; the whole matrix
-    only), gamma = 0 once; no spills. Transcendentals per output: float32 one exp2 (e = exp(-|x|)) and one rsqrt
-    (the sigmoid), no log (log(1 + e) is a polynomial); float64 libdevice's exp and log; the runtime exponent two
+    only), gamma = 0 once; no spills. Transcendentals per output: float32 one exp2 (e = exp(-|x|)) and one
+    rcp.approx (the sigmoid), no log (log(1 + e) is a polynomial); float64 libdevice's exp and log; the runtime exponent two
     exp2 more (r**gamma and er**gamma from the softplus it has, no log2). Every output gathers its logit once."""
     rows = [f for f in facts if f["kernel"] == MATCHING]
     assert {f["label"].split()[1] for f in rows} == {"x=fp32", "x=fp16", "x=bf16", "x=fp64"}
@@ -226,8 +227,8 @@ def test_matching_kernel(facts):
             for lab, g in (("labels=i64", "2"), ("labels=i64", "-1"), ("labels=i32", "2"))}
         assert {f["label"].split()[1] for f in rows if "sm_80" in f["archs"]} == {"x=bf16", "x=fp32"}
     for f in rows:
-        fast, runtime_power = f["constexprs"]["FAST"] == "True", f["constexprs"]["GAMMA"] == "-1"
-        expected = {"exp2": 1.0, "rsqrt": 1.0} if fast else {"exp": 1.0, "log": 1.0}
+        fast, runtime_power = f["constexprs"]["FAST"] == "2", f["constexprs"]["GAMMA"] == "-1"
+        expected = {"exp2": 1.0, "rcp": 1.0} if fast else {"exp": 1.0, "log": 1.0}
         if runtime_power:
             expected["exp2"] = expected.get("exp2", 0.0) + 2.0
         got = {k: v for k, v in f["ttir_math_per_logit"].items() if k != "absf"}
@@ -261,102 +262,104 @@ def test_multilevel_one_access_per_logit(facts):
 # one more MUFU) fails here, and an improvement should lower its number.
 BUDGET = {
     # (kernel, logits, tile loop, mode, loss): (instructions, MUFU) per logit
-    ('multilevel', 'bf16', 'channels_last full', 'fwd sum', 'FL gamma=2'): (26.75, 2.0),
-    ('multilevel', 'bf16', 'channels_last edge', 'fwd sum', 'FL gamma=2'): (28.81, 2.0),
-    ('multilevel', 'bf16', 'NCHW full pairs', 'fwd sum', 'FL gamma=2'): (28.38, 2.0),
-    ('multilevel', 'bf16', 'NCHW full quads', 'fwd sum', 'FL gamma=2'): (27.62, 2.0),
-    ('multilevel', 'bf16', 'NCHW full', 'fwd sum', 'FL gamma=2'): (30.12, 2.0),
-    ('multilevel', 'bf16', 'NCHW edge', 'fwd sum', 'FL gamma=2'): (31.38, 2.0),
-    ('multilevel', 'bf16', 'channels_last full', 'bwd scalar', 'FL gamma=2'): (28.44, 2.0),
-    ('multilevel', 'bf16', 'channels_last edge', 'bwd scalar', 'FL gamma=2'): (30.44, 2.0),
-    ('multilevel', 'bf16', 'NCHW full pairs', 'bwd scalar', 'FL gamma=2'): (31.69, 2.0),
-    ('multilevel', 'bf16', 'NCHW full quads', 'bwd scalar', 'FL gamma=2'): (29.81, 2.0),
-    ('multilevel', 'bf16', 'NCHW full', 'bwd scalar', 'FL gamma=2'): (36.44, 2.0),
-    ('multilevel', 'bf16', 'NCHW edge', 'bwd scalar', 'FL gamma=2'): (37.75, 2.0),
-    ('multilevel', 'bf16', 'channels_last full', 'fwd sum', 'FL gamma=1.5'): (28.75, 3.0),
-    ('multilevel', 'bf16', 'channels_last edge', 'fwd sum', 'FL gamma=1.5'): (30.75, 3.0),
-    ('multilevel', 'bf16', 'NCHW full pairs', 'fwd sum', 'FL gamma=1.5'): (30.38, 3.0),
-    ('multilevel', 'bf16', 'NCHW full quads', 'fwd sum', 'FL gamma=1.5'): (29.62, 3.0),
-    ('multilevel', 'bf16', 'NCHW full', 'fwd sum', 'FL gamma=1.5'): (32.25, 3.0),
-    ('multilevel', 'bf16', 'NCHW edge', 'fwd sum', 'FL gamma=1.5'): (33.38, 3.0),
-    ('multilevel', 'bf16', 'channels_last full', 'bwd scalar', 'FL gamma=1.5'): (31.44, 3.0),
-    ('multilevel', 'bf16', 'channels_last edge', 'bwd scalar', 'FL gamma=1.5'): (33.38, 3.0),
-    ('multilevel', 'bf16', 'NCHW full pairs', 'bwd scalar', 'FL gamma=1.5'): (34.69, 3.0),
-    ('multilevel', 'bf16', 'NCHW full quads', 'bwd scalar', 'FL gamma=1.5'): (32.81, 3.0),
-    ('multilevel', 'bf16', 'NCHW full', 'bwd scalar', 'FL gamma=1.5'): (39.62, 3.0),
-    ('multilevel', 'bf16', 'NCHW edge', 'bwd scalar', 'FL gamma=1.5'): (40.69, 3.0),
-    ('multilevel', 'bf16', 'channels_last full', 'fwd sum', 'QFL beta=2'): (32.69, 2.0),
-    ('multilevel', 'bf16', 'channels_last edge', 'fwd sum', 'QFL beta=2'): (35.25, 2.0),
-    ('multilevel', 'bf16', 'NCHW full pairs', 'fwd sum', 'QFL beta=2'): (35.12, 2.0),
-    ('multilevel', 'bf16', 'NCHW full quads', 'fwd sum', 'QFL beta=2'): (34.44, 2.0),
-    ('multilevel', 'bf16', 'NCHW full', 'fwd sum', 'QFL beta=2'): (37.56, 2.0),
-    ('multilevel', 'bf16', 'NCHW edge', 'fwd sum', 'QFL beta=2'): (38.25, 2.0),
-    ('multilevel', 'bf16', 'channels_last full', 'fwd sum', 'VFL gamma=2'): (30.69, 2.0),
-    ('multilevel', 'bf16', 'channels_last edge', 'fwd sum', 'VFL gamma=2'): (33.31, 2.0),
-    ('multilevel', 'bf16', 'NCHW full pairs', 'fwd sum', 'VFL gamma=2'): (33.12, 2.0),
-    ('multilevel', 'bf16', 'NCHW full quads', 'fwd sum', 'VFL gamma=2'): (32.94, 2.0),
-    ('multilevel', 'bf16', 'NCHW full', 'fwd sum', 'VFL gamma=2'): (34.75, 2.0),
-    ('multilevel', 'bf16', 'NCHW edge', 'fwd sum', 'VFL gamma=2'): (36.0, 2.0),
+    ('multilevel', 'bf16', 'channels_last full', 'fwd sum', 'FL gamma=2'): (25.81, 2.0),
+    ('multilevel', 'bf16', 'channels_last edge', 'fwd sum', 'FL gamma=2'): (28.44, 2.0),
+    ('multilevel', 'bf16', 'NCHW full halves', 'fwd sum', 'FL gamma=2'): (32.12, 2.0),
+    ('multilevel', 'bf16', 'NCHW full pairs', 'fwd sum', 'FL gamma=2'): (27.38, 2.0),
+    ('multilevel', 'bf16', 'NCHW full quads', 'fwd sum', 'FL gamma=2'): (26.62, 2.0),
+    ('multilevel', 'bf16', 'NCHW edge', 'fwd sum', 'FL gamma=2'): (31.44, 2.0),
+    ('multilevel', 'bf16', 'channels_last full', 'bwd scalar', 'FL gamma=2'): (26.38, 2.0),
+    ('multilevel', 'bf16', 'channels_last edge', 'bwd scalar', 'FL gamma=2'): (28.38, 2.0),
+    ('multilevel', 'bf16', 'NCHW full pairs', 'bwd scalar', 'FL gamma=2'): (29.81, 2.0),
+    ('multilevel', 'bf16', 'NCHW full halves', 'bwd scalar', 'FL gamma=2'): (33.81, 2.0),
+    ('multilevel', 'bf16', 'NCHW full quads', 'bwd scalar', 'FL gamma=2'): (27.94, 2.0),
+    ('multilevel', 'bf16', 'NCHW edge', 'bwd scalar', 'FL gamma=2'): (37.0, 2.0),
+    ('multilevel', 'bf16', 'channels_last full', 'fwd sum', 'FL gamma=1.5'): (27.81, 3.0),
+    ('multilevel', 'bf16', 'channels_last edge', 'fwd sum', 'FL gamma=1.5'): (30.31, 3.0),
+    ('multilevel', 'bf16', 'NCHW full halves', 'fwd sum', 'FL gamma=1.5'): (32.94, 3.0),
+    ('multilevel', 'bf16', 'NCHW full pairs', 'fwd sum', 'FL gamma=1.5'): (29.5, 3.0),
+    ('multilevel', 'bf16', 'NCHW full quads', 'fwd sum', 'FL gamma=1.5'): (28.75, 3.0),
+    ('multilevel', 'bf16', 'NCHW edge', 'fwd sum', 'FL gamma=1.5'): (33.06, 3.0),
+    ('multilevel', 'bf16', 'channels_last full', 'bwd scalar', 'FL gamma=1.5'): (29.38, 3.0),
+    ('multilevel', 'bf16', 'channels_last edge', 'bwd scalar', 'FL gamma=1.5'): (31.38, 3.0),
+    ('multilevel', 'bf16', 'NCHW full pairs', 'bwd scalar', 'FL gamma=1.5'): (32.81, 3.0),
+    ('multilevel', 'bf16', 'NCHW full halves', 'bwd scalar', 'FL gamma=1.5'): (36.75, 3.0),
+    ('multilevel', 'bf16', 'NCHW full quads', 'bwd scalar', 'FL gamma=1.5'): (30.94, 3.0),
+    ('multilevel', 'bf16', 'NCHW edge', 'bwd scalar', 'FL gamma=1.5'): (39.94, 3.0),
+    ('multilevel', 'bf16', 'channels_last full', 'fwd sum', 'QFL beta=2'): (31.88, 2.0),
+    ('multilevel', 'bf16', 'channels_last edge', 'fwd sum', 'QFL beta=2'): (35.19, 2.0),
+    ('multilevel', 'bf16', 'NCHW full halves', 'fwd sum', 'QFL beta=2'): (39.19, 2.0),
+    ('multilevel', 'bf16', 'NCHW full pairs', 'fwd sum', 'QFL beta=2'): (34.75, 2.0),
+    ('multilevel', 'bf16', 'NCHW full quads', 'fwd sum', 'QFL beta=2'): (33.62, 2.0),
+    ('multilevel', 'bf16', 'NCHW edge', 'fwd sum', 'QFL beta=2'): (38.19, 2.0),
+    ('multilevel', 'bf16', 'channels_last full', 'fwd sum', 'VFL gamma=2'): (29.88, 2.0),
+    ('multilevel', 'bf16', 'channels_last edge', 'fwd sum', 'VFL gamma=2'): (33.56, 2.0),
+    ('multilevel', 'bf16', 'NCHW full halves', 'fwd sum', 'VFL gamma=2'): (37.06, 2.0),
+    ('multilevel', 'bf16', 'NCHW full pairs', 'fwd sum', 'VFL gamma=2'): (32.62, 2.0),
+    ('multilevel', 'bf16', 'NCHW full quads', 'fwd sum', 'VFL gamma=2'): (31.75, 2.0),
+    ('multilevel', 'bf16', 'NCHW edge', 'fwd sum', 'VFL gamma=2'): (36.12, 2.0),
     # the YOLO and RT-DETR kinds (BCE forward and backward; transformers' VFL forward)
-    ('multilevel', 'bf16', 'channels_last full', 'fwd sum', 'BCE'): (24.69, 2.0),
-    ('multilevel', 'bf16', 'channels_last edge', 'fwd sum', 'BCE'): (27.31, 2.0),
-    ('multilevel', 'bf16', 'NCHW full pairs', 'fwd sum', 'BCE'): (27.12, 2.0),
-    ('multilevel', 'bf16', 'NCHW full quads', 'fwd sum', 'BCE'): (26.44, 2.0),
-    ('multilevel', 'bf16', 'NCHW full', 'fwd sum', 'BCE'): (28.94, 2.0),
-    ('multilevel', 'bf16', 'NCHW edge', 'fwd sum', 'BCE'): (30.12, 2.0),
-    ('multilevel', 'bf16', 'channels_last full', 'bwd scalar', 'BCE'): (18.75, 2.0),
-    ('multilevel', 'bf16', 'channels_last edge', 'bwd scalar', 'BCE'): (20.81, 2.0),
-    ('multilevel', 'bf16', 'NCHW full pairs', 'bwd scalar', 'BCE'): (23.12, 2.0),
-    ('multilevel', 'bf16', 'NCHW full quads', 'bwd scalar', 'BCE'): (21.06, 2.0),
-    ('multilevel', 'bf16', 'NCHW full', 'bwd scalar', 'BCE'): (25.31, 2.0),
-    ('multilevel', 'bf16', 'NCHW edge', 'bwd scalar', 'BCE'): (26.31, 2.0),
-    ('multilevel', 'bf16', 'channels_last full', 'fwd sum', 'VFL-RTDETR gamma=2'): (29.69, 2.0),
+    ('multilevel', 'bf16', 'channels_last full', 'fwd sum', 'BCE'): (23.88, 2.0),
+    ('multilevel', 'bf16', 'channels_last edge', 'fwd sum', 'BCE'): (27.06, 2.0),
+    ('multilevel', 'bf16', 'NCHW full halves', 'fwd sum', 'BCE'): (31.38, 2.0),
+    ('multilevel', 'bf16', 'NCHW full pairs', 'fwd sum', 'BCE'): (26.38, 2.0),
+    ('multilevel', 'bf16', 'NCHW full quads', 'fwd sum', 'BCE'): (25.62, 2.0),
+    ('multilevel', 'bf16', 'NCHW edge', 'fwd sum', 'BCE'): (29.69, 2.0),
+    ('multilevel', 'bf16', 'channels_last full', 'bwd scalar', 'BCE'): (17.62, 2.0),
+    ('multilevel', 'bf16', 'channels_last edge', 'bwd scalar', 'BCE'): (19.69, 2.0),
+    ('multilevel', 'bf16', 'NCHW full pairs', 'bwd scalar', 'BCE'): (22.25, 2.0),
+    ('multilevel', 'bf16', 'NCHW full halves', 'bwd scalar', 'BCE'): (26.25, 2.0),
+    ('multilevel', 'bf16', 'NCHW full quads', 'bwd scalar', 'BCE'): (20.06, 2.0),
+    ('multilevel', 'bf16', 'NCHW edge', 'bwd scalar', 'BCE'): (25.44, 2.0),
+    ('multilevel', 'bf16', 'channels_last full', 'fwd sum', 'VFL-RTDETR gamma=2'): (28.88, 2.0),
     ('multilevel', 'bf16', 'channels_last edge', 'fwd sum', 'VFL-RTDETR gamma=2'): (32.31, 2.0),
-    ('multilevel', 'bf16', 'NCHW full pairs', 'fwd sum', 'VFL-RTDETR gamma=2'): (32.12, 2.0),
-    ('multilevel', 'bf16', 'NCHW full quads', 'fwd sum', 'VFL-RTDETR gamma=2'): (31.94, 2.0),
-    ('multilevel', 'bf16', 'NCHW full', 'fwd sum', 'VFL-RTDETR gamma=2'): (33.94, 2.0),
-    ('multilevel', 'bf16', 'NCHW edge', 'fwd sum', 'VFL-RTDETR gamma=2'): (35.12, 2.0),
-    ('dense', 'bf16', 'flat full', 'fwd sum', 'FL gamma=2'): (28.5, 2.0),
-    ('dense', 'bf16', 'flat full', 'bwd scalar', 'FL gamma=2'): (33.88, 2.0),
-    ('dense', 'bf16', 'flat full', 'fwd sum', 'FL gamma=1.5'): (57.75, 3.0),
-    ('dense', 'bf16', 'flat full', 'bwd scalar', 'FL gamma=1.5'): (75.88, 4.0),
-    ('multilevel', 'fp32', 'channels_last full', 'fwd sum', 'FL gamma=2'): (29.38, 2.0),
-    ('multilevel', 'fp32', 'channels_last edge', 'fwd sum', 'FL gamma=2'): (31.0, 2.0),
-    ('multilevel', 'fp32', 'NCHW full', 'fwd sum', 'FL gamma=2'): (31.5, 2.0),
-    ('multilevel', 'fp32', 'NCHW edge', 'fwd sum', 'FL gamma=2'): (31.38, 2.0),
-    ('multilevel', 'fp32', 'channels_last full', 'bwd scalar', 'FL gamma=2'): (34.5, 2.0),
-    ('multilevel', 'fp32', 'channels_last edge', 'bwd scalar', 'FL gamma=2'): (38.0, 2.0),
-    ('multilevel', 'fp32', 'NCHW full', 'bwd scalar', 'FL gamma=2'): (38.62, 2.0),
-    ('multilevel', 'fp32', 'NCHW edge', 'bwd scalar', 'FL gamma=2'): (40.25, 2.0),
-    ('multilevel', 'fp32', 'channels_last full', 'fwd sum', 'FL gamma=1.5'): (30.88, 3.0),
-    ('multilevel', 'fp32', 'channels_last edge', 'fwd sum', 'FL gamma=1.5'): (33.0, 3.0),
-    ('multilevel', 'fp32', 'NCHW full', 'fwd sum', 'FL gamma=1.5'): (33.75, 3.0),
-    ('multilevel', 'fp32', 'NCHW edge', 'fwd sum', 'FL gamma=1.5'): (33.38, 3.0),
-    ('multilevel', 'fp32', 'channels_last full', 'bwd scalar', 'FL gamma=1.5'): (38.12, 3.0),
-    ('multilevel', 'fp32', 'channels_last edge', 'bwd scalar', 'FL gamma=1.5'): (40.5, 3.0),
-    ('multilevel', 'fp32', 'NCHW full', 'bwd scalar', 'FL gamma=1.5'): (41.62, 3.0),
-    ('multilevel', 'fp32', 'NCHW edge', 'bwd scalar', 'FL gamma=1.5'): (43.75, 3.0),
-    ('dense', 'fp32', 'flat full', 'fwd sum', 'FL gamma=2'): (28.0, 2.0),
-    ('dense', 'fp32', 'flat full', 'bwd scalar', 'FL gamma=2'): (36.25, 2.0),
+    ('multilevel', 'bf16', 'NCHW full halves', 'fwd sum', 'VFL-RTDETR gamma=2'): (36.19, 2.0),
+    ('multilevel', 'bf16', 'NCHW full pairs', 'fwd sum', 'VFL-RTDETR gamma=2'): (31.62, 2.0),
+    ('multilevel', 'bf16', 'NCHW full quads', 'fwd sum', 'VFL-RTDETR gamma=2'): (30.75, 2.0),
+    ('multilevel', 'bf16', 'NCHW edge', 'fwd sum', 'VFL-RTDETR gamma=2'): (36.94, 2.0),
+    ('dense', 'bf16', 'flat full', 'fwd sum', 'FL gamma=2'): (27.62, 2.0),
+    ('dense', 'bf16', 'flat full', 'bwd scalar', 'FL gamma=2'): (33.38, 2.0),
+    ('dense', 'bf16', 'flat full', 'fwd sum', 'FL gamma=1.5'): (56.75, 3.0),
+    ('dense', 'bf16', 'flat full', 'bwd scalar', 'FL gamma=1.5'): (74.0, 4.0),
     # the focal matching cost, per output (measured with triton 3.8 only)
-    ('matching', 'bf16', 'matching', 'cost', 'focal gamma=2'): (39.44, 2.0),
-    ('matching', 'bf16', 'matching', 'cost', 'focal gamma=1.5'): (43.38, 4.0),
-    ('matching', 'fp32', 'matching', 'cost', 'focal gamma=2'): (36.81, 2.0),
-    ('matching', 'fp32', 'matching', 'cost', 'focal gamma=1.5'): (41.12, 4.0),
+    ('matching', 'bf16', 'matching', 'cost', 'focal gamma=2'): (38.38, 2.0),
+    ('matching', 'bf16', 'matching', 'cost', 'focal gamma=1.5'): (42.31, 4.0),
+    ('multilevel', 'fp32', 'channels_last full', 'fwd sum', 'FL gamma=2'): (28.38, 2.0),
+    ('multilevel', 'fp32', 'channels_last edge', 'fwd sum', 'FL gamma=2'): (30.0, 2.0),
+    ('multilevel', 'fp32', 'NCHW full', 'fwd sum', 'FL gamma=2'): (30.62, 2.0),
+    ('multilevel', 'fp32', 'NCHW edge', 'fwd sum', 'FL gamma=2'): (30.62, 2.0),
+    ('multilevel', 'fp32', 'channels_last full', 'bwd scalar', 'FL gamma=2'): (33.5, 2.0),
+    ('multilevel', 'fp32', 'channels_last edge', 'bwd scalar', 'FL gamma=2'): (37.0, 2.0),
+    ('multilevel', 'fp32', 'NCHW full', 'bwd scalar', 'FL gamma=2'): (37.62, 2.0),
+    ('multilevel', 'fp32', 'NCHW edge', 'bwd scalar', 'FL gamma=2'): (39.25, 2.0),
+    ('multilevel', 'fp32', 'channels_last full', 'fwd sum', 'FL gamma=1.5'): (30.38, 3.0),
+    ('multilevel', 'fp32', 'channels_last edge', 'fwd sum', 'FL gamma=1.5'): (32.0, 3.0),
+    ('multilevel', 'fp32', 'NCHW full', 'fwd sum', 'FL gamma=1.5'): (32.75, 3.0),
+    ('multilevel', 'fp32', 'NCHW edge', 'fwd sum', 'FL gamma=1.5'): (32.62, 3.0),
+    ('multilevel', 'fp32', 'channels_last full', 'bwd scalar', 'FL gamma=1.5'): (37.12, 3.0),
+    ('multilevel', 'fp32', 'channels_last edge', 'bwd scalar', 'FL gamma=1.5'): (39.62, 3.0),
+    ('multilevel', 'fp32', 'NCHW full', 'bwd scalar', 'FL gamma=1.5'): (40.62, 3.0),
+    ('multilevel', 'fp32', 'NCHW edge', 'bwd scalar', 'FL gamma=1.5'): (42.75, 3.0),
+    ('dense', 'fp32', 'flat full', 'fwd sum', 'FL gamma=2'): (27.25, 2.0),
+    ('dense', 'fp32', 'flat full', 'bwd scalar', 'FL gamma=2'): (35.25, 2.0),
+    ('matching', 'fp32', 'matching', 'cost', 'focal gamma=2'): (35.81, 2.0),
+    ('matching', 'fp32', 'matching', 'cost', 'focal gamma=1.5'): (40.12, 4.0),
 }
 # Issue 13's goal for the RetinaNet case (bf16, FL gamma = 2, torchvision's ignore value, C = 80, int64 labels):
-# at most 30 instructions and 3 MUFU per logit. Met by the full-tile loops below (NCHW: the 64-bit quads of levels
-# whose h*w is a multiple of 4, 93.7 % of RetinaNet's logits, forward and backward; the pairs of the other even
-# levels forward; the dense forwards); not (yet) by the NCHW backward of levels of h*w = 2 mod 4 (31.7) or odd h*w
-# (36.4), nor the dense backward (33.9; soft targets: the target's load, 1 - t, own-side select and exact alpha_t
-# per logit; the dense kernels also move the targets' bytes, which makes them memory-bound by the model):
-# docs/kernels.md says why.
+# at most 30 instructions and 3 MUFU per logit. Met, with triton 3.8 and 3.6, by the full-tile loops below: both
+# layouts forward and backward (NCHW: the 64-bit quads of levels whose h*w is a multiple of 4, 92.6 % of RetinaNet's
+# logits, and the 32-bit pairs of the other even levels, 4.6 %), the dense forwards; and by each pass as a whole
+# (test_per_pass_goal). Not by the NCHW backward's 16-bit halves of odd-h*w levels (1.4 % of the logits: 31.1, 33.8
+# with triton 3.6) nor the dense backward (31.9, 33.4 with 3.6; soft targets: the target's load, 1 - t, the own-side
+# select and exact alpha_t per logit; the dense kernels also move the targets' bytes, which makes them memory-bound by
+# the model): docs/kernels.md says why.
 GOAL = {"instructions_per_logit": 30.0, "mufu_per_logit": 3.0}
 GOAL_MET = [("multilevel", "bf16", "channels_last full", "fwd sum", "FL gamma=2"),
             ("multilevel", "bf16", "channels_last full", "bwd scalar", "FL gamma=2"),
             ("multilevel", "bf16", "NCHW full quads", "fwd sum", "FL gamma=2"),
             ("multilevel", "bf16", "NCHW full quads", "bwd scalar", "FL gamma=2"),
             ("multilevel", "bf16", "NCHW full pairs", "fwd sum", "FL gamma=2"),
+            ("multilevel", "bf16", "NCHW full pairs", "bwd scalar", "FL gamma=2"),
             ("dense", "bf16", "flat full", "fwd sum", "FL gamma=2"),
             ("dense", "fp32", "flat full", "fwd sum", "FL gamma=2")]
 
@@ -381,6 +384,18 @@ def test_per_logit_goal_retinanet_bf16(per_logit):
     for key in GOAL_MET:
         assert rows[key]["instructions_per_logit"] <= GOAL["instructions_per_logit"], rows[key]
         assert rows[key]["mufu_per_logit"] <= GOAL["mufu_per_logit"], rows[key]
+
+
+def test_per_pass_goal(per_logit):
+    """Issue 13's goal per pass: the RetinaNet bf16 FL gamma = 2 forward sum and backward scalar, both layouts, at
+    most 30 instructions and 3 MUFU per logit over RetinaNet's levels (each tile loop weighted by its share of the
+    logits, roofline.loop_weights: the edge and odd-h*w loops weigh in by what they take)."""
+    passes = roofline.modeled_times(per_logit, "H100")
+    for layout in ("channels_last", "NCHW"):
+        for mode in ("fwd sum", "bwd scalar"):
+            v = passes[f"bf16 {layout} FL gamma=2 {mode}"]
+            assert v["instructions_per_logit"] <= GOAL["instructions_per_logit"], (layout, mode, v)
+            assert v["mufu_per_logit"] <= GOAL["mufu_per_logit"], (layout, mode, v)
 
 
 def test_per_logit_budgets(per_logit):

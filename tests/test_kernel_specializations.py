@@ -54,11 +54,12 @@ def _options(name, labels, num_classes, device):
 def test_class_aligned_head(poisoned, device, monkeypatch, dtype, channels_last, options):
     """C = 16: full tiles (unmasked) and edge tiles of both layouts; bf16 channels_last reads pairs of logits per
     32-bit word, bf16 NCHW four positions per 64-bit access (h*w a multiple of 4), two per 32-bit word (other
-    even h*w) or one. Sum, elementwise loss and both backward modes against the float64 reference."""
+    even h*w) or two 16-bit halves at one address (odd h*w). Sum, elementwise loss and both backward modes against
+    the float64 reference."""
     monkeypatch.setenv("FOCAL_TRITON_BACKEND", "triton")
-    # 36, 9 and 42 positions: full and edge position tiles of the interpreter's 32 (h*w = 0 mod 4, odd, 2 mod 4;
+    # 36, 35 and 42 positions: full and edge position tiles of the interpreter's 32 (h*w = 0 mod 4, odd, 2 mod 4;
     # three levels: the loop over levels must not overwrite a later level's arguments)
-    shapes = [(9, 4), (3, 3), (7, 6)]
+    shapes = [(9, 4), (5, 7), (7, 6)]
     levels, labels = _head(shapes, 2, 16, dtype, device, channels_last)
     kw = _options(options, labels, 16, device)
     xs = [x.detach().requires_grad_(True) for x in levels]
@@ -153,3 +154,22 @@ def test_grid_is_one_wave_rounded_down(monkeypatch):
     levels = [torch.empty(16, 9 * 80, 100, 167, dtype=torch.bfloat16)]
     plan = mf.Plan(levels, 9, torch.device("cuda"), 2)
     assert plan.programs_per_image([levels[0]], {}) == 41
+
+
+def test_register_budget_of_the_bf16_class_aligned_kernels(monkeypatch):
+    """bf16 logits of a class-aligned head launch with maxnreg = PAIR_TILE_MAX_REGISTERS (tuned configs too), and
+    the grid is sized by the kernel compiled with it; other dtypes and heads keep ptxas's choice, the interpreter
+    takes none."""
+    cfgs = []
+    monkeypatch.setattr(mf, "max_programs", lambda kernel, args, constexprs, cfg, device: cfgs.append(cfg) or 660)
+    cuda = torch.device("cuda")
+    head = [torch.empty(16, 9 * 80, 100, 167, dtype=torch.bfloat16)]
+    plan = mf.Plan(head, 9, cuda, 2)
+    assert plan.class_aligned and plan.options() == {"num_warps": 2, "maxnreg": mf.PAIR_TILE_MAX_REGISTERS}
+    plan.programs_per_image(head, {})
+    assert cfgs[-1].options() == {"num_warps": 2, "maxnreg": mf.PAIR_TILE_MAX_REGISTERS}
+    tuned = mf.Plan(head, 9, cuda, 2, config=dict(BLOCK_HW=128, BLOCK_C=16, num_warps=4))
+    assert tuned.options() == {"num_warps": 4, "maxnreg": mf.PAIR_TILE_MAX_REGISTERS}
+    assert mf.Plan([head[0].float()], 9, cuda, 4).options() == {"num_warps": 4}
+    assert "maxnreg" not in mf.Plan([torch.empty(2, 9 * 81, 5, 5, dtype=torch.bfloat16)], 9, cuda, 2).options()
+    assert mf.Plan(head, 9, torch.device("cpu"), 2).options() == {"num_warps": 1}

@@ -48,8 +48,9 @@ compute (gradcheck, FAST = 0) keeps libdevice's exp and log and IEEE division.
     L = er P(e)                     P a degree-7 minimax polynomial of log(1 + e) (1 + e) / e on [0, 1] (relative
                                     error 5e-8), 7 FMAs: Triton's float32 log is a ~24-instruction polynomial too,
                                     and lg2.approx (MUFU.LG2) has an absolute error near 1 that log1p cannot take.
-                                    SHORT (a backward whose gradient is rounded to 16 bits): degree 4 for fp16
-                                    (1.1e-5, 1/40 of fp16's half-ulp), degree 3 for bf16 (9.4e-5, 1/21 of bf16's).
+                                    SHORT (a backward whose gradient is rounded to 16 bits): degree 4 (1.1e-5, 1/40
+                                    of fp16's half-ulp); degree 3 (9.4e-5, 1/21 of bf16's) for bf16 hard-target FL
+                                    (`short_log`).
 """
 import torch
 import triton
@@ -61,8 +62,9 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 # Largest float32: caps a cross-entropy that only a vanishing factor multiplies (0 * inf = NaN otherwise).
 _FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
 # P(e) ~ log(1 + e) (1 + e) / e on [0, 1], coefficients of e**0 .. e**7 (float32; Lawson-iterated least squares,
-# relative error 5e-8), a degree-4 one (_Q, relative error 1.1e-5) for fp16 gradients (1/40 of fp16's half-ulp) and
-# a degree-3 one (_R, relative error 9.4e-5) for bf16 gradients (1/21 of bf16's half-ulp), both rounded to 16 bits.
+# relative error 5e-8), a degree-4 one (_Q, relative error 1.1e-5) for gradients rounded to 16 bits (1/40 of fp16's
+# half-ulp) and a degree-3 one (_R, relative error 9.4e-5) for bf16 gradients of the hard-target FL (1/21 of bf16's
+# half-ulp; `short_log`).
 _P0 = tl.constexpr(1.0)
 _P1 = tl.constexpr(0.499996542930603)
 _P2 = tl.constexpr(-0.1665850430727005)
@@ -437,12 +439,15 @@ def fast_math(x_dtype, gpu: bool = None) -> int:
     return 2 if gpu else 1
 
 
-def short_log(x_dtype, backward: bool) -> int:
+def short_log(x_dtype, backward: bool, hard: bool = False) -> int:
     """SHORT: the backward of 16-bit logits, whose gradient is rounded to 16 bits, takes the short log1p
-    (log1p_exp): 2 (degree 3) for bf16, 1 (degree 4) for fp16, else 0."""
+    (log1p_exp): 2 (degree 3) for bf16 where the gradient is the hard-target FL's (`hard`: no label smoothing), whose
+    terms all have one sign, so that L's relative error bounds the gradient's; 1 (degree 4) for the other 16-bit
+    backwards (fp16; soft targets and smoothing, whose gradient can cancel: a dense bf16 gradient came out 2.3 ulps
+    off with degree 3); else 0."""
     if not (compute_dtype(x_dtype) == torch.float32 and backward and x_dtype.itemsize == 2):
         return 0
-    return 2 if x_dtype == torch.bfloat16 else 1
+    return 2 if (x_dtype == torch.bfloat16 and hard) else 1
 
 
 def power_key(power: int) -> str:

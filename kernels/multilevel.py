@@ -867,7 +867,8 @@ def kernel_constexprs(x_dtype, mode: int, power: int, class_aligned: bool, tile,
     """gpu: `fast_math`'s (True for the ahead-of-time check)."""
     return dict(MODE=mode, LOSS_KIND=loss_kind, GAMMA=power, HAS_IGNORE=has_ignore, HAS_WEIGHT=has_weight,
                 HAS_ALPHA=has_alpha, SMOOTH=smooth, CLASS_ALIGNED=class_aligned, FAST=fast_math(x_dtype, gpu),
-                SHORT=short_log(x_dtype, mode >= MODE_GRAD_SCALAR), COMPUTE_DTYPE=triton_compute_dtype(x_dtype),
+                SHORT=short_log(x_dtype, mode >= MODE_GRAD_SCALAR, loss_kind == FL and not smooth),
+                COMPUTE_DTYPE=triton_compute_dtype(x_dtype),
                 BLOCK_HW=tile[0], BLOCK_C=tile[1], STATS=stats, HAS_GENERIC=has_generic)
 
 

@@ -318,9 +318,9 @@ BUDGET = {
     ('multilevel', 'bf16', 'NCHW full quads', 'fwd sum', 'VFL-RTDETR gamma=2'): (30.75, 2.0),
     ('multilevel', 'bf16', 'NCHW edge', 'fwd sum', 'VFL-RTDETR gamma=2'): (36.94, 2.0),
     ('dense', 'bf16', 'flat full', 'fwd sum', 'FL gamma=2'): (27.62, 2.0),
-    ('dense', 'bf16', 'flat full', 'bwd scalar', 'FL gamma=2'): (33.38, 2.0),
+    ('dense', 'bf16', 'flat full', 'bwd scalar', 'FL gamma=2'): (34.38, 2.0),
     ('dense', 'bf16', 'flat full', 'fwd sum', 'FL gamma=1.5'): (56.75, 3.0),
-    ('dense', 'bf16', 'flat full', 'bwd scalar', 'FL gamma=1.5'): (74.0, 4.0),
+    ('dense', 'bf16', 'flat full', 'bwd scalar', 'FL gamma=1.5'): (75.0, 4.0),
     # the focal matching cost, per output (measured with triton 3.8 only)
     ('matching', 'bf16', 'matching', 'cost', 'focal gamma=2'): (38.38, 2.0),
     ('matching', 'bf16', 'matching', 'cost', 'focal gamma=1.5'): (42.31, 4.0),
@@ -350,7 +350,7 @@ BUDGET = {
 # layouts forward and backward (NCHW: the 64-bit quads of levels whose h*w is a multiple of 4, 92.6 % of RetinaNet's
 # logits, and the 32-bit pairs of the other even levels, 4.6 %), the dense forwards; and by each pass as a whole
 # (test_per_pass_goal). Not by the NCHW backward's 16-bit halves of odd-h*w levels (1.4 % of the logits: 31.1, 33.8
-# with triton 3.6) nor the dense backward (31.9, 33.4 with 3.6; soft targets: the target's load, 1 - t, the own-side
+# with triton 3.6) nor the dense backward (32.9, 34.4 with 3.6; soft targets: the target's load, 1 - t, the own-side
 # select and exact alpha_t per logit; the dense kernels also move the targets' bytes, which makes them memory-bound by
 # the model): docs/kernels.md says why.
 GOAL = {"instructions_per_logit": 30.0, "mufu_per_logit": 3.0}

@@ -53,7 +53,7 @@ class Specialization:
     archs: tuple = ARCHS  # the architectures the report compiles it for
     # Loop nesting depth of the tile loop (the multi-level kernel's tile loop runs inside its loop over levels).
     tile_loop_depth: int = 1
-    maxnreg: int = None  # the launcher's register budget (kernels/multilevel.py max_registers), None: ptxas's
+    maxnreg: int = None  # the launcher's register budget (kernels/multilevel.py max_registers); None: ptxas's own
 
 
 _TRITON_TO_TORCH = {v: k for k, v in TORCH_TO_TRITON.items()}

@@ -45,8 +45,9 @@ from . import launch
 
 AUTOTUNE_ENV = "FOCAL_TRITON_AUTOTUNE"
 CACHE_DIR_ENV = "FOCAL_TRITON_CACHE_DIR"
-# 2: configs without num_stages (format 1 held duplicate candidates that differed only there).
-FORMAT_VERSION = 2
+# 2: configs without num_stages (format 1 held duplicate candidates that differed only there). 3: the bf16 kernels of
+# class-aligned heads launch with a register budget (multilevel.max_registers): configs timed without it are retuned.
+FORMAT_VERSION = 3
 
 # The heuristic config of a launcher (launch.py, multilevel.py): launchers take it (or None) as "no tuned choice".
 HEURISTIC = {}

@@ -187,8 +187,8 @@ def test_64_bit_indexing_where_needed(facts):
 def test_transcendentals_per_element(facts):
     """Transcendental ops per logit of each tile body (TTIR ops weighted by their tensor's elements; dense: the
     loop's and the masked tail's body; multi-level: 4 or 2, see tile_bodies). float32 math: one exp2 (e = exp(-|x|))
-    and one rcp.approx (the sigmoid's reciprocal, inline PTX) per logit and no log (log(1 + e) is a polynomial); a runtime
-    exponent adds one exp2, and one log2 where u is not a sigmoid (FL with soft targets, QFL; the class-index FL
+    and one rcp.approx (the sigmoid's reciprocal, inline PTX) per logit and no log (log(1 + e) is a polynomial); a
+    runtime exponent adds one exp2, and one log2 where u is not a sigmoid (FL with soft targets, QFL; the class-index FL
     and VFL take log(u) from the softplus they have). float64 math (gradcheck): libdevice's exp and log instead,
     the same exponent rule. FL* has no exponent; its backward needs no log."""
     for f in elementwise(facts):
@@ -216,8 +216,8 @@ def test_matching_kernel(facts):
     """The focal matching cost kernel (kernels/matching.py): every logit dtype with int64 labels and gamma = 2 and
     the runtime exponent, and with int32 labels and gamma = 2 (sm_80 too for bf16 / fp32 logits; the whole matrix
     only), gamma = 0 once; no spills. Transcendentals per output: float32 one exp2 (e = exp(-|x|)) and one
-    rcp.approx (the sigmoid), no log (log(1 + e) is a polynomial); float64 libdevice's exp and log; the runtime exponent two
-    exp2 more (r**gamma and er**gamma from the softplus it has, no log2). Every output gathers its logit once."""
+    rcp.approx (the sigmoid), no log (log(1 + e) is a polynomial); float64 libdevice's exp and log; the runtime
+    exponent two exp2 more (r**gamma and er**gamma from the softplus it has, no log2). Every output gathers its logit once."""
     rows = [f for f in facts if f["kernel"] == MATCHING]
     assert {f["label"].split()[1] for f in rows} == {"x=fp32", "x=fp16", "x=bf16", "x=fp64"}
     assert {f["constexprs"]["GAMMA"] for f in rows} >= {"2", "-1"}

@@ -30,8 +30,8 @@ sign and at the opposite sign, and asserts that both runs stay within the suite'
 independent float64 references: relative 2e-5 per element for hard targets (easy negatives down to x = -20 and
 saturated logits included; elements whose value underflows float32 must underflow, not grow), the suite's
 rtol 2e-5 / atol 1e-6 for soft targets (whose gradient crosses 0 where p = t), and for gradients rounded to 16 bits
-(the short log1p: degree 4, and bf16's degree 3 of the hard-target FL) 2**-11, below half an ulp of fp16 (and a quarter of bf16's), so
-that the rounded result is within one ulp. The limits at
+(the short log1p: degree 4, and bf16's degree 3 of the hard-target FL) 2**-11, below half an ulp of fp16 (and a
+quarter of bf16's), so that the rounded result is within one ulp. The limits at
 +-inf stay what they are and NaN still propagates.
 """
 import numpy as np

@@ -217,7 +217,8 @@ def test_matching_kernel(facts):
     the runtime exponent, and with int32 labels and gamma = 2 (sm_80 too for bf16 / fp32 logits; the whole matrix
     only), gamma = 0 once; no spills. Transcendentals per output: float32 one exp2 (e = exp(-|x|)) and one
     rcp.approx (the sigmoid), no log (log(1 + e) is a polynomial); float64 libdevice's exp and log; the runtime
-    exponent two exp2 more (r**gamma and er**gamma from the softplus it has, no log2). Every output gathers its logit once."""
+    exponent two exp2 more (r**gamma and er**gamma from the softplus it has, no log2). Every output gathers its
+    logit once."""
     rows = [f for f in facts if f["kernel"] == MATCHING]
     assert {f["label"].split()[1] for f in rows} == {"x=fp32", "x=fp16", "x=bf16", "x=fp64"}
     assert {f["constexprs"]["GAMMA"] for f in rows} >= {"2", "-1"}

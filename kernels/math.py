@@ -57,6 +57,7 @@ import triton
 import triton.language as tl
 
 from ..losses import LossKind, compute_dtype
+from .launch import interpreter_enabled
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 # Largest float32: caps a cross-entropy that only a vanishing factor multiplies (0 * inf = NaN otherwise).
@@ -433,8 +434,6 @@ def fast_math(x_dtype, gpu: bool = None) -> int:
     if compute_dtype(x_dtype) != torch.float32:
         return 0
     if gpu is None:
-        from .launch import interpreter_enabled
-
         gpu = not interpreter_enabled()
     return 2 if gpu else 1
 
